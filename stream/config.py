@@ -1,0 +1,134 @@
+"""Typed configuration, read from TOML and validated once at start-up.
+
+Everything after start-up receives these objects, never raw dicts. A bad key
+or value is reported with its path (``$.kafka.bootstrap_server``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from stream.learners import LearnerSpec
+
+__all__ = ["Config", "ConfigError", "load_config", "redact"]
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+ClientValue = str | int | float | bool
+_SECRET_WORDS = ("password", "secret", "jaas", "token", "key.pem", "credentials")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = "localhost:9092"
+    group_id: str = "stream"
+    client_id: str = "stream"
+    #: librdkafka properties for every client: security.protocol, sasl.*, ssl.* ...
+    common: dict[str, ClientValue] = {}
+    #: librdkafka properties for the consumer only, over ours.
+    consumer: dict[str, ClientValue] = {}
+    #: librdkafka properties for the producer only, over ours.
+    producer: dict[str, ClientValue] = {}
+
+
+class TopicsConfig(_Section):
+    clicks: str = "clicks"
+    purchases: str = "purchases"
+    prices: str = "prices"
+    fraud_labels: str = "fraud-labels"
+    dead_letters: str = "dead-letters"
+    #: Partition count used by ``stream topics create``.
+    partitions: PositiveInt = 3
+    replication_factor: PositiveInt = 1
+
+
+class ProcessingConfig(_Section):
+    guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    #: Records per ``consume()`` call.
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
+    poll_timeout_s: PositiveFloat = 0.2
+    #: Outputs are flushed and offsets committed at least this often.
+    commit_interval_s: PositiveFloat = 1.0
+    #: Larger record values are dead-lettered without decoding.
+    max_value_bytes: PositiveInt = 64 * 1024
+    #: Budget for draining and committing after SIGTERM.
+    shutdown_timeout_s: PositiveFloat = 10.0
+
+
+class MetricsConfig(_Section):
+    #: HTTP port of ``/metrics``; 0 disables the endpoint.
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9100
+    #: Rolling window (labelled events) for the windowed quality metrics.
+    rolling_window: PositiveInt = 10_000
+
+
+class Config(_Section):
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    topics: TopicsConfig = msgspec.field(default_factory=TopicsConfig)
+    processing: ProcessingConfig = msgspec.field(default_factory=ProcessingConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    learners: dict[str, LearnerSpec] = {}
+
+    def input_topics(self) -> dict[str, str]:
+        """Contract topic names by stream (``clicks`` -> the configured name)."""
+        t = self.topics
+        return {"clicks": t.clicks, "purchases": t.purchases, "prices": t.prices, "fraud_labels": t.fraud_labels}
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        config = msgspec.convert(data, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    for name, spec in config.learners.items():
+        try:
+            spec.validate(name)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: $.learners.{name}: {exc}") from None
+    return config
+
+
+def load_config(path: str | Path | None, *, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a TOML file (or the defaults when ``path`` is None), apply the
+    ``STREAM_BOOTSTRAP_SERVERS`` environment variable and command-line
+    ``overrides`` (dotted keys, e.g. ``{"kafka.group_id": "g"}``), validate."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    env = os.environ.get("STREAM_BOOTSTRAP_SERVERS")
+    if env:
+        data.setdefault("kafka", {})["bootstrap_servers"] = env
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(data, source)
+
+
+def redact(props: dict[str, ClientValue]) -> dict[str, ClientValue]:
+    """Client properties safe to log: secrets replaced by ``***``."""
+    return {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in props.items()}

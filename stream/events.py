@@ -1,0 +1,157 @@
+"""Event contracts and their decoding.
+
+Every input topic carries one event type, JSON encoded as UTF-8. Required
+fields must be present with the right type; unknown extra fields are ignored
+so producers can add fields without breaking consumers. ``ts`` is the event
+time in epoch milliseconds.
+
+>>> decoder = Decoder(Click)
+>>> click = decoder.decode(b'{"event_id": "e1", "ts": 1700000000000, "user_id": "u1", "item_id": "i9"}')
+>>> click.item_id, click.category
+('i9', None)
+>>> decoder.decode(b'{"event_id": "e1", "ts": 1, "user_id": "u1"}')
+Traceback (most recent call last):
+...
+stream.events.InvalidEvent: validate: Object missing required field `item_id`
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Generic, TypeVar
+
+import msgspec
+
+__all__ = [
+    "EVENT_TYPES",
+    "Click",
+    "Decoder",
+    "Event",
+    "FraudLabel",
+    "InvalidEvent",
+    "Price",
+    "Purchase",
+]
+
+# Ids are bounded so one hostile record cannot blow up per-user state.
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Text = Annotated[str, msgspec.Meta(max_length=256)]
+EpochMs = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class _Event(msgspec.Struct, frozen=True, gc=False):
+    """Common base: msgspec rejects NaN tokens and out-of-range numbers, this
+    adds the checks msgspec constraints cannot express."""
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if type(value) is float and not math.isfinite(value):
+                raise ValueError(f"`{name}` must be finite, got {value}")
+
+
+class Click(_Event, frozen=True, gc=False):
+    """A product view. Topic ``clicks``, key ``user_id``."""
+
+    event_id: Id
+    ts: EpochMs
+    user_id: Id
+    item_id: Id
+    session_id: Id | None = None
+    category: Text | None = None
+    price: Positive | None = None
+    source: Text | None = None
+
+
+class Purchase(_Event, frozen=True, gc=False):
+    """An order line. Topic ``purchases``, key ``user_id``."""
+
+    event_id: Id
+    ts: EpochMs
+    order_id: Id
+    user_id: Id
+    item_id: Id
+    quantity: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+    unit_price: Positive
+    category: Text | None = None
+    payment_method: Text | None = None
+    country: Text | None = None
+    shipping_country: Text | None = None
+    account_age_days: NonNegative | None = None
+    device_id: Id | None = None
+
+    @property
+    def amount(self) -> float:
+        return self.quantity * self.unit_price
+
+
+class Price(_Event, frozen=True, gc=False):
+    """A price change or price snapshot of an item. Topic ``prices``, key ``item_id``."""
+
+    event_id: Id
+    ts: EpochMs
+    item_id: Id
+    price: Positive
+    cost: NonNegative | None = None
+    competitor_price: Positive | None = None
+    stock: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    category: Text | None = None
+
+
+class FraudLabel(_Event, frozen=True, gc=False):
+    """The outcome of an order, known late (chargebacks). Topic ``fraud-labels``, key ``order_id``."""
+
+    event_id: Id
+    ts: EpochMs
+    order_id: Id
+    is_fraud: bool
+
+
+Event = Click | Purchase | Price | FraudLabel
+E = TypeVar("E", Click, Purchase, Price, FraudLabel)
+
+#: Event type by its logical stream name (the ``[topics]`` keys in config).
+EVENT_TYPES: dict[str, type[Event]] = {
+    "clicks": Click,
+    "purchases": Purchase,
+    "prices": Price,
+    "fraud_labels": FraudLabel,
+}
+
+
+class InvalidEvent(ValueError):
+    """A record that is not a valid event. ``stage`` is ``decode`` (not UTF-8
+    JSON, too large) or ``validate`` (a field missing, of the wrong type or
+    out of range); the message names the field."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.reason = message
+
+
+class Decoder(Generic[E]):
+    """Decodes raw record values into one event type, typed and validated."""
+
+    __slots__ = ("_decode", "event_type", "max_bytes")
+
+    def __init__(self, event_type: type[E], max_bytes: int = 64 * 1024) -> None:
+        self.event_type = event_type
+        self.max_bytes = max_bytes
+        self._decode = msgspec.json.Decoder(event_type).decode
+
+    def decode(self, value: bytes | None) -> E:
+        if value is None:
+            raise InvalidEvent("decode", "record has no value (tombstone)")
+        if len(value) > self.max_bytes:
+            raise InvalidEvent("decode", f"value is {len(value)} bytes, limit is {self.max_bytes}")
+        try:
+            return self._decode(value)
+        except msgspec.ValidationError as exc:
+            raise InvalidEvent("validate", str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise InvalidEvent("decode", str(exc)) from None
+        except UnicodeDecodeError as exc:
+            raise InvalidEvent("decode", f"value is not valid UTF-8: {exc.reason} at byte {exc.start}") from None

@@ -1,0 +1,59 @@
+"""The interface between the stream and a learner.
+
+A learner reads some event types, predicts first and learns second
+(test-then-train). The pipeline calls ``predict`` then ``learn`` for every
+event of a type in ``reads``, in partition order, and publishes what
+``predict`` returns (if anything) to ``output_topic`` inside the common output
+envelope. Labels that arrive later are just more events the learner reads;
+the learner joins them with what it predicted (see ``stream.labels``).
+
+Everything a learner decides depends only on the events and their ``ts``
+(event time), never on the wall clock, and its random choices are seeded, so
+the same events in the same order give the same predictions live or replayed.
+A learner's whole state is its pickled self: checkpoints save and restore it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from stream.events import Event
+
+__all__ = ["Learner"]
+
+
+class Learner(abc.ABC):
+    #: The learner's kind, as written in config (``kind = "risk"``).
+    kind: ClassVar[str]
+
+    def __init__(self, name: str, output_topic: str, reads: frozenset[type[Event]]) -> None:
+        self.name = name
+        self.output_topic = output_topic
+        self.reads = reads
+        #: Bumped when the serving model is replaced (import, rollback, drift switch).
+        self.model_version = 1
+        #: Events learned from; with ``model_version`` it identifies the model.
+        self.n_learned = 0
+
+    @abc.abstractmethod
+    def predict(self, event: Event) -> Any | None:
+        """Score ``event`` with the current model, before learning from it.
+
+        Returns the ``prediction`` object to publish (msgspec-encodable: a
+        Struct or a dict), or None when this event yields no output (a label,
+        or an event the learner only learns from)."""
+
+    @abc.abstractmethod
+    def learn(self, event: Event) -> None:
+        """Update the model and its state with ``event`` (after ``predict``)."""
+
+    def quality(self) -> Mapping[str, float]:
+        """Current prequential quality (metric name -> value); read by the
+        metrics collector at scrape time, never on the hot path."""
+        return {}
+
+    def replace_model(self, model: Any) -> None:
+        """Serve ``model`` from now on (warm start, rollback, drift switch)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support replacing its model")
