@@ -15,23 +15,13 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-
-try:
-    from kafka_broker import (
-        KafkaBroker,
-        KafkaUnavailableError,
-        create_topics,
-        docker_available,
-        docker_kafka,
-    )
-except ModuleNotFoundError:  # tests/ imported as a package (rootdir on sys.path)
-    from tests.kafka_broker import (
-        KafkaBroker,
-        KafkaUnavailableError,
-        create_topics,
-        docker_available,
-        docker_kafka,
-    )
+from kafka_broker import (
+    KafkaBroker,
+    KafkaUnavailableError,
+    create_topics,
+    docker_available,
+    docker_kafka,
+)
 
 __all__ = ["create_topics"]
 

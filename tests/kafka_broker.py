@@ -61,9 +61,7 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         what = "Java 17+ (java)" if name == "java" else "Apache Maven (mvn)"
-        raise KafkaUnavailableError(
-            f"{what} not found on PATH: needed to run the jar-based Kafka broker for tests"
-        )
+        raise KafkaUnavailableError(f"{what} not found on PATH: needed to run the jar-based Kafka broker for tests")
     return path
 
 
@@ -88,9 +86,7 @@ def _run_maven(lib_dir: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         output = (result.stdout + result.stderr)[-4000:]
-        raise KafkaUnavailableError(
-            f"could not resolve Kafka jars with Maven ({' '.join(cmd)}):\n{output}"
-        )
+        raise KafkaUnavailableError(f"could not resolve Kafka jars with Maven ({' '.join(cmd)}):\n{output}")
 
 
 def resolve_jars(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
@@ -369,8 +365,7 @@ class KafkaBroker:
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise KafkaBrokerError(
-                f"formatting Kafka storage failed ({result.returncode}):\n"
-                f"{(result.stdout + result.stderr)[-4000:]}"
+                f"formatting Kafka storage failed ({result.returncode}):\n{(result.stdout + result.stderr)[-4000:]}"
             )
         self._formatted = True
 
@@ -405,9 +400,7 @@ class KafkaBroker:
     def _fail_start(self, reason: str, log_offset: int) -> None:
         self._reap()
         log = self.log_file.read_bytes()[log_offset:].decode(errors="replace")[-4000:]
-        raise KafkaBrokerError(
-            f"{reason} ({self.bootstrap_servers}, log {self.log_file}):\n{log}"
-        )
+        raise KafkaBrokerError(f"{reason} ({self.bootstrap_servers}, log {self.log_file}):\n{log}")
 
     def _signal(self, signum: signal.Signals) -> None:
         assert self._proc is not None
@@ -445,12 +438,13 @@ def docker_available(timeout: float = 3.0) -> bool:
             return bool(client.ping())
         finally:
             client.close()
-    except Exception:  # noqa: BLE001 - any failure just means "no Docker"
+    except Exception:  # any failure just means "no Docker"
         return False
 
 
 def _docker_env(props: Mapping[str, str]) -> dict[str, str]:
     """apache/kafka image convention: KAFKA_ + name, '.' -> '_', '_' -> '__', '-' -> '___'."""
+
     def env_name(key: str) -> str:
         return "KAFKA_" + key.replace("-", "___").replace("_", "__").replace(".", "_").upper()
 
@@ -506,10 +500,7 @@ def create_topics(
 ) -> None:
     """Create topics (replication factor 1) and wait until the broker has created all of them."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    new = [
-        NewTopic(name, num_partitions=partitions, replication_factor=1, config=dict(config or {}))
-        for name in names
-    ]
+    new = [NewTopic(name, num_partitions=partitions, replication_factor=1, config=dict(config or {})) for name in names]
     futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
     for future in futures.values():
         future.result(timeout)

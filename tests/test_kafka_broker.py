@@ -8,11 +8,7 @@ from collections.abc import Callable
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
-
-try:
-    from kafka_broker import KafkaBroker, broker_answers, create_topics
-except ModuleNotFoundError:  # tests/ imported as a package
-    from tests.kafka_broker import KafkaBroker, broker_answers, create_topics
+from kafka_broker import KafkaBroker, broker_answers, create_topics
 
 pytestmark = pytest.mark.kafka
 
@@ -49,15 +45,15 @@ def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> li
             if msg is None:
                 continue
             assert msg.error() is None, msg.error()
-            values.append(msg.value())
+            value = msg.value()
+            assert value is not None
+            values.append(value)
     finally:
         consumer.close()
     return values
 
 
-def test_roundtrip_100_messages_in_order(
-    kafka_bootstrap: str, unique_topics: Callable[..., list[str]]
-) -> None:
+def test_roundtrip_100_messages_in_order(kafka_bootstrap: str, unique_topics: Callable[..., list[str]]) -> None:
     (topic,) = unique_topics("roundtrip")
     create_topics(kafka_bootstrap, [topic], partitions=1)
     sent = [f"message-{i:03d}".encode() for i in range(100)]
@@ -67,9 +63,7 @@ def test_roundtrip_100_messages_in_order(
     assert consume(kafka_bootstrap, topic, len(sent)) == sent
 
 
-def test_restart_keeps_data_and_address(
-    kafka_broker: KafkaBroker, unique_topics: Callable[..., list[str]]
-) -> None:
+def test_restart_keeps_data_and_address(kafka_broker: KafkaBroker, unique_topics: Callable[..., list[str]]) -> None:
     bootstrap = kafka_broker.bootstrap_servers
     (topic,) = unique_topics("durable")
     create_topics(bootstrap, [topic], partitions=2)

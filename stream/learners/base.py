@@ -16,9 +16,10 @@ A learner's whole state is its pickled self: checkpoints save and restore it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
+from stream.evaluation import Evaluation
 from stream.events import Event
 
 __all__ = ["Learner"]
@@ -49,10 +50,13 @@ class Learner(abc.ABC):
     def learn(self, event: Event) -> None:
         """Update the model and its state with ``event`` (after ``predict``)."""
 
-    def quality(self) -> Mapping[str, float]:
-        """Current prequential quality (metric name -> value); read by the
-        metrics collector at scrape time, never on the hot path."""
-        return {}
+    def quality(self) -> Iterator[tuple[str, str, float]]:
+        """Current prequential quality as ``(metric, window, value)``, window in
+        {cumulative, rolling}; read by the metrics collector at scrape time,
+        never on the hot path. Learners keep an ``Evaluation`` and yield its values."""
+        evaluation: Evaluation | None = getattr(self, "evaluation", None)
+        if evaluation is not None:
+            yield from evaluation.values()
 
     def replace_model(self, model: Any) -> None:
         """Serve ``model`` from now on (warm start, rollback, drift switch)."""

@@ -1,0 +1,154 @@
+"""Prequential evaluation: how good were the predictions that were actually made.
+
+Each learner owns one ``Evaluation``. When the outcome of a prediction is
+known (at once, or when a delayed label arrives), the learner reports the
+prediction and the outcome; the evaluation keeps every quality metric both
+cumulative and over a rolling window of the last ``window`` outcomes, and
+feeds the per-prediction error to a concept-drift detector (``stream.drift``).
+
+Quality is read at scrape time through ``values()``, never on the hot path.
+
+>>> ev = Evaluation.for_binary(window=100)
+>>> for p, y in [(0.9, True), (0.2, False), (0.7, False), (0.6, True)]:
+...     ev.binary(y, p, ts=0)
+>>> round(ev.get("accuracy", "cumulative"), 2), round(ev.get("roc_auc", "rolling"), 2)
+(0.75, 0.75)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from river import metrics, utils
+
+__all__ = ["Evaluation"]
+
+_EPS = 1e-15
+
+
+class _Windowed:
+    """One metric, cumulative and rolling."""
+
+    __slots__ = ("cumulative", "rolling")
+
+    def __init__(self, metric: type[metrics.base.Metric], window: int) -> None:
+        self.cumulative = metric()
+        self.rolling = utils.Rolling(metric, window_size=window)
+
+    def update(self, y_true: Any, y_pred: Any) -> None:
+        self.cumulative.update(y_true, y_pred)
+        self.rolling.update(y_true, y_pred)
+
+
+class _Mean:
+    """A running mean, cumulative and rolling (for ratios such as hit-rate)."""
+
+    __slots__ = ("cumulative", "rolling")
+
+    def __init__(self, window: int) -> None:
+        from river import stats
+
+        self.cumulative = stats.Mean()
+        self.rolling = utils.Rolling(stats.Mean, window_size=window)
+
+    def update(self, value: float) -> None:
+        self.cumulative.update(value)
+        self.rolling.update(value)
+
+
+class Evaluation:
+    """Quality metrics of one learner, plus the error stream for drift detection."""
+
+    def __init__(self, window: int, drift: Any = None) -> None:
+        self.window = window
+        self.drift = drift
+        self.n_evaluated = 0
+        self._metrics: dict[str, _Windowed] = {}
+        self._means: dict[str, _Mean] = {}
+
+    # -- construction ------------------------------------------------------------
+
+    @classmethod
+    def for_binary(cls, window: int, drift: Any = None) -> Evaluation:
+        ev = cls(window, drift)
+        for name, m in (("roc_auc", metrics.ROCAUC), ("log_loss", metrics.LogLoss), ("accuracy", metrics.Accuracy)):
+            ev._metrics[name] = _Windowed(m, window)
+        ev._means["predicted_rate"] = _Mean(window)
+        ev._means["observed_rate"] = _Mean(window)
+        return ev
+
+    @classmethod
+    def for_multiclass(cls, window: int, drift: Any = None) -> Evaluation:
+        ev = cls(window, drift)
+        ev._metrics["accuracy"] = _Windowed(metrics.Accuracy, window)
+        ev._metrics["log_loss"] = _Windowed(metrics.CrossEntropy, window)
+        return ev
+
+    @classmethod
+    def for_regression(cls, window: int, drift: Any = None) -> Evaluation:
+        ev = cls(window, drift)
+        ev._metrics["mae"] = _Windowed(metrics.MAE, window)
+        ev._metrics["rmse"] = _Windowed(metrics.RMSE, window)
+        return ev
+
+    @classmethod
+    def for_means(cls, window: int, names: tuple[str, ...], drift: Any = None) -> Evaluation:
+        """Quality as running means of per-outcome scores (hit-rate@k, uplift)."""
+        ev = cls(window, drift)
+        for name in names:
+            ev._means[name] = _Mean(window)
+        return ev
+
+    # -- updates (called when an outcome is known) -------------------------------
+
+    def binary(self, y_true: bool, p_true: float, ts: int) -> None:
+        p = min(max(p_true, _EPS), 1 - _EPS)
+        proba = {True: p, False: 1 - p}
+        m = self._metrics
+        m["roc_auc"].update(y_true, proba)
+        m["log_loss"].update(y_true, p)
+        m["accuracy"].update(y_true, p >= 0.5)
+        self._means["predicted_rate"].update(p)
+        self._means["observed_rate"].update(float(y_true))
+        self._error(-math.log(p if y_true else 1 - p), ts)
+
+    def multiclass(self, y_true: Any, proba: dict[Any, float], ts: int) -> None:
+        y_pred = max(proba, key=proba.__getitem__) if proba else None
+        self._metrics["accuracy"].update(y_true, y_pred)
+        self._metrics["log_loss"].update(y_true, proba)
+        self._error(0.0 if y_pred == y_true else 1.0, ts)
+
+    def regression(self, y_true: float, y_pred: float, ts: int) -> None:
+        self._metrics["mae"].update(y_true, y_pred)
+        self._metrics["rmse"].update(y_true, y_pred)
+        self._error(abs(y_true - y_pred), ts)
+
+    def score(self, name: str, value: float) -> None:
+        """Add one observation of a mean-type metric (not an error: no drift update)."""
+        self._means[name].update(value)
+
+    def error(self, error: float, ts: int) -> None:
+        """Report the error of one evaluated prediction (for mean-type evaluations)."""
+        self._error(error, ts)
+
+    def _error(self, error: float, ts: int) -> None:
+        self.n_evaluated += 1
+        if self.drift is not None:
+            self.drift.update(error, ts)
+
+    # -- reading (scrape time) ---------------------------------------------------
+
+    def get(self, name: str, window: str) -> float:
+        m = self._metrics.get(name)
+        if m is not None:
+            return float((m.cumulative if window == "cumulative" else m.rolling).get())
+        mean = self._means[name]
+        return float((mean.cumulative if window == "cumulative" else mean.rolling).get())
+
+    def values(self) -> Iterator[tuple[str, str, float]]:
+        """``(metric, window, value)`` for every metric, window in {cumulative, rolling}."""
+        for name in (*self._metrics, *self._means):
+            for window in ("cumulative", "rolling"):
+                yield name, window, self.get(name, window)
