@@ -1,8 +1,9 @@
 """The interface between the stream and a learner.
 
-A learner reads some event types, predicts first and learns second
+A learner reads some topics, predicts first and learns second
 (test-then-train). The pipeline calls ``predict`` then ``learn`` for every
-event of a type in ``reads``, in partition order, and publishes what
+event of a topic in ``reads`` (decoded into its contract type, or a dict for
+topics outside the contracts), in partition order, and publishes what
 ``predict`` returns (if anything) to ``output_topic`` inside the common output
 envelope. Labels that arrive later are just more events the learner reads;
 the learner joins them with what it predicted (see ``stream.labels``).
@@ -29,7 +30,7 @@ class Learner(abc.ABC):
     #: The learner's kind, as written in config (``kind = "risk"``).
     kind: ClassVar[str]
 
-    def __init__(self, name: str, output_topic: str, reads: frozenset[type[Event]]) -> None:
+    def __init__(self, name: str, output_topic: str, reads: frozenset[str]) -> None:
         self.name = name
         self.output_topic = output_topic
         self.reads = reads
