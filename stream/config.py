@@ -87,16 +87,33 @@ class Config(_Section):
         return {"clicks": t.clicks, "purchases": t.purchases, "prices": t.prices, "fraud_labels": t.fraud_labels}
 
 
-def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+def _parse_learner(name: str, data: Any, source: str) -> LearnerSpec:
+    # Converted one by one so an error names the learner, not `$.learners[...]`.
+    where = f"$.learners.{name}"
     try:
-        config = msgspec.convert(data, Config, strict=True)
+        spec: LearnerSpec = msgspec.convert(data, LearnerSpec, strict=True)  # type: ignore[arg-type]
+    except msgspec.ValidationError as exc:
+        message = str(exc).replace("`$", f"`{where}")
+        if "`$" not in str(exc):
+            message = f"{message} - at `{where}`"
+        raise ConfigError(f"{source}: {message}") from None
+    try:
+        spec.validate(name)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {where}: {exc}") from None
+    return spec
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    learners = data.get("learners", {})
+    if not isinstance(learners, dict):
+        raise ConfigError(f"{source}: Expected `object`, got `{type(learners).__name__}` - at `$.learners`")
+    specs = {name: _parse_learner(name, spec, source) for name, spec in learners.items()}
+    try:
+        config = msgspec.convert({**data, "learners": {}}, Config, strict=True)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    for name, spec in config.learners.items():
-        try:
-            spec.validate(name)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: $.learners.{name}: {exc}") from None
+    config.learners = specs
     return config
 
 
