@@ -10,6 +10,7 @@ Run ``python tests/kafka_broker.py`` to start a broker in the foreground (Ctrl-C
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import contextlib
 import fcntl
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -43,6 +45,7 @@ HOST = "127.0.0.1"
 MESSAGE_MAX_BYTES = 10 * 1024 * 1024
 JVM_OPTS = ("-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true")
 _RESOLVED_MARKER = f".resolved-{KAFKA_VERSION}"
+_LIVE_BROKERS: weakref.WeakSet[KafkaBroker] = weakref.WeakSet()
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -158,14 +161,6 @@ def single_node_properties(
 
 def write_properties(path: Path, props: Mapping[str, str]) -> None:
     path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
-
-
-def tail(path: Path, max_chars: int = 4000) -> str:
-    """The last ``max_chars`` characters of a text file ('' if it does not exist)."""
-    try:
-        return path.read_text(errors="replace")[-max_chars:]
-    except FileNotFoundError:
-        return ""
 
 
 def broker_answers(bootstrap: str, timeout: float = 2.0) -> bool:
@@ -384,6 +379,7 @@ class KafkaBroker:
             start_new_session=True,  # Ctrl-C in a terminal goes to us, not straight to the JVM
         )
         self._paused = False
+        _LIVE_BROKERS.add(self)
         self._wait_until_ready(log_offset)
 
     def _wait_until_ready(self, log_offset: int) -> None:
@@ -423,6 +419,14 @@ class KafkaBroker:
             self._log_handle.close()
             self._log_handle = None
         self._paused = False
+
+
+@atexit.register
+def _stop_live_brokers() -> None:
+    """Never leave a JVM behind when the interpreter exits without closing its brokers."""
+    for broker in list(_LIVE_BROKERS):
+        with contextlib.suppress(Exception):
+            broker.close()
 
 
 # --------------------------------------------------------------------------- Docker (optional)
@@ -518,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="keep data here (default: a temp dir)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)  # even if started with SIGINT ignored
     started = time.monotonic()
     broker = KafkaBroker(data_dir=args.data_dir)
     try:
