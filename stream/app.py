@@ -83,7 +83,11 @@ class Application:
         cfg = self.config
         log.info(
             "starting",
-            extra={"learners": [l.name for l in self.learners], "group_id": cfg.kafka.group_id, **describe_clients(cfg)},
+            extra={
+                "learners": [learner.name for learner in self.learners],
+                "group_id": cfg.kafka.group_id,
+                **describe_clients(cfg),
+            },
         )
         if not wait_for_broker(cfg, self._stop.is_set):
             return 0
@@ -98,7 +102,9 @@ class Application:
             observer=self.observer,
         )
         self.consumer = Consumer(consumer_config(cfg, error_cb=self._client_error))
-        self.consumer.subscribe(self.pipeline.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.consumer.subscribe(
+            self.pipeline.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
         log.info("consuming", extra={"topics": self.pipeline.topics})
         try:
             self._loop()

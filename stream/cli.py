@@ -31,7 +31,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _add_kafka_args(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
     p.add_argument("--config", required=config_required, metavar="FILE", help="TOML configuration (see configs/)")
-    p.add_argument("--bootstrap-servers", metavar="H:P", help="Kafka brokers (overrides config and STREAM_BOOTSTRAP_SERVERS)")
+    p.add_argument(
+        "--bootstrap-servers", metavar="H:P", help="Kafka brokers (overrides config and STREAM_BOOTSTRAP_SERVERS)"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -60,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="consume the input topics, predict, learn and publish until stopped",
-                         description="Consume the input topics, predict then learn on every event, publish "
-                         "predictions; SIGTERM/SIGINT drain, commit and exit 0.")
+    run = sub.add_parser(
+        "run",
+        help="consume the input topics, predict, learn and publish until stopped",
+        description="Consume the input topics, predict then learn on every event, publish "
+        "predictions; SIGTERM/SIGINT drain, commit and exit 0.",
+    )
     _add_kafka_args(run)
     run.add_argument("--metrics-port", type=int, metavar="N", help="Prometheus /metrics port (0 disables)")
     run.add_argument("--group-id", metavar="G", help="consumer group id (overrides config)")
@@ -70,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     topics = sub.add_parser("topics", help="manage the configured topics")
     topics_sub = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
-    create = topics_sub.add_parser("create", help="create every configured input, output and dead-letter topic (idempotent)")
+    create = topics_sub.add_parser(
+        "create", help="create every configured input, output and dead-letter topic (idempotent)"
+    )
     _add_kafka_args(create)
     create.set_defaults(handler=cmd_topics_create)
     return parser

@@ -164,7 +164,9 @@ class KafkaSink:
         else:
             self.failed.append(err)
 
-    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None = None) -> None:
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None = None
+    ) -> None:
         while True:
             try:
                 self._produce(topic, value, key, headers=headers, on_delivery=self._on_delivery)

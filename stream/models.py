@@ -14,11 +14,11 @@ loss, a sub-model), and a list of specs is composed into a pipeline.
 >>> build_model({"class": "linear_model.LogisticRegresion"})
 Traceback (most recent call last):
 ...
-stream.models.ModelSpecError: model.class: `linear_model.LogisticRegresion` is not a River class (river.linear_model has no `LogisticRegresion`)
+stream.models.ModelSpecError: model.class: `linear_model.LogisticRegresion` is not a River class ...
 >>> build_model({"class": "linear_model.LogisticRegression", "params": {"alpha": 1}})
 Traceback (most recent call last):
 ...
-stream.models.ModelSpecError: model.params.alpha: LogisticRegression has no parameter `alpha` (it has: optimizer, loss, l2, l1, intercept_init, intercept_lr, clip_gradient, initializer)
+stream.models.ModelSpecError: model.params.alpha: LogisticRegression has no parameter `alpha` (it has: ...)
 """
 
 from __future__ import annotations

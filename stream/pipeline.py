@@ -59,7 +59,7 @@ class Output(msgspec.Struct):
 
 
 def dead_letter_headers(record: Record, stage: str, error: str, learner: str | None = None) -> list[tuple[str, bytes]]:
-    ts_type, ts = record.timestamp()
+    _, ts = record.timestamp()
     headers = [
         ("stream.source.topic", str(record.topic()).encode()),
         ("stream.source.partition", str(record.partition()).encode()),

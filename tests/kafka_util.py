@@ -16,13 +16,19 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]], partition: int | None = None) -> int:
+def produce(
+    bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]], partition: int | None = None
+) -> int:
     """Produce (key, value) pairs in order and wait for every acknowledgement."""
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
     errors: list[Any] = []
     n = 0
     for key, value in records:
-        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": lambda e, m: errors.append(e) if e else None}
+        kwargs: dict[str, Any] = {
+            "key": key,
+            "value": value,
+            "on_delivery": lambda e, m: errors.append(e) if e else None,
+        }
         if partition is not None:
             kwargs["partition"] = partition
         producer.produce(topic, **kwargs)
@@ -32,13 +38,20 @@ def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, by
     return n
 
 
-def read_all(bootstrap: str, topic: str, expected: int | None = None, timeout: float = 60.0, idle: float = 3.0) -> list[Message]:
+def read_all(
+    bootstrap: str, topic: str, expected: int | None = None, timeout: float = 60.0, idle: float = 3.0
+) -> list[Message]:
     """Read a topic from the beginning (read_committed) until ``expected`` records
     arrived, or, with no expectation, until nothing new came for ``idle`` seconds."""
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": f"reader-{time.monotonic_ns()}",
-        "auto.offset.reset": "earliest", "enable.auto.commit": False, "isolation.level": "read_committed",
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{time.monotonic_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
     consumer.subscribe([topic])
     out: list[Message] = []
     deadline = time.monotonic() + timeout

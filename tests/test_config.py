@@ -74,21 +74,33 @@ def test_command_line_overrides_environment(tmp_path: Path, monkeypatch: pytest.
 def test_client_overrides_pass_through(tmp_path: Path) -> None:
     from stream.kafka import consumer_config, producer_config
 
-    config = load_config(write(tmp_path, """
+    config = load_config(
+        write(
+            tmp_path,
+            """
 [kafka.common]
 "security.protocol" = "SASL_SSL"
 "sasl.password" = "hunter2"
 [kafka.producer]
 "linger.ms" = 50
-"""))
+""",
+        )
+    )
     assert producer_config(config)["linger.ms"] == 50
     assert consumer_config(config)["security.protocol"] == "SASL_SSL"
     assert consumer_config(config)["enable.auto.commit"] is False
 
 
 def test_secrets_are_redacted() -> None:
-    safe = redact({"sasl.password": "hunter2", "sasl.username": "me", "ssl.key.password": "k",
-                   "sasl.oauthbearer.client.secret": "s", "linger.ms": 5})
+    safe = redact(
+        {
+            "sasl.password": "hunter2",
+            "sasl.username": "me",
+            "ssl.key.password": "k",
+            "sasl.oauthbearer.client.secret": "s",
+            "linger.ms": 5,
+        }
+    )
     assert "hunter2" not in str(safe) and "'k'" not in str(safe) and "'s'" not in str(safe)
     assert safe["sasl.username"] == "me" and safe["linger.ms"] == 5
 

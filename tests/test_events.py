@@ -10,8 +10,13 @@ from stream.events import Click, Decoder, FraudLabel, InvalidEvent, Price, Purch
 
 CLICK = {"event_id": "e1", "ts": 1_700_000_000_000, "user_id": "u1", "item_id": "i1"}
 PURCHASE = {
-    "event_id": "e2", "ts": 1_700_000_000_000, "order_id": "o1", "user_id": "u1",
-    "item_id": "i1", "quantity": 2, "unit_price": 9.99,
+    "event_id": "e2",
+    "ts": 1_700_000_000_000,
+    "order_id": "o1",
+    "user_id": "u1",
+    "item_id": "i1",
+    "quantity": 2,
+    "unit_price": 9.99,
 }
 PRICE = {"event_id": "e3", "ts": 1_700_000_000_000, "item_id": "i1", "price": 19.5}
 LABEL = {"event_id": "e4", "ts": 1_700_000_000_000, "order_id": "o1", "is_fraud": False}

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Message
-from kafka_broker import create_topics
 from kafka_util import committed, end_offsets, produce, read_all, stop, stream_cli
 
 pytestmark = pytest.mark.kafka
@@ -91,17 +90,59 @@ def good_events(n: int, start: int = 0) -> dict[str, list[tuple[bytes, bytes]]]:
     events: dict[str, list[tuple[bytes, bytes]]] = {"clicks": [], "purchases": [], "prices": [], "fraud-labels": []}
     for i in range(start, start + n):
         user, item, order = f"u{i % 7}", f"i{i % 5}", f"o{i}"
-        events["clicks"].append((user.encode(), json.dumps({
-            "event_id": f"c{i}", "ts": TS + i, "user_id": user, "item_id": item,
-            "category": f"cat{i % 3}", "price": 10.0 + i % 4}).encode()))
-        events["purchases"].append((user.encode(), json.dumps({
-            "event_id": f"p{i}", "ts": TS + i, "order_id": order, "user_id": user, "item_id": item,
-            "quantity": 1 + i % 3, "unit_price": 5.0 + i % 2, "payment_method": "card"}).encode()))
-        events["prices"].append((item.encode(), json.dumps({
-            "event_id": f"r{i}", "ts": TS + i, "item_id": item, "price": 20.0 + i % 6,
-            "cost": 12.0, "stock": i % 9}).encode()))
-        events["fraud-labels"].append((order.encode(), json.dumps({
-            "event_id": f"l{i}", "ts": TS + i, "order_id": order, "is_fraud": i % 10 == 0}).encode()))
+        events["clicks"].append(
+            (
+                user.encode(),
+                json.dumps(
+                    {
+                        "event_id": f"c{i}",
+                        "ts": TS + i,
+                        "user_id": user,
+                        "item_id": item,
+                        "category": f"cat{i % 3}",
+                        "price": 10.0 + i % 4,
+                    }
+                ).encode(),
+            )
+        )
+        events["purchases"].append(
+            (
+                user.encode(),
+                json.dumps(
+                    {
+                        "event_id": f"p{i}",
+                        "ts": TS + i,
+                        "order_id": order,
+                        "user_id": user,
+                        "item_id": item,
+                        "quantity": 1 + i % 3,
+                        "unit_price": 5.0 + i % 2,
+                        "payment_method": "card",
+                    }
+                ).encode(),
+            )
+        )
+        events["prices"].append(
+            (
+                item.encode(),
+                json.dumps(
+                    {
+                        "event_id": f"r{i}",
+                        "ts": TS + i,
+                        "item_id": item,
+                        "price": 20.0 + i % 6,
+                        "cost": 12.0,
+                        "stock": i % 9,
+                    }
+                ).encode(),
+            )
+        )
+        events["fraud-labels"].append(
+            (
+                order.encode(),
+                json.dumps({"event_id": f"l{i}", "ts": TS + i, "order_id": order, "is_fraud": i % 10 == 0}).encode(),
+            )
+        )
     return events
 
 
@@ -113,8 +154,16 @@ BAD_CLICKS: list[tuple[bytes | None, bytes | None, str]] = [
     (b"u1", json.dumps({"event_id": "b4", "ts": "now", "user_id": "u1", "item_id": "i1"}).encode(), "validate"),
     (b"u1", b'{"event_id": "b5", "ts": 1, "user_id": "u1", "item_id": "i1", "price": NaN}', "decode"),
     (b"u1", b'{"event_id": "b6", "ts": 1, "user_id": "u1", "item_id": "i1", "price": 1e999}', "validate"),
-    (b"u1", json.dumps({"event_id": "b7", "ts": TS, "user_id": "u1", "item_id": "i1", "price": -3}).encode(), "validate"),
-    (b"u1", json.dumps({"event_id": "b8", "ts": TS, "user_id": "u1", "item_id": "i1", "pad": "x" * 4096}).encode(), "decode"),
+    (
+        b"u1",
+        json.dumps({"event_id": "b7", "ts": TS, "user_id": "u1", "item_id": "i1", "price": -3}).encode(),
+        "validate",
+    ),
+    (
+        b"u1",
+        json.dumps({"event_id": "b8", "ts": TS, "user_id": "u1", "item_id": "i1", "pad": "x" * 4096}).encode(),
+        "decode",
+    ),
     (b"u1", None, "decode"),
     # Valid, but the learner cannot learn without its label: predicted, then dead-lettered at `learn`.
     (b"u1", json.dumps({"event_id": "b10", "ts": TS, "user_id": "u1", "item_id": "i1"}).encode(), "learn"),
@@ -122,8 +171,17 @@ BAD_CLICKS: list[tuple[bytes | None, bytes | None, str]] = [
 
 
 def topic_map(prefix: str) -> dict[str, int]:
-    names = ["clicks", "purchases", "prices", "fraud-labels", "dead-letters",
-             "out-clicks", "out-purchases", "out-prices", "out-fraud-labels"]
+    names = [
+        "clicks",
+        "purchases",
+        "prices",
+        "fraud-labels",
+        "dead-letters",
+        "out-clicks",
+        "out-purchases",
+        "out-prices",
+        "out-fraud-labels",
+    ]
     return {f"{prefix}-{n}": PARTITIONS for n in names}
 
 
@@ -163,8 +221,12 @@ def test_run_outputs_dead_letters_sigterm_and_resume(kafka_bootstrap: str, topic
     try:
         n_learn_fail = sum(1 for *_, stage in BAD_CLICKS if stage == "learn")
         dlq = read_all(kafka_bootstrap, f"{prefix}-dead-letters", expected=len(BAD_CLICKS))
-        outs = {name: read_all(kafka_bootstrap, f"{prefix}-out-{name}", expected=n + (n_learn_fail if name == "clicks" else 0))
-                for name in events}
+        outs = {
+            name: read_all(
+                kafka_bootstrap, f"{prefix}-out-{name}", expected=n + (n_learn_fail if name == "clicks" else 0)
+            )
+            for name in events
+        }
         assert proc.poll() is None, "the loop must keep running through bad input"
     finally:
         code = stop(proc, signal.SIGTERM, timeout=20)
@@ -180,7 +242,11 @@ def test_run_outputs_dead_letters_sigterm_and_resume(kafka_bootstrap: str, topic
             assert set(doc) == {"event_id", "source", "learner", "model_version", "prediction", "predicted_at"}
             assert doc["source"]["topic"] == f"{prefix}-{name}"
         sent = {json.loads(v)["event_id"]: k for k, v in events[name]}
-        assert all(m.key() == sent[json.loads(m.value())["event_id"]] for m in msgs if json.loads(m.value())["event_id"] in sent)
+        assert all(
+            m.key() == sent[json.loads(m.value())["event_id"]]
+            for m in msgs
+            if json.loads(m.value())["event_id"] in sent
+        )
 
     # Each bad record once in the dead-letter topic, key and value untouched, with provenance.
     assert len(dlq) == len(BAD_CLICKS)
@@ -204,8 +270,10 @@ def test_run_outputs_dead_letters_sigterm_and_resume(kafka_bootstrap: str, topic
         produce(kafka_bootstrap, f"{prefix}-{name}", records)
     proc = stream_cli("run", "--config", str(cfg), log=log)
     try:
-        wait_for(lambda: committed(kafka_bootstrap, group, topics) == end_offsets(kafka_bootstrap, topics),
-                 what="the restarted run to commit the new events")
+        wait_for(
+            lambda: committed(kafka_bootstrap, group, topics) == end_offsets(kafka_bootstrap, topics),
+            what="the restarted run to commit the new events",
+        )
     finally:
         assert stop(proc) == 0
     for name in events:
