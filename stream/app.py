@@ -1,26 +1,53 @@
-"""The Kafka application: consume, run the pipeline, produce, commit.
+"""The Kafka application: consume, run the pipeline, produce, checkpoint, commit.
 
-At-least-once with explicit offset handling: offsets are committed only after
-every output produced before them is acknowledged by the broker (flush, then
-a synchronous commit of the consumer's positions). Bad records are
-dead-lettered by the pipeline and never stop the loop; broker outages are
-retried by librdkafka while outputs wait in the producer queue.
+One global model per learner cannot be split across consumer-group members,
+so one instance is *active* at a time: instances join the consumer group on a
+one-partition lease topic, and the member that owns the lease partition
+assigns itself every input partition (manual assignment) and runs the
+learners; the others wait as standbys. The lease member also commits the
+input offsets, with its group generation, so a deposed instance's commits are
+rejected (``UNKNOWN_MEMBER_ID``/``FENCED_INSTANCE_ID``). Static membership
+(``group.instance.id``) lets a restarted instance take its lease back at once.
+
+State and offsets (see ``stream.state`` and docs/guarantees.md):
+
+* a checkpoint holds the learners' whole state and the offsets it reflects
+  (they learned exactly the events before them);
+* on activation the best checkpoint with offsets <= the committed offsets is
+  restored, each partition is read from the checkpoint's offset, and events
+  before the committed offset are relearned without publishing;
+* at-least-once: flush outputs, (checkpoint when due), commit the positions;
+  predictions may repeat after a crash, learning never does;
+* exactly-once: outputs, dead letters and offsets in one transaction; a
+  checkpoint is written with the offsets being committed, before
+  ``commit_transaction``; on an abortable error, abort, restore the checkpoint
+  consistent with the committed offsets and rewind.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import copy
 import logging
+import os
+import re
 import signal
+import socket
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
+from stream import faults
 from stream.config import Config
 from stream.kafka import (
+    DeliveryFailed,
     KafkaSink,
+    admin_config,
     consumer_config,
     describe_clients,
     log_error_cb,
@@ -29,15 +56,67 @@ from stream.kafka import (
 )
 from stream.learners import Learner, build_learner
 from stream.pipeline import Pipeline
+from stream.state import (
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointStore,
+    Offsets,
+    StateError,
+    StoredRecord,
+    describe_offsets,
+)
 
-__all__ = ["Application", "build_learners"]
+__all__ = ["Application", "FatalError", "build_learners", "instance_id", "lease_topic", "transactional_id"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+TP = tuple[str, int]
+
+#: Commit errors meaning this instance is no longer the group member that holds the lease.
+_MEMBERSHIP_LOST = frozenset(
+    {KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.FENCED_INSTANCE_ID}
+)
+
+#: Exit codes of ``run``: refusing the state found (missing or incompatible checkpoints), fatal Kafka error.
+EXIT_STATE = 3
+EXIT_FATAL = 1
 
 
 def build_learners(config: Config) -> list[Learner]:
     topics = config.input_topics()
     return [build_learner(name, spec, topics) for name, spec in config.learners.items()]
+
+
+def _topic_safe(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9._-]+", "_", name)[:249] or "_"
+
+
+def instance_id(config: Config) -> str:
+    """Stable across restarts of the same instance (a StatefulSet pod name, a host name)."""
+    return config.coordination.instance_id or os.environ.get("STREAM_INSTANCE_ID") or socket.gethostname()
+
+
+def lease_topic(config: Config) -> str:
+    return config.coordination.lease_topic or _topic_safe(f"{config.kafka.group_id}.lease")
+
+
+def transactional_id(config: Config, instance: str) -> str:
+    template = config.coordination.transactional_id
+    return template.replace("{group_id}", config.kafka.group_id).replace("{instance_id}", instance)
+
+
+class FatalError(RuntimeError):
+    """Kafka says this instance cannot go on (fenced, fatal producer error): exit
+    non-zero and let the supervisor restart it."""
+
+
+class _Abort(Exception):
+    """The open transaction must be aborted (exactly-once), then the state restored."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 class _RateLimited:
@@ -56,7 +135,8 @@ class _RateLimited:
 
 
 class Application:
-    """Wires the consumer, the pipeline and the producer, and owns the commit protocol."""
+    """Wires the lease, the consumer, the pipeline, the producer and the checkpoint
+    store, and owns the commit protocol (at-least-once or exactly-once)."""
 
     def __init__(self, config: Config, learners: Sequence[Learner] | None = None, observer: Any = None) -> None:
         self.config = config
@@ -64,10 +144,38 @@ class Application:
         self.observer = observer
         self._stop = threading.Event()
         self._warn = _RateLimited()
-        self.consumer: Consumer | None = None
+        self.exactly_once = config.processing.guarantee == "exactly_once"
+        self.instance_id = instance_id(config)
+        self.lease_topic = lease_topic(config)
+        self.store = CheckpointStore.for_config(config, self.instance_id)
+        #: Untrained copies: a fresh start after a deactivation must not reuse stale learners.
+        self._pristine = copy.deepcopy(self.learners)
+        self._first_activation = True
+        self._topics = sorted({t for learner in self.learners for t in learner.reads})
+        self.consumer: Consumer | None = None  # input partitions, assigned manually while active
+        self.lease: Consumer | None = None  # the consumer-group member that holds (or awaits) the lease
+        self.producer: Producer | None = None
         self.sink: KafkaSink | None = None
         self.pipeline: Pipeline | None = None
+        # Counters for logs and tests (restores, transaction aborts, checkpoints, relearned events).
+        self.restores = 0
+        self.aborts = 0
+        self.checkpoints = 0
+        self.replayed = 0
+        # Per activation.
+        self._lease_held = False
+        self._active = False
+        self._assignment: list[TopicPartition] = []
+        self._offsets: Offsets = {}
+        self._catchup: dict[TP, int] = {}
         self._uncommitted = False
+        self._in_txn = False
+        self._txn_checkpoint: str | None = None
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._holdout_seed: list[StoredRecord] = []
+        self._recent: collections.deque[list[Message]] = collections.deque()
+        self._recent_n = 0
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -84,57 +192,425 @@ class Application:
         log.info(
             "starting",
             extra={
-                "learners": [learner.name for learner in self.learners],
+                "learners": [lr.name for lr in self.learners],
                 "group_id": cfg.kafka.group_id,
+                "guarantee": cfg.processing.guarantee,
+                "instance_id": self.instance_id,
+                "lease_topic": self.lease_topic,
+                "checkpoints": self.store.describe(),
                 **describe_clients(cfg),
             },
         )
         if not wait_for_broker(cfg, self._stop.is_set):
             return 0
-        producer = Producer(producer_config(cfg, error_cb=self._client_error))
-        self.sink = KafkaSink(producer)
+        clean = False
+        code = 0
+        try:
+            self._start_clients()
+            self._main()
+            clean = True
+        except (StateError, CheckpointError) as exc:
+            log.error("refusing to run", extra={"reason": str(exc)})
+            code = EXIT_STATE
+        except FatalError as exc:
+            log.error("fatal error, exiting", extra={"reason": str(exc)})
+            code = EXIT_FATAL
+        finally:
+            # After an unexpected exception the learners may be mid-batch: never checkpoint or commit them.
+            self._shutdown(clean)
+        return code
+
+    def _start_clients(self) -> None:
+        cfg = self.config
+        self._ensure_lease_topic()
+        observed = getattr(self.observer, "consumer_properties", None)
+        # The observer may ask for librdkafka statistics (stats_cb): consumer lag per partition.
+        self.consumer = Consumer(consumer_config(cfg, error_cb=self._client_error, **(observed() if observed else {})))
+        self.lease = Consumer(
+            consumer_config(cfg, error_cb=self._client_error, **{"group.instance.id": self.instance_id})
+        )
+        self._subscribe_lease()
+        if not self.exactly_once:
+            # At-least-once keeps one producer for the process; exactly-once makes one per activation.
+            self.producer = Producer(producer_config(cfg, error_cb=self._client_error))
+            self.sink = KafkaSink(self.producer)
+
+    def _subscribe_lease(self) -> None:
+        assert self.lease is not None
+        self.lease.subscribe(
+            [self.lease_topic], on_assign=self._on_lease_assign, on_revoke=self._on_lease_revoke,
+            on_lost=self._on_lease_lost,
+        )
+
+    def _ensure_lease_topic(self) -> None:
+        admin = AdminClient(admin_config(self.config))
+        topic = NewTopic(self.lease_topic, num_partitions=1, replication_factor=self.config.topics.replication_factor)
+        try:
+            admin.create_topics([topic], request_timeout=15)[self.lease_topic].result(timeout=20)
+            log.info("lease topic created", extra={"topic": self.lease_topic})
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                # Maybe no permission to create topics: it may have been created by an operator.
+                log.warning("could not create the lease topic", extra={"topic": self.lease_topic, "reason": str(exc)})
+
+    def _main(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self._active:
+                    self._await_lease()
+                    if self._stop.is_set():
+                        return
+                    self._activate()
+                else:
+                    self._loop()
+            except _Abort as exc:
+                self._abort(str(exc), exc.code)
+            except DeliveryFailed as exc:
+                if not self.exactly_once:
+                    raise  # at-least-once: exit without committing; a restart redoes the batch
+                self._abort(str(exc), None)
+
+    # -- the lease ---------------------------------------------------------------
+
+    def _await_lease(self) -> None:
+        assert self.lease is not None
+        announced = False
+        while not self._stop.is_set() and not self._lease_held:
+            if not announced:
+                log.info("standby: waiting for the lease",
+                         extra={"lease_topic": self.lease_topic, "instance_id": self.instance_id})
+                announced = True
+            self.lease.poll(0.2)
+
+    def _on_lease_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if any(tp.topic == self.lease_topic for tp in partitions):
+            log.info("lease acquired", extra={"instance_id": self.instance_id})
+            self._lease_held = True
+
+    def _on_lease_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not any(tp.topic == self.lease_topic for tp in partitions):
+            return
+        self._lease_held = False
+        if not self._active:
+            return
+        log.info("lease revoked: checkpointing and handing over", extra={"instance_id": self.instance_id})
+        if faults.ARMED:
+            faults.hit("in_revoke")
+        committed = False
+        try:
+            # Still a member of this generation here: the commit is accepted, and the next owner starts right after it.
+            committed = self.commit(budget_s=self.config.processing.shutdown_timeout_s, final=True)
+        except (_Abort, DeliveryFailed, KafkaException) as exc:
+            log.warning("hand-over commit failed; the next owner resumes from the last commit",
+                        extra={"reason": str(exc)})
+        self._deactivate(committed=committed)
+
+    def _on_lease_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if any(tp.topic == self.lease_topic for tp in partitions):
+            self._lease_held = False
+            if self._active:
+                self._lost("lease lost (session timed out or fenced)")
+
+    def _lost(self, reason: str) -> None:
+        # Another instance may own the lease now: nothing may be committed or checkpointed any more.
+        log.warning("no longer the active instance; dropping in-memory state", extra={"reason": reason})
+        self._lease_held = False
+        self._deactivate(committed=False)
+        # Rejoin from scratch so the client's view of the assignment cannot stay stale: the
+        # lease comes back through on_assign if the group gives it to us again.
+        if self.lease is not None:
+            with contextlib.suppress(KafkaException):
+                self.lease.unsubscribe()
+                self._subscribe_lease()
+
+    # -- activation: restore and seek --------------------------------------------
+
+    def _activate(self) -> None:
+        """Become the active instance: restore the checkpoint consistent with the
+        committed offsets and read every input partition from its offsets."""
+        assert self.consumer is not None and self.lease is not None
+        cfg = self.config
+        tps = self._partitions()
+        remove = getattr(self.store.storage, "remove_temporaries", None)
+        if remove is not None:
+            # Half-written files of a crash mid-write; old enough that no live writer owns them.
+            remove(older_than_s=600)
+        if self.exactly_once and self.producer is None:
+            # Before reading the committed offsets: init_transactions aborts the
+            # predecessor's open transaction (same transactional.id), so they are stable.
+            self._new_transactional_producer()
+        committed = self._committed(tps)
+        low = self._low_watermarks(tps)
+        selection = self.store.select(committed, low)
+        for name, reason in selection.skipped:
+            log.warning("checkpoint passed over", extra={"checkpoint": name, "reason": reason})
+        ckpt = selection.checkpoint
+        behind = {k: c for k, c in committed.items() if c is not None and c > low[k]}
+        if ckpt is None:
+            if behind and cfg.checkpoints.on_missing == "fail":
+                raise StateError(
+                    f"group `{cfg.kafka.group_id}` has committed offsets ({describe_offsets(behind)}) but no "
+                    f"checkpoint in {self.store.describe()} is consistent with them "
+                    f"({len(selection.skipped)} passed over). "
+                    "Starting a fresh model at those offsets would silently skip learning everything before them. "
+                    "Restore the checkpoint directory, import a model (`stream model import`), or set "
+                    '[checkpoints] on_missing = "rewind" to relearn from the beginning without publishing.'
+                )
+            learners = self.learners if self._first_activation else copy.deepcopy(self._pristine)
+            start = dict(low)
+            self._holdout_seed = []
+        else:
+            learners = self._adopt(ckpt.learners)
+            start = {k: ckpt.info.offsets.get(k, lo) for k, lo in low.items()}
+            self._holdout_seed = ckpt.holdout
+            self.restores += 1
+        self._first_activation = False
+        self.learners[:] = learners
         self.pipeline = Pipeline(
             self.learners,
-            self.sink,
+            self.sink,  # type: ignore[arg-type]
             contract_topics=cfg.input_topics(),
             dead_letter_topic=cfg.topics.dead_letters,
             max_value_bytes=cfg.processing.max_value_bytes,
             observer=self.observer,
         )
-        self.consumer = Consumer(consumer_config(cfg, error_cb=self._client_error))
-        self.consumer.subscribe(
-            self.pipeline.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
-        log.info("consuming", extra={"topics": self.pipeline.topics})
-        try:
-            self._loop()
-        finally:
-            self._shutdown()
-        return 0
+        self._catchup = {k: c for k, c in committed.items() if c is not None and c > start[k]}
+        self._offsets = dict(start)
+        self._assignment = [TopicPartition(t, p, start[(t, p)]) for t, p in tps]
+        self._recent.clear()
+        self._recent_n = 0
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._uncommitted = False
+        replay = sum(c - start[k] for k, c in self._catchup.items())
+        self.consumer.assign(self._assignment)
+        log.info("partitions assigned", extra={"partitions": [f"{t}[{p}]" for t, p in tps]})
+        if ckpt is not None:
+            log.info(
+                "restored from checkpoint",
+                extra={
+                    "checkpoint": ckpt.info.name, "seq": ckpt.info.seq, "offsets": describe_offsets(ckpt.info.offsets),
+                    "relearn_without_publishing": replay, "restores": self.restores, "origin": ckpt.info.origin,
+                },
+            )
+        else:
+            log.info(
+                "no checkpoint: starting untrained learners",
+                extra={"from": describe_offsets(start), "relearn_without_publishing": replay},
+            )
+            # A commit must never exist without a checkpoint at or before it, or a crash
+            # before the first periodic checkpoint would leave offsets with no state.
+            try:
+                self._write_checkpoint(start, "initial")
+            except (OSError, CheckpointError) as exc:
+                raise StateError(f"cannot write checkpoints to {self.store.describe()}: {exc}") from exc
+        if self.exactly_once:
+            self._txn("begin_transaction", self.producer.begin_transaction)  # type: ignore[union-attr]
+            self._in_txn = True
+        self._active = True
+
+    def _adopt(self, restored: Sequence[Learner]) -> list[Learner]:
+        """The checkpoint's learners in configuration order; configured ones it lacks start untrained."""
+        by_name = {lr.name: lr for lr in restored}
+        out: list[Learner] = []
+        for template in self._pristine:
+            learner = by_name.pop(template.name, None)
+            if learner is None:
+                log.warning("learner not in the checkpoint: it starts untrained, at the checkpoint's offsets",
+                            extra={"learner": template.name})
+                out.append(copy.deepcopy(template))
+                continue
+            if getattr(learner, "spec", None) != getattr(template, "spec", None):
+                log.warning("learner configuration changed since the checkpoint; the checkpointed learner is kept",
+                            extra={"learner": template.name})
+            out.append(learner)
+        for name in by_name:
+            log.warning("checkpoint learner no longer configured: dropped", extra={"learner": name})
+        return out
+
+    def _partitions(self) -> list[TP]:
+        assert self.lease is not None
+        while True:
+            missing: list[str] = []
+            tps: list[TP] = []
+            try:
+                for topic in self._topics:
+                    meta = self.lease.list_topics(topic, timeout=10).topics.get(topic)
+                    if meta is None or meta.error is not None or not meta.partitions:
+                        missing.append(topic)
+                    else:
+                        tps.extend((topic, p) for p in sorted(meta.partitions))
+            except KafkaException as exc:
+                missing.append(str(exc))
+            if not missing:
+                return tps
+            self._warn("topics", "input topics not available yet; waiting", missing=missing)
+            if self._stop.wait(1.0):
+                raise StateError("stopped while waiting for the input topics")
+
+    def _committed(self, tps: list[TP]) -> dict[TP, int | None]:
+        assert self.lease is not None
+        while True:
+            try:
+                result = self.lease.committed([TopicPartition(t, p) for t, p in tps], timeout=15)
+                return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in result}
+            except KafkaException as exc:
+                self._warn("committed", "cannot read the committed offsets yet; retrying", reason=str(exc))
+            if self._stop.wait(1.0):
+                raise StateError("stopped while reading the committed offsets")
+
+    def _low_watermarks(self, tps: list[TP]) -> dict[TP, int]:
+        assert self.consumer is not None
+        out: dict[TP, int] = {}
+        for t, p in tps:
+            while True:
+                try:
+                    out[(t, p)] = max(self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[0], 0)
+                    break
+                except KafkaException as exc:
+                    self._warn("watermarks", "cannot read the partition offsets yet; retrying", reason=str(exc))
+                if self._stop.wait(1.0):
+                    raise StateError("stopped while reading the partition offsets")
+        return out
+
+    def _deactivate(self, committed: bool) -> None:
+        if self.exactly_once and self._in_txn and self.producer is not None:
+            with contextlib.suppress(KafkaException):
+                self.producer.abort_transaction(self.config.processing.shutdown_timeout_s)
+            self._in_txn = False
+        if self._txn_checkpoint is not None:
+            self.store.delete(self._txn_checkpoint)
+            self._txn_checkpoint = None
+        if self.exactly_once:
+            # The next activation needs a fresh producer: another instance may have taken the transactional id.
+            self.producer = None
+            self.sink = None
+        if self.consumer is not None:
+            with contextlib.suppress(KafkaException):
+                self.consumer.unassign()
+        self._assignment = []
+        self._catchup = {}
+        self._active = False
+        log.info("deactivated", extra={"committed": committed})
+
+    # -- the loop ----------------------------------------------------------------
 
     def _loop(self) -> None:
         assert self.consumer is not None and self.sink is not None and self.pipeline is not None
+        assert self.lease is not None
         consume = self.consumer.consume
         process = self.pipeline.process
-        poll = self.sink.poll
+        sink_poll = self.sink.poll
+        lease_poll = self.lease.poll
         p = self.config.processing
         batch_size, timeout, interval = p.batch_size, p.poll_timeout_s, p.commit_interval_s
+        keep_recent = self.config.checkpoints.holdout_events
+        recent = self._recent
         next_commit = time.monotonic() + interval
-        while not self._stop.is_set():
+        # Time inside the process is measured per batch, not per record (amortised).
+        on_batch = getattr(self.observer, "batch_processed", None)
+        while not self._stop.is_set() and self._active:
             batch = consume(batch_size, timeout)
-            for msg in batch:
-                if msg.error() is not None:
-                    self._consume_error(msg)
-                    continue
-                process(msg)
             if batch:
+                started = time.perf_counter()
+                if self._catchup or faults.ARMED:
+                    self._process_slow(batch)
+                else:
+                    for msg in batch:
+                        if msg.error() is not None:
+                            self._consume_error(msg)
+                            continue
+                        process(msg)  # type: ignore[arg-type]
                 self._uncommitted = True
-            poll()
+                self._since_checkpoint += len(batch)
+                if keep_recent:
+                    # Whole batches by reference (no per-record cost); trimmed to the holdout size.
+                    recent.append(batch)
+                    self._recent_n += len(batch)
+                    while self._recent_n - len(recent[0]) >= keep_recent:
+                        self._recent_n -= len(recent.popleft())
+                if on_batch is not None:
+                    on_batch(len(batch), time.perf_counter() - started)
+            sink_poll()
+            lease_poll(0)  # serves the lease's rebalance callbacks, which may deactivate us
+            if not self._active:
+                return
             if time.monotonic() >= next_commit:
                 self.commit()
                 next_commit = time.monotonic() + interval
 
+    def _process_slow(self, batch: list[Message]) -> None:
+        """The loop body while some partition is relearning up to its committed
+        offset (outputs suppressed per partition), or when faults are armed."""
+        assert self.pipeline is not None
+        pipeline = self.pipeline
+        process = pipeline.process
+        catchup = self._catchup
+        armed = faults.ARMED
+        for msg in batch:
+            if msg.error() is not None:
+                self._consume_error(msg)
+                continue
+            if catchup:
+                key: TP = (msg.topic(), msg.partition())  # type: ignore[assignment]
+                target = catchup.get(key)
+                if target is not None:
+                    offset: int = msg.offset()  # type: ignore[assignment]
+                    if offset < target:
+                        # Already published (and committed) before the restart: learn only.
+                        pipeline.publish = False
+                        try:
+                            process(msg)  # type: ignore[arg-type]
+                        finally:
+                            pipeline.publish = True
+                        self.replayed += 1
+                        if offset + 1 >= target:
+                            self._caught_up(key)
+                        if armed:
+                            faults.hit("mid_batch")
+                        continue
+                    self._caught_up(key)
+            process(msg)  # type: ignore[arg-type]
+            if armed:
+                faults.hit("mid_batch")
+
+    def _caught_up(self, key: TP) -> None:
+        self._catchup.pop(key, None)
+        if not self._catchup:
+            log.info("caught up with the committed offsets; publishing again", extra={"relearned": self.replayed})
+
     # -- commit protocol ---------------------------------------------------------
+
+    def commit(self, budget_s: float | None = None, *, final: bool = False) -> bool:
+        """Commit what was processed (and checkpoint when due, or when ``final``:
+        shutdown, hand-over). Returns whether the offsets were committed."""
+        if not self._active:
+            return False
+        if self.exactly_once:
+            return self._commit_transaction(budget_s, final)
+        return self._commit_offsets(budget_s, final)
+
+    def _pending(self, final: bool) -> bool:
+        # On shutdown and hand-over the state is checkpointed even if its offsets are already committed.
+        return self._uncommitted or (final and self._since_checkpoint > 0)
+
+    def _checkpoint_due(self) -> bool:
+        c = self.config.checkpoints
+        n = self._since_checkpoint
+        return n >= c.every_events or (n > 0 and time.monotonic() - self._last_checkpoint >= c.every_seconds)
+
+    def _positions(self) -> Offsets:
+        """Next offset to read of every assigned partition (the start offset where nothing was read yet)."""
+        assert self.consumer is not None
+        for tp in self.consumer.position(self._assignment):
+            if tp.offset >= 0:
+                self._offsets[(tp.topic, tp.partition)] = tp.offset
+        if self._catchup:
+            # A partition can end on a transaction marker, never yielding a record at its target.
+            for key, target in list(self._catchup.items()):
+                if self._offsets[key] >= target:
+                    self._caught_up(key)
+        return dict(self._offsets)
 
     def _drain(self, budget_s: float | None) -> bool:
         """Wait for every produced output to be acknowledged. ``None`` waits
@@ -150,44 +626,187 @@ class Application:
                 return False
             self._warn("flush", "outputs not yet acknowledged; commit waits", pending=len(self.sink.producer))
 
-    def commit(self, partitions: list[TopicPartition] | None = None, budget_s: float | None = None) -> bool:
-        """Flush outputs, then commit the positions of ``partitions`` (default:
-        all assigned). Returns whether offsets were committed."""
-        assert self.consumer is not None
-        if partitions is None and not self._uncommitted:
+    def _commit_offsets(self, budget_s: float | None, final: bool) -> bool:
+        """At-least-once: flush outputs, checkpoint when due, commit the positions."""
+        assert self.lease is not None
+        if not self._pending(final):
             return True
         if not self._drain(budget_s):
             return False
-        targets = partitions if partitions is not None else self.consumer.assignment()
-        if not targets:
-            return True
-        offsets = [tp for tp in self.consumer.position(targets) if tp.offset >= 0]
-        if not offsets:
-            return True
+        if faults.ARMED:
+            faults.hit("after_produce_before_commit")
+        offsets = self._positions()
+        written = self._maybe_checkpoint(offsets, final)
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            result = self.lease.commit(offsets=_tps(offsets), asynchronous=False)
         except KafkaException as exc:
-            err = exc.args[0]
-            if err.code() == KafkaError._NO_OFFSET:
-                return True
-            self._warn("commit", "offset commit failed; will retry", code=err.name(), reason=err.str())
-            return False
-        if partitions is None:
-            self._uncommitted = False
+            return self._commit_failed(exc.args[0])
+        failed = [tp.error for tp in result or [] if tp.error is not None]
+        if failed:
+            return self._commit_failed(failed[0])
+        if faults.ARMED:
+            faults.hit("after_commit")
+        self._uncommitted = False
+        if written is not None:
+            self._prune(written)
         return True
 
-    # -- rebalance ---------------------------------------------------------------
+    def _commit_failed(self, err: KafkaError) -> bool:
+        if err.code() == KafkaError._NO_OFFSET:
+            self._uncommitted = False
+            return True
+        if err.code() in _MEMBERSHIP_LOST:
+            self._lost(f"offset commit rejected: {err.name()}")
+            return False
+        self._warn("commit", "offset commit failed; will retry", code=err.name(), reason=err.str())
+        return False
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("partitions assigned", extra={"partitions": [f"{tp.topic}[{tp.partition}]" for tp in partitions]})
+    def _commit_transaction(self, budget_s: float | None, final: bool) -> bool:
+        """Exactly-once: checkpoint (when due) with the offsets about to be committed,
+        then send them to the transaction and commit it."""
+        assert self.producer is not None and self.lease is not None
+        if not self._pending(final):
+            return True
+        if faults.ARMED:
+            faults.hit("after_produce_before_commit")
+        offsets = self._positions()
+        written = self._maybe_checkpoint(offsets, final)
+        # Written before the commit and named here: if the transaction aborts it
+        # is deleted (its offsets were never committed); a crash leaves it ahead
+        # of the committed offsets, so it is never selected.
+        self._txn_checkpoint = written.name if written is not None else None
+        producer = self.producer
+        group = self.lease.consumer_group_metadata()
+        timeout = self._txn_timeout_s(budget_s)
+        tps = _tps(offsets)
+        self._txn("send_offsets_to_transaction", lambda: producer.send_offsets_to_transaction(tps, group, timeout))
+        if faults.ARMED:
+            faults.hit("after_send_offsets_before_commit")
+        self._txn("commit_transaction", lambda: producer.commit_transaction(timeout), budget_s)
+        self._in_txn = False
+        self._txn_checkpoint = None
+        if faults.ARMED:
+            faults.hit("after_commit")
+        self._uncommitted = False
+        if written is not None:
+            self._prune(written)
+        if not final:
+            self._txn("begin_transaction", producer.begin_transaction)
+            self._in_txn = True
+        return True
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("partitions revoked", extra={"partitions": [f"{tp.topic}[{tp.partition}]" for tp in partitions]})
-        # Commit what was processed so the next owner starts right after it.
-        self.commit(partitions, budget_s=self.config.processing.shutdown_timeout_s)
+    def _txn_timeout_s(self, budget_s: float | None) -> float:
+        limit = self.config.coordination.transaction_timeout_ms / 1000
+        return min(budget_s, limit) if budget_s is not None else limit
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.warning("partitions lost", extra={"partitions": [f"{tp.topic}[{tp.partition}]" for tp in partitions]})
+    def _txn(self, what: str, call: Callable[[], T], budget_s: float | None = None) -> T:
+        """Run one transactional call: retry what is retriable, raise ``_Abort``
+        for what requires an abort, ``FatalError`` for the rest."""
+        deadline = time.monotonic() + (budget_s if budget_s is not None else self._txn_timeout_s(None))
+        while True:
+            try:
+                return call()
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if err.fatal():
+                    raise FatalError(f"{what}: {err.name()}: {err.str()}") from exc
+                if err.txn_requires_abort():
+                    raise _Abort(f"{what}: {err.name()}: {err.str()}", err.code()) from exc
+                if err.retriable() and time.monotonic() < deadline:
+                    self._warn(f"txn:{what}", "transactional call failed; retrying", call=what, code=err.name())
+                    time.sleep(0.2)
+                    continue
+                if err.retriable():
+                    # Out of time: give the transaction up; restoring is always safe.
+                    raise _Abort(f"{what}: still failing after retries: {err.name()}: {err.str()}", err.code()) from exc
+                # Unclassified errors are treated as fatal, as the client's documentation advises.
+                raise FatalError(f"{what}: {err.name()}: {err.str()}") from exc
+
+    def _abort(self, reason: str, code: int | None) -> None:
+        """Abort the open transaction and deactivate; the main loop then restores the
+        checkpoint consistent with the committed offsets and rewinds (``_activate``)."""
+        self.aborts += 1
+        log.warning("transaction aborted; restoring", extra={"reason": reason, "aborts": self.aborts})
+        producer = self.producer
+        if producer is not None and self._in_txn:
+            timeout = self._txn_timeout_s(None)
+            self._txn("abort_transaction", lambda: producer.abort_transaction(timeout))
+            self._in_txn = False
+            producer.poll(0)  # serve the purged outputs' delivery reports ...
+            if self.sink is not None:
+                self.sink.failed.clear()  # ... which are failures by design, not news
+        if self._txn_checkpoint is not None:
+            self.store.delete(self._txn_checkpoint)
+            self._txn_checkpoint = None
+        if code in _MEMBERSHIP_LOST:
+            self._lost(f"transaction offsets rejected: {KafkaError(code).name()}")
+            return
+        if self.consumer is not None:
+            with contextlib.suppress(KafkaException):
+                self.consumer.unassign()
+        self._assignment = []
+        self._catchup = {}
+        # Keep the producer (not fenced): the next activation reuses it.
+        self._active = False
+
+    def _new_transactional_producer(self) -> None:
+        cfg = self.config
+        tid = transactional_id(cfg, self.instance_id)
+        timeout_ms = cfg.coordination.transaction_timeout_ms
+        props = {"transactional.id": tid, "transaction.timeout.ms": timeout_ms, "message.timeout.ms": timeout_ms}
+        producer = Producer(producer_config(cfg, error_cb=self._client_error, **props))
+        log.info("initialising transactions", extra={"transactional_id": tid})
+        timeout_s = timeout_ms / 1000
+        self._txn("init_transactions", lambda: producer.init_transactions(timeout_s), budget_s=timeout_s * 3)
+        self.producer = producer
+        self.sink = KafkaSink(producer)
+
+    # -- checkpoints -------------------------------------------------------------
+
+    def _maybe_checkpoint(self, offsets: Offsets, final: bool) -> CheckpointInfo | None:
+        if not (self._checkpoint_due() or (final and self._since_checkpoint > 0)):
+            return None
+        try:
+            info = self._write_checkpoint(offsets, "final" if final else "periodic")
+        except (OSError, CheckpointError) as exc:
+            # Committing without a new checkpoint stays correct (an older one is <= the
+            # offsets); only the relearning after a restart grows. Loud, not fatal.
+            self._warn("checkpoint", "checkpoint write failed; offsets are still committed", reason=repr(exc))
+            return None
+        if faults.ARMED:
+            faults.hit("after_checkpoint_before_commit")
+        return info
+
+    def _write_checkpoint(self, offsets: Offsets, reason: str) -> CheckpointInfo:
+        started = time.perf_counter()
+        info = self.store.write(self.learners, offsets, reason=reason, holdout=self._holdout())
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self.checkpoints += 1
+        log.info(
+            "checkpoint written",
+            extra={
+                "checkpoint": info.name, "seq": info.seq, "reason": reason, "bytes": info.payload_length,
+                "seconds": round(time.perf_counter() - started, 4), "offsets": describe_offsets(offsets),
+            },
+        )
+        saved = getattr(self.observer, "checkpoint_saved", None)
+        if saved is not None:
+            saved(info.created_at)
+        return info
+
+    def _holdout(self) -> list[StoredRecord]:
+        n = self.config.checkpoints.holdout_events
+        if not n:
+            return []
+        fresh = [StoredRecord.of(m) for batch in self._recent for m in batch if m.error() is None]
+        return (self._holdout_seed + fresh)[-n:]
+
+    def _prune(self, just_committed: CheckpointInfo) -> None:
+        try:
+            self.store.prune(self.config.checkpoints.keep, protect=[just_committed.name])
+        except OSError as exc:
+            self._warn("prune", "could not prune old checkpoints", reason=repr(exc))
 
     # -- errors and shutdown -----------------------------------------------------
 
@@ -200,20 +819,35 @@ class Application:
 
     def _consume_error(self, msg: Message) -> None:
         err = msg.error()
+        assert err is not None
         if err.fatal():
             raise KafkaException(err)
         self._warn(f"consume:{err.name()}", "consume error", code=err.name(), reason=err.str(), topic=msg.topic())
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, clean: bool) -> None:
         budget = self.config.processing.shutdown_timeout_s
         committed = False
-        if self.consumer is not None and self.sink is not None:
+        if self._active and clean:
             try:
-                committed = self.commit(budget_s=budget)
-            except Exception:
-                log.exception("final commit failed")
-            try:
-                self.consumer.close()
-            except Exception:
-                log.exception("consumer close failed")
-        log.info("stopped", extra={"committed": committed})
+                committed = self.commit(budget_s=budget, final=True)
+            except (_Abort, FatalError, DeliveryFailed, KafkaException) as exc:
+                log.warning("final commit failed; a restart resumes from the last commit", extra={"reason": str(exc)})
+        if self._active:
+            self._deactivate(committed=committed)
+        for client in (self.consumer, self.lease):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:
+                    log.exception("consumer close failed")
+        if self.producer is not None and not self.exactly_once:
+            self.producer.flush(budget)
+        log.info(
+            "stopped",
+            extra={"committed": committed, "restores": self.restores, "aborts": self.aborts,
+                   "checkpoints": self.checkpoints, "relearned": self.replayed},
+        )
+
+
+def _tps(offsets: Offsets) -> list[TopicPartition]:
+    return [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())]

@@ -72,6 +72,51 @@ class MetricsConfig(_Section):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9100
     #: Rolling window (labelled events) for the windowed quality metrics.
     rolling_window: PositiveInt = 10_000
+    #: How often librdkafka reports statistics, from which consumer lag is read.
+    stats_interval_s: PositiveFloat = 5.0
+    #: Data drift: one processed record in N is sampled (amortises the cost).
+    feature_sample_every: PositiveInt = 16
+    #: Data drift: sampled values per window (recent window vs the window before it).
+    feature_window: Annotated[int, msgspec.Meta(ge=100, le=100_000)] = 1000
+    #: Data drift: numeric fields tracked per topic, at most (they are label values).
+    max_features: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
+
+
+class CheckpointsConfig(_Section):
+    """Where and how often the learners' state is checkpointed (see stream.state, docs/guarantees.md)."""
+
+    #: Directory (local or a mount shared by the instances); checkpoints go in ``<dir>/<group_id>/``.
+    dir: str = "var/checkpoints"
+    #: A checkpoint is written at the first commit after this many events ...
+    every_events: PositiveInt = 10_000
+    #: ... or this many seconds (whichever comes first), and always on lease hand-over and shutdown.
+    every_seconds: PositiveFloat = 60.0
+    #: Recent checkpoints kept (>= 2: the newest may be ahead of the committed offsets).
+    keep: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 5
+    #: Committed offsets but no usable checkpoint: refuse to start ("fail"), or
+    #: relearn from the beginning of the topics without publishing ("rewind").
+    on_missing: Literal["fail", "rewind"] = "fail"
+    #: Recent input records kept in each checkpoint to validate imported or rolled-back models (0: none).
+    holdout_events: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1000
+    #: Validate `stream model import/rollback` candidates on the holdout before they serve.
+    validate: bool = True
+    #: Refuse a candidate whose holdout error exceeds the current model's by more than this fraction.
+    max_degradation: Annotated[float, msgspec.Meta(ge=0)] = 0.05
+
+
+class CoordinationConfig(_Section):
+    """Single active instance: the holder of the lease partition runs the (global) model."""
+
+    #: Stable per instance (static group membership: a restarted instance takes its lease
+    #: back at once). Empty: the STREAM_INSTANCE_ID environment variable, else the host name.
+    instance_id: str = ""
+    #: One-partition topic whose owner in the consumer group is the active instance
+    #: (created if missing). Empty: ``<group_id>.lease``.
+    lease_topic: str = ""
+    #: Exactly-once producer id; shared by all instances so the new active one fences
+    #: the old at once. ``{group_id}`` and ``{instance_id}`` are substituted.
+    transactional_id: str = "{group_id}-active"
+    transaction_timeout_ms: Annotated[int, msgspec.Meta(ge=1000)] = 60_000
 
 
 class Config(_Section):
@@ -79,6 +124,8 @@ class Config(_Section):
     topics: TopicsConfig = msgspec.field(default_factory=TopicsConfig)
     processing: ProcessingConfig = msgspec.field(default_factory=ProcessingConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    checkpoints: CheckpointsConfig = msgspec.field(default_factory=CheckpointsConfig)
+    coordination: CoordinationConfig = msgspec.field(default_factory=CoordinationConfig)
     learners: dict[str, LearnerSpec] = {}
 
     def input_topics(self) -> dict[str, str]:

@@ -140,6 +140,9 @@ class Pipeline:
                 else _generic_decoder(max_value_bytes)
             )
             self.routes[topic] = _Route(decode, readers)
+        if observer is not None and hasattr(observer, "attach"):
+            # Metrics read the learners at scrape time and pre-create per-topic series.
+            observer.attach(self)
 
     @property
     def topics(self) -> list[str]:

@@ -17,7 +17,7 @@ A learner's whole state is its pickled self: checkpoints save and restore it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 from stream.evaluation import Evaluation
@@ -58,6 +58,17 @@ class Learner(abc.ABC):
         evaluation: Evaluation | None = getattr(self, "evaluation", None)
         if evaluation is not None:
             yield from evaluation.values()
+
+    def label_stats(self) -> Mapping[str, int]:
+        """Cumulative label-join counters, read by the metrics collector at scrape
+        time as ``stream_labels_total{learner, outcome}``. Learners whose labels
+        arrive later override it; keys are a small fixed vocabulary (at most 16
+        are exported, never ids): ``received`` (label records read), ``joined``
+        (matched a pending prediction), ``unmatched`` (no pending prediction:
+        too late or unknown), ``expired`` (a prediction's label window closed
+        without a label), ``evicted`` (a pending prediction pushed out by the
+        capacity bound). Default: none."""
+        return {}
 
     def replace_model(self, model: Any) -> None:
         """Serve ``model`` from now on (warm start, rollback, drift switch)."""

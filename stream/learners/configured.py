@@ -28,6 +28,8 @@ from typing import Any, Literal
 import msgspec
 from river import base
 
+from stream.drift import DriftMonitor, DriftSpec, Switch
+from stream.evaluation import Evaluation
 from stream.learners.base import Learner
 from stream.models import build_model
 
@@ -59,13 +61,18 @@ class CustomSpec(msgspec.Struct, tag="custom", tag_field="kind", forbid_unknown_
     label_window_s: float = 3600.0
     #: Bounds on predictions waiting for labels.
     max_pending: int = 100_000
+    #: Concept drift on the prediction errors: ``{ detector = "adwin", reaction = "report" | "switch" }``
+    #: (see ``stream.drift.DriftSpec``); absent: quality is measured, drift is not watched.
+    drift: DriftSpec | None = None
 
     def validate(self, name: str) -> None:
         if (self.label_topic is None) != (self.join_on is None):
             raise ValueError("`label_topic` and `join_on` go together")
         if self.label_window_s <= 0 or self.max_pending < 1:
             raise ValueError("`label_window_s` and `max_pending` must be positive")
-        model = build_model(self.model, f"model")
+        if self.drift is not None:
+            self.drift.validate()
+        model = build_model(self.model, "model")
         expected = {"binary": base.Classifier, "multiclass": base.Classifier, "regression": base.Regressor}[self.task]
         if not isinstance(model, expected):
             raise ValueError(f"model: a {self.task} task needs a River {expected.__name__}, got {type(model).__name__}")
@@ -87,7 +94,16 @@ class ConfiguredLearner(Learner):
         reads = {self.input_topic} | ({self.label_topic} if self.label_topic else set())
         super().__init__(name, spec.output_topic, frozenset(reads))
         self.spec = spec
-        self.model = build_model(spec.model)
+        model = build_model(spec.model)
+        # With reaction "switch" the model is an AdaptiveModel that is also the monitor.
+        self.model: Any = model
+        monitor: DriftMonitor | None = None
+        if spec.drift is not None:
+            self.model, monitor = spec.drift.build(model, task=spec.task, name=name, on_switch=self._model_switched)
+        self.evaluation = _EVALUATIONS[spec.task](_QUALITY_WINDOW, drift=monitor)
+        #: The last event predicted and its prediction: the label is in the same
+        #: event, so ``learn`` evaluates the prediction ``predict`` just made.
+        self._scored: tuple[Any, Any] | None = None
         self._excluded = frozenset({spec.label, *spec.exclude, *([spec.key] if spec.key else [])}) | _IDS
         if spec.label_topic is not None:
             raise NotImplementedError("joined labels are added with stream.labels")
@@ -113,8 +129,11 @@ class ConfiguredLearner(Learner):
         record = _as_dict(event)
         x = self.features(record)
         if self.spec.task == "regression":
-            return {"value": float(self.model.predict_one(x))}
+            value = float(self.model.predict_one(x))
+            self._scored = (event, value)
+            return {"value": value}
         proba = self.model.predict_proba_one(x)
+        self._scored = (event, proba)
         if self.spec.task == "binary":
             return {"probability": float(proba.get(True, 0.0))}
         label = max(proba, key=proba.__getitem__) if proba else None
@@ -129,5 +148,28 @@ class ConfiguredLearner(Learner):
             y = bool(y)
         elif self.spec.task == "regression":
             y = float(y)
+        scored, self._scored = self._scored, None
+        if scored is not None and scored[0] is event:
+            self._evaluate(y, scored[1], record.get("ts") or 0)
         self.model.learn_one(self.features(record), y)
         self.n_learned += 1
+
+    def _evaluate(self, y: Any, prediction: Any, ts: int) -> None:
+        if self.spec.task == "binary":
+            self.evaluation.binary(y, float(prediction.get(True, 0.0)), ts)
+        elif self.spec.task == "multiclass":
+            self.evaluation.multiclass(y, prediction, ts)
+        else:
+            self.evaluation.regression(y, prediction, ts)
+
+    def _model_switched(self, switch: Switch) -> None:
+        self.model_version += 1
+
+
+#: Rolling window (outcomes) of the windowed quality metrics.
+_QUALITY_WINDOW = 10_000
+_EVALUATIONS = {
+    "binary": Evaluation.for_binary,
+    "multiclass": Evaluation.for_multiclass,
+    "regression": Evaluation.for_regression,
+}

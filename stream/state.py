@@ -1,0 +1,760 @@
+"""Checkpoints: the learners' whole state together with the input offsets it reflects.
+
+A checkpoint is one file, written atomically (temporary file, fsync, rename,
+fsync of the directory) and verified on every read::
+
+    b"STRMCKPT" | u32 header length | sha256(header) | header (JSON) | payload (pickle)
+
+The header is readable without unpickling anything. It carries the format
+version, the payload's length and sha256, the input offsets (``topic ->
+partition -> next offset to read``), the River, Python and project versions,
+and a summary of every learner (model version, events learned, quality), so
+``stream model list`` and checkpoint selection never unpickle. A torn or
+truncated file fails the length or checksum test and is never loaded; a
+checkpoint written by another River version is refused with a clear error,
+because River's pickles do not load across releases.
+
+The payload is the pickled learner objects (``Learner`` says a learner's
+whole state is its pickled self: River model, label joins, per-key state,
+evaluation, drift detectors) plus a small holdout of recent input records,
+used to validate an imported or rolled-back model before it serves.
+
+Offsets semantics: a checkpoint's learners have learned exactly the events
+*before* its offsets, once each. On start the application loads the best
+checkpoint whose offsets are <= the group's committed offsets, seeks there,
+and relearns up to the committed offsets without publishing (see
+``stream.app`` and docs/guarantees.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import pickle
+import platform
+import re
+import struct
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import river
+
+from stream import __version__, faults
+from stream.learners import Learner
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointStore",
+    "CorruptCheckpoint",
+    "IncompatibleCheckpoint",
+    "LocalStorage",
+    "Offsets",
+    "StateError",
+    "Storage",
+    "StoredRecord",
+    "holdout_error",
+    "swap_model",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MAGIC = b"STRMCKPT"
+_PREFIX = struct.Struct(">8sI32s")
+_MAX_HEADER = 64 * 1024 * 1024
+_NAME = re.compile(r"^ckpt-(\d{12})-([0-9a-f]{8})\.ckpt$")
+
+#: (topic, partition) -> next offset to read.
+Offsets = dict[tuple[str, int], int]
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """Torn, truncated or altered: the length or a checksum does not match."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """Written by another River version (or checkpoint format): its pickles cannot be trusted to load."""
+
+
+class StateError(RuntimeError):
+    """The application refuses to start or continue with the state it finds (the message says why and what to do)."""
+
+
+# --------------------------------------------------------------------------- records
+
+
+class StoredRecord:
+    """An input record kept in a checkpoint (the holdout); quacks like ``pipeline.Record``."""
+
+    __slots__ = ("_key", "_offset", "_partition", "_timestamp", "_topic", "_value")
+
+    def __init__(
+        self, topic: str, partition: int, offset: int, timestamp: int, key: bytes | None, value: bytes | None
+    ) -> None:
+        self._topic, self._partition, self._offset = topic, partition, offset
+        self._timestamp, self._key, self._value = timestamp, key, value
+
+    @classmethod
+    def of(cls, msg: Any) -> StoredRecord:
+        return cls(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1], msg.key(), msg.value())
+
+    def as_tuple(self) -> tuple[str, int, int, int, bytes | None, bytes | None]:
+        return (self._topic, self._partition, self._offset, self._timestamp, self._key, self._value)
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self._timestamp)
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return None
+
+
+# --------------------------------------------------------------------------- storage
+
+
+class Storage(Protocol):
+    """Where checkpoint files live. ``write`` must be atomic: a reader sees the
+    whole new object or nothing (an object store's PUT is; a file system needs
+    rename). Names are flat (no ``/``)."""
+
+    def write(self, name: str, data: bytes) -> None: ...
+    def read(self, name: str, start: int = 0, length: int | None = None) -> bytes: ...
+    def names(self) -> list[str]: ...
+    def delete(self, name: str) -> None: ...
+    def describe(self) -> str: ...
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class LocalStorage:
+    """A local or mounted directory (NFS, a Kubernetes volume shared by the instances)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def write(self, name: str, data: bytes) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / name
+        tmp = self.root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            half = len(data) // 2
+            _write_all(fd, memoryview(data)[:half])
+            if faults.ARMED:
+                faults.hit("mid_checkpoint_write")
+            _write_all(fd, memoryview(data)[half:])
+            # The data must be on disk before the rename makes it visible, or a
+            # power loss could leave a complete-looking name over missing blocks.
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        self._fsync_dir()
+
+    def _fsync_dir(self) -> None:
+        # The rename itself is only durable once the directory entry is flushed.
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        with open(self.root / name, "rb") as f:
+            f.seek(start)
+            return f.read() if length is None else f.read(length)
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / name).unlink()
+
+    def remove_temporaries(self, older_than_s: float = 0.0) -> int:
+        """Delete temporary files left by a crash mid-write; returns how many."""
+        n = 0
+        now = time.time()
+        with contextlib.suppress(FileNotFoundError):
+            for p in self.root.iterdir():
+                if p.name.startswith(".") and ".tmp-" in p.name:
+                    with contextlib.suppress(OSError):
+                        if now - p.stat().st_mtime >= older_than_s:
+                            p.unlink()
+                            n += 1
+        return n
+
+
+# --------------------------------------------------------------------------- format
+
+
+def current_versions() -> dict[str, str]:
+    import numpy
+
+    return {
+        "format": str(FORMAT_VERSION),
+        "river": river.__version__,
+        "python": platform.python_version(),
+        "stream": __version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def _offsets_to_json(offsets: Mapping[tuple[str, int], int]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for (topic, partition), offset in sorted(offsets.items()):
+        out.setdefault(topic, {})[str(partition)] = int(offset)
+    return out
+
+
+def _offsets_from_json(doc: Mapping[str, Mapping[str, int]]) -> Offsets:
+    return {(topic, int(p)): int(o) for topic, parts in doc.items() for p, o in parts.items()}
+
+
+def _json_safe(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def summarize(learner: Learner) -> dict[str, Any]:
+    """What ``stream model list`` shows of a learner, computed at checkpoint time (never per event)."""
+    model = getattr(learner, "model", None)
+    quality: list[list[Any]] = []
+    try:
+        quality = [[m, w, _json_safe(float(v))] for m, w, v in learner.quality()]
+    except Exception as exc:  # diagnostics only: a failing metric must not fail the checkpoint
+        log.warning("learner quality unavailable", extra={"learner": learner.name, "error": repr(exc)})
+    return {
+        "name": learner.name,
+        "kind": getattr(learner, "kind", type(learner).__name__),
+        "class": f"{type(learner).__module__}.{type(learner).__qualname__}",
+        "model_class": type(model).__name__ if model is not None else None,
+        "model_version": int(learner.model_version),
+        "n_learned": int(learner.n_learned),
+        "quality": quality,
+    }
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint's verified header."""
+
+    name: str
+    seq: int
+    created_at: float
+    reason: str
+    offsets: Offsets
+    versions: dict[str, str]
+    learners: list[dict[str, Any]]
+    payload_length: int
+    payload_sha256: str
+    instance_id: str = ""
+    group_id: str = ""
+    holdout_events: int = 0
+    origin: dict[str, Any] | None = None
+
+    @property
+    def total_offset(self) -> int:
+        return sum(self.offsets.values())
+
+    def learner(self, name: str) -> dict[str, Any] | None:
+        return next((s for s in self.learners if s["name"] == name), None)
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "seq": self.seq,
+            "created_at": self.created_at,
+            "reason": self.reason,
+            "instance_id": self.instance_id,
+            "group_id": self.group_id,
+            "offsets": _offsets_to_json(self.offsets),
+            "versions": self.versions,
+            "learners": self.learners,
+            "holdout_events": self.holdout_events,
+            "origin": self.origin,
+            "payload_length": self.payload_length,
+            "payload_sha256": self.payload_sha256,
+        }
+
+    @classmethod
+    def from_header(cls, name: str, doc: Mapping[str, Any]) -> CheckpointInfo:
+        return cls(
+            name=name,
+            seq=int(doc["seq"]),
+            created_at=float(doc["created_at"]),
+            reason=str(doc.get("reason", "")),
+            offsets=_offsets_from_json(doc["offsets"]),
+            versions={k: str(v) for k, v in doc["versions"].items()},
+            learners=list(doc.get("learners", [])),
+            payload_length=int(doc["payload_length"]),
+            payload_sha256=str(doc["payload_sha256"]),
+            instance_id=str(doc.get("instance_id", "")),
+            group_id=str(doc.get("group_id", "")),
+            holdout_events=int(doc.get("holdout_events", 0)),
+            origin=doc.get("origin"),
+        )
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the learners (in configuration order) and the holdout."""
+
+    info: CheckpointInfo
+    learners: list[Learner]
+    holdout: list[StoredRecord] = field(default_factory=list)
+
+    def learner(self, name: str) -> Learner | None:
+        return next((lr for lr in self.learners if lr.name == name), None)
+
+
+def encode(info: CheckpointInfo, payload: bytes) -> bytes:
+    header = json.dumps(info.header(), sort_keys=True, separators=(",", ":")).encode()
+    return _PREFIX.pack(MAGIC, len(header), hashlib.sha256(header).digest()) + header + payload
+
+
+def pack_payload(learners: Sequence[Learner], holdout: Sequence[StoredRecord]) -> bytes:
+    return pickle.dumps(
+        {"learners": list(learners), "holdout": [r.as_tuple() for r in holdout]}, protocol=pickle.HIGHEST_PROTOCOL
+    )
+
+
+def build(
+    name: str,
+    seq: int,
+    learners: Sequence[Learner],
+    offsets: Mapping[tuple[str, int], int],
+    *,
+    reason: str,
+    holdout: Sequence[StoredRecord] = (),
+    origin: dict[str, Any] | None = None,
+    instance_id: str = "",
+    group_id: str = "",
+) -> tuple[CheckpointInfo, bytes]:
+    """A checkpoint's header and complete file contents."""
+    payload = pack_payload(learners, holdout)
+    info = CheckpointInfo(
+        name=name,
+        seq=seq,
+        created_at=time.time(),
+        reason=reason,
+        offsets=dict(offsets),
+        versions=current_versions(),
+        learners=[summarize(lr) for lr in learners],
+        payload_length=len(payload),
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        instance_id=instance_id,
+        group_id=group_id,
+        holdout_events=len(holdout),
+        origin=origin,
+    )
+    return info, encode(info, payload)
+
+
+def decode_header(name: str, head: bytes) -> tuple[CheckpointInfo, int]:
+    """Parse and verify the header at the start of ``head``; returns it and the payload's start."""
+    if len(head) < _PREFIX.size:
+        raise CorruptCheckpoint(f"{name}: truncated ({len(head)} bytes, shorter than the fixed prefix)")
+    magic, header_len, digest = _PREFIX.unpack_from(head)
+    if magic != MAGIC:
+        raise CorruptCheckpoint(f"{name}: not a stream checkpoint (bad magic {magic!r})")
+    if header_len > _MAX_HEADER:
+        raise CorruptCheckpoint(f"{name}: implausible header length {header_len}")
+    raw = head[_PREFIX.size : _PREFIX.size + header_len]
+    if len(raw) != header_len:
+        raise CorruptCheckpoint(f"{name}: truncated inside the header")
+    if hashlib.sha256(raw).digest() != digest:
+        raise CorruptCheckpoint(f"{name}: header checksum mismatch")
+    try:
+        doc = json.loads(raw)
+        if int(doc["format_version"]) != FORMAT_VERSION:
+            raise IncompatibleCheckpoint(
+                f"{name}: checkpoint format {doc['format_version']}, this build reads format {FORMAT_VERSION}"
+            )
+        info = CheckpointInfo.from_header(name, doc)
+    except IncompatibleCheckpoint:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpoint(f"{name}: unreadable header: {exc}") from None
+    return info, _PREFIX.size + header_len
+
+
+def check_versions(info: CheckpointInfo) -> None:
+    """Refuse a checkpoint whose pickles were made by another River version."""
+    theirs, ours = info.versions.get("river"), river.__version__
+    if theirs != ours:
+        raise IncompatibleCheckpoint(
+            f"checkpoint {info.name} was written with river {theirs}, this process runs river {ours}: "
+            "River's pickles do not load reliably across releases, so it is refused. Run the River version "
+            "that wrote it (then `stream model export --format pickle` is still tied to it), or start the "
+            "learners over with a model trained by this version (`stream model import`)."
+        )
+    py = info.versions.get("python", "")
+    if py.rsplit(".", 1)[0] != platform.python_version().rsplit(".", 1)[0]:
+        log.warning(
+            "checkpoint written by another Python minor version",
+            extra={"checkpoint": info.name, "python": py, "running": platform.python_version()},
+        )
+
+
+def decode(name: str, data: bytes) -> Checkpoint:
+    """Verify and unpickle a whole checkpoint file."""
+    info, start = decode_header(name, data)
+    payload = data[start:]
+    if len(payload) != info.payload_length:
+        raise CorruptCheckpoint(
+            f"{name}: payload is {len(payload)} bytes, header says {info.payload_length} (torn or truncated write)"
+        )
+    if hashlib.sha256(payload).hexdigest() != info.payload_sha256:
+        raise CorruptCheckpoint(f"{name}: payload checksum mismatch")
+    check_versions(info)
+    try:
+        doc = pickle.loads(payload)
+        learners = list(doc["learners"])
+        holdout = [StoredRecord(*t) for t in doc.get("holdout", [])]
+    except Exception as exc:  # any unpickling failure means this build cannot use it
+        raise IncompatibleCheckpoint(f"{name}: verified but cannot be unpickled by this build: {exc!r}") from exc
+    return Checkpoint(info, learners, holdout)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass
+class Selection:
+    """The outcome of choosing a checkpoint to restore."""
+
+    checkpoint: Checkpoint | None
+    #: (name, reason) of every checkpoint passed over, newest first.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+class CheckpointStore:
+    """Checkpoints of one consumer group: write, list, load, select, prune."""
+
+    def __init__(self, storage: Storage, *, group_id: str = "", instance_id: str = "") -> None:
+        self.storage = storage
+        self.group_id = group_id
+        self.instance_id = instance_id
+        #: Random per process: checkpoint names never collide, even with a zombie of the same instance.
+        self._token = uuid.uuid4().hex[:8]
+        self._seq: int | None = None
+
+    @classmethod
+    def for_config(cls, config: Any, instance_id: str = "") -> CheckpointStore:
+        return cls(LocalStorage(checkpoint_dir(config)), group_id=config.kafka.group_id, instance_id=instance_id)
+
+    def describe(self) -> str:
+        return self.storage.describe()
+
+    # -- names
+
+    @staticmethod
+    def seq_of(name: str) -> int | None:
+        m = _NAME.match(name)
+        return int(m.group(1)) if m else None
+
+    def names(self) -> list[str]:
+        """Checkpoint names, newest (highest sequence number) first."""
+        found = [(s, n) for n in self.storage.names() if (s := self.seq_of(n)) is not None]
+        return [n for _, n in sorted(found, reverse=True)]
+
+    def _next_seq(self) -> int:
+        if self._seq is None:
+            names = self.names()
+            self._seq = (self.seq_of(names[0]) or 0) if names else 0
+        else:
+            # Another writer (a CLI import, a previous owner) may have gone ahead.
+            names = self.names()
+            if names:
+                self._seq = max(self._seq, self.seq_of(names[0]) or 0)
+        self._seq += 1
+        return self._seq
+
+    # -- write
+
+    def write(
+        self,
+        learners: Sequence[Learner],
+        offsets: Mapping[tuple[str, int], int],
+        *,
+        reason: str,
+        holdout: Sequence[StoredRecord] = (),
+        origin: dict[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        seq = self._next_seq()
+        info, data = build(
+            f"ckpt-{seq:012d}-{self._token}.ckpt", seq, learners, offsets, reason=reason, holdout=holdout,
+            origin=origin, instance_id=self.instance_id, group_id=self.group_id,
+        )
+        self.storage.write(info.name, data)
+        return info
+
+    # -- read
+
+    def info(self, name: str) -> CheckpointInfo:
+        """The verified header only (the payload is checked by :meth:`load`)."""
+        head = self.storage.read(name, 0, _PREFIX.size)
+        if len(head) == _PREFIX.size:
+            _, header_len, _ = _PREFIX.unpack(head)
+            head = self.storage.read(name, 0, _PREFIX.size + min(header_len, _MAX_HEADER))
+        return decode_header(name, head)[0]
+
+    def load(self, name: str) -> Checkpoint:
+        return decode(name, self.storage.read(name))
+
+    def verify(self, name: str) -> CheckpointInfo:
+        """Check length and checksums (not the River version) without unpickling."""
+        data = self.storage.read(name)
+        info, start = decode_header(name, data)
+        payload = memoryview(data)[start:]
+        if len(payload) != info.payload_length:
+            raise CorruptCheckpoint(f"{name}: payload is {len(payload)} bytes, header says {info.payload_length}")
+        if hashlib.sha256(payload).hexdigest() != info.payload_sha256:
+            raise CorruptCheckpoint(f"{name}: payload checksum mismatch")
+        return info
+
+    def scan(self, verify: bool = True) -> Iterator[tuple[str, CheckpointInfo | None, str | None]]:
+        """Every checkpoint, newest first: (name, info or None, error or None)."""
+        for name in self.names():
+            try:
+                yield name, (self.verify(name) if verify else self.info(name)), None
+            except (CheckpointError, OSError) as exc:
+                yield name, None, str(exc)
+
+    def by_seq(self, seq: int) -> str:
+        for name in self.names():
+            if self.seq_of(name) == seq:
+                return name
+        raise CheckpointError(f"no checkpoint with version {seq} in {self.describe()}")
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies (corrupt ones are skipped with a warning)."""
+        for name in self.names():
+            try:
+                return self.load(name)
+            except CorruptCheckpoint as exc:
+                log.warning("skipping corrupt checkpoint", extra={"checkpoint": name, "reason": str(exc)})
+        return None
+
+    def select(self, committed: Mapping[tuple[str, int], int | None], low: Mapping[tuple[str, int], int]) -> Selection:
+        """The checkpoint to restore: the one closest to the committed offsets
+        among those whose offsets are all <= them (a checkpoint ahead of the
+        committed offsets reflects events whose outputs were never committed).
+
+        ``committed`` maps every current partition to its committed offset (None
+        when the group has none: nothing was processed, it counts as ``low``);
+        ``low`` to its low watermark (where a checkpoint without the partition starts).
+        Corrupt checkpoints are passed over; one written by another River version
+        raises :class:`IncompatibleCheckpoint` (refusing beats silently using an
+        older one)."""
+        skipped: list[tuple[str, str]] = []
+        candidates: list[CheckpointInfo] = []
+        for name in self.names():
+            try:
+                info = self.info(name)
+            except (CorruptCheckpoint, OSError) as exc:
+                skipped.append((name, str(exc)))
+                continue
+            ahead = [
+                f"{t}[{p}] {info.offsets.get((t, p), lo)} > {_limit(committed.get((t, p)), lo)}"
+                for (t, p), lo in low.items()
+                if info.offsets.get((t, p), lo) > _limit(committed.get((t, p)), lo)
+            ]
+            if ahead:
+                skipped.append((name, "ahead of the committed offsets: " + ", ".join(ahead[:3])))
+                continue
+            candidates.append(info)
+        # Closest to the committed offsets first; among equals the newest (an import or rollback).
+        candidates.sort(key=lambda i: (sum(i.offsets.get(tp, lo) for tp, lo in low.items()), i.seq), reverse=True)
+        for info in candidates:
+            try:
+                return Selection(self.load(info.name), skipped)
+            except CorruptCheckpoint as exc:
+                skipped.append((info.name, str(exc)))
+        return Selection(None, skipped)
+
+    # -- prune
+
+    def prune(self, keep: int, protect: Iterable[str] = ()) -> list[str]:
+        """Delete all but the ``keep`` newest checkpoints; never one in ``protect``
+        (the checkpoint matching the offsets just committed)."""
+        names = self.names()
+        survivors = set(names[:keep]) | set(protect)
+        deleted = [n for n in names if n not in survivors]
+        for name in deleted:
+            self.storage.delete(name)
+        return deleted
+
+    def delete(self, name: str) -> None:
+        self.storage.delete(name)
+
+
+def _limit(committed: int | None, low: int) -> int:
+    return committed if committed is not None and committed >= 0 else low
+
+
+def checkpoint_dir(config: Any) -> Path:
+    """``[checkpoints] dir`` / the group id: each group's checkpoints match its own committed offsets."""
+    group = re.sub(r"[^A-Za-z0-9._-]+", "_", config.kafka.group_id) or "_"
+    return Path(config.checkpoints.dir) / group
+
+
+# --------------------------------------------------------------------------- model swap and validation
+
+
+def swap_model(learner: Learner, model: Any) -> None:
+    """Make ``learner`` serve ``model`` (warm start, rollback) and bump its model version."""
+    before = learner.model_version
+    try:
+        learner.replace_model(model)
+    except NotImplementedError:
+        if not hasattr(learner, "model"):
+            raise StateError(f"learner `{learner.name}` ({type(learner).__name__}) cannot replace its model") from None
+        learner.model = model  # type: ignore[attr-defined]
+    if learner.model_version == before:
+        learner.model_version = before + 1
+
+
+class _ErrorMean:
+    """Stands in for a drift detector: an ``Evaluation`` reports every prediction's error to it."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total = 0.0
+
+    def update(self, error: float, ts: Any = None) -> bool:
+        if math.isfinite(error):
+            self.n += 1
+            self.total += error
+        return False
+
+
+class _NullSink:
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any = None) -> None:
+        pass
+
+
+_EPS = 1e-15
+
+
+def _spec_error(spec: Any, prediction: Any, record: Mapping[str, Any]) -> float | None:
+    """The error of a config-defined learner's prediction, from its spec's label and task."""
+    y = record.get(spec.label)
+    if y is None or prediction is None:
+        return None
+    if spec.task == "regression":
+        return abs(float(y) - float(prediction["value"]))
+    if spec.task == "binary":
+        p = min(max(float(prediction["probability"]), _EPS), 1 - _EPS)
+        return -math.log(p if bool(y) else 1 - p)
+    return 0.0 if prediction.get("label") == y else 1.0
+
+
+def holdout_error(learner: Learner, records: Iterable[StoredRecord], config: Any) -> tuple[float, int] | None:
+    """Mean prequential error (predict, score, learn) of a copy of ``learner``
+    over ``records``; None when the learner offers no way to score itself.
+
+    Learners that keep an ``Evaluation`` are scored by the error stream it
+    feeds to its drift detector (the same numbers the drift monitor sees), so
+    this works for every kind; a config-defined learner without one is scored
+    from its spec's label and task. The incumbent has already learned these
+    records once, so the comparison favours it: the guard is conservative."""
+    from stream.pipeline import Pipeline
+
+    lr = copy.deepcopy(learner)
+    acc = _ErrorMean()
+    evaluation = getattr(lr, "evaluation", None)
+    if evaluation is not None and hasattr(evaluation, "drift"):
+        evaluation.drift = acc
+        pipe = Pipeline(
+            [lr], _NullSink(), contract_topics=config.input_topics(), dead_letter_topic="-",
+            max_value_bytes=config.processing.max_value_bytes,
+        )
+        for r in records:
+            if r.topic() in pipe.routes:
+                pipe.process(r)
+        return (acc.total / acc.n, acc.n) if acc.n else (math.nan, 0)
+    spec = getattr(lr, "spec", None)
+    if spec is None or not hasattr(spec, "label") or not hasattr(spec, "task"):
+        return None
+    pipe = Pipeline(
+        [lr], _NullSink(), contract_topics=config.input_topics(), dead_letter_topic="-",
+        max_value_bytes=config.processing.max_value_bytes,
+    )
+    from stream.learners.configured import _as_dict
+
+    for r in records:
+        route = pipe.routes.get(r.topic())
+        if route is None:
+            continue
+        try:
+            event = route.decode(r.value())  # type: ignore[arg-type]
+            prediction = lr.predict(event)
+            err = _spec_error(spec, prediction, _as_dict(event))
+            lr.learn(event)
+        except Exception:  # bad records are dead-lettered live; here they just do not count
+            continue
+        if err is not None:
+            acc.update(err)
+    return (acc.total / acc.n, acc.n) if acc.n else (math.nan, 0)
+
+
+def describe_offsets(offsets: Mapping[tuple[str, int], int], limit: int = 6) -> str:
+    parts = [f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items())]
+    more = f" (+{len(parts) - limit} more)" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
+
+
+def read_any(path: str | Path) -> Checkpoint | Any:
+    """A checkpoint file (verified) or a plain pickle (a River model), by content."""
+    data = Path(path).read_bytes()
+    if data[:len(MAGIC)] == MAGIC:
+        return decode(Path(path).name, data)
+    try:
+        return pickle.load(io.BytesIO(data))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: neither a stream checkpoint nor a readable pickle: {exc!r}") from None

@@ -1,0 +1,315 @@
+"""Concept drift detection, the switch-to-a-candidate reaction, and data-drift scores.
+
+The reaction is tested on a stream with an abrupt concept change: the same
+model with ``reaction = "switch"`` must switch once, after the change, and
+recover its accuracy much faster than with ``reaction = "report"``.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import pytest
+from river import linear_model, naive_bayes, preprocessing
+
+from stream.config import ConfigError, parse_config
+from stream.drift import AdaptiveModel, ConceptDrift, DriftSpec, ks, psi
+from stream.evaluation import Evaluation
+from stream.learners import build_learner
+
+CHANGE = 2000
+N = 5000
+
+
+def concept_stream(n: int = N, change: int = CHANGE, seed: int = 7) -> Iterator[tuple[int, dict[str, float], bool]]:
+    """Two features uniform in [-1, 1]; the label is ``a + b > 0`` and, from
+    ``change`` on, ``a - b > 0`` (an abrupt concept change); 5 % label noise."""
+    rng = random.Random(seed)
+    for i in range(n):
+        x = {"a": rng.uniform(-1, 1), "b": rng.uniform(-1, 1)}
+        s = x["a"] + x["b"] if i < change else x["a"] - x["b"]
+        y = (s > 0) != (rng.random() < 0.05)
+        yield i, x, y
+
+
+def run_binary(model_factory: Any, reaction: str, **spec: Any) -> tuple[Any, Any, list[bool]]:
+    """Test-then-train the model on the concept stream, the way a learner does:
+    predict, report the error to the Evaluation (which feeds the monitor), learn."""
+    model, monitor = DriftSpec(reaction=reaction, **spec).build(model_factory(), task="binary", name="t")  # type: ignore[arg-type]
+    evaluation = Evaluation.for_binary(window=500, drift=monitor)
+    hits = []
+    for i, x, y in concept_stream():
+        proba = model.predict_proba_one(x)
+        p = proba.get(True, 0.5) if proba else 0.5
+        evaluation.binary(y, p, ts=i)
+        hits.append((p >= 0.5) == y)
+        model.learn_one(x, y)
+    return model, monitor, hits
+
+
+def accuracy(hits: list[bool], start: int, end: int) -> float:
+    return sum(hits[start:end]) / (end - start)
+
+
+# -- ConceptDrift -----------------------------------------------------------------
+
+
+def test_concept_drift_detects_an_abrupt_rise_of_the_error_as_worse() -> None:
+    monitor = ConceptDrift("adwin")
+    detected_at = [i for i in range(4000) if monitor.update(0.1 if i < 2000 else 0.6, ts=1000 * i)]
+    assert detected_at and all(i >= 2000 for i in detected_at)
+    assert detected_at[0] < 2100, "ADWIN should see a 0.1 -> 0.6 jump within 100 outcomes"
+    assert monitor.detections == len(detected_at) == monitor.worse + monitor.better
+    assert monitor.worse >= 1 and monitor.last_direction == "worse"
+    assert monitor.last_detection_ts == 1000 * detected_at[-1]
+
+
+def test_concept_drift_on_a_stationary_stream_stays_quiet() -> None:
+    rng = random.Random(1)
+    monitor = ConceptDrift("adwin")
+    for i in range(5000):
+        monitor.update(float(rng.random() < 0.2), ts=i)
+    assert monitor.worse == 0
+
+
+@pytest.mark.parametrize("kind", ["page_hinkley", "kswin"])
+def test_other_detectors(kind: str) -> None:
+    params: dict[str, Any] = {"seed": 1} if kind == "kswin" else {}
+    monitor = ConceptDrift(kind, **params)  # type: ignore[arg-type]
+    for i in range(3000):
+        monitor.update(0.1 if i < 1500 else 0.9, ts=i)
+    assert monitor.worse >= 1 and monitor.last_detection_ts is not None and monitor.last_detection_ts >= 1500
+
+
+def test_unknown_detector() -> None:
+    with pytest.raises(ValueError, match="unknown drift detector"):
+        ConceptDrift("ddm")  # type: ignore[arg-type]
+
+
+# -- DriftSpec and config ------------------------------------------------------------
+
+
+def custom(drift: dict[str, Any] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "kind": "custom",
+        "input": "events",
+        "output_topic": "out",
+        "label": "y",
+        "task": "binary",
+        "features": ["a", "b"],
+        "model": {"class": "naive_bayes.GaussianNB"},
+    }
+    if drift is not None:
+        spec["drift"] = drift
+    return spec
+
+
+def test_drift_config_is_part_of_a_learner_spec() -> None:
+    config = parse_config(
+        {
+            "learners": {
+                "clf": custom(
+                    {"detector": "adwin", "reaction": "switch", "params": {"delta": 0.01}, "min_samples": 100}
+                )
+            }
+        }
+    )
+    spec = config.learners["clf"].drift
+    assert spec is not None and spec.reaction == "switch" and spec.params == {"delta": 0.01} and spec.min_samples == 100
+    learner: Any = build_learner("clf", config.learners["clf"], config.input_topics())
+    assert isinstance(learner.model, AdaptiveModel)
+    assert learner.evaluation.drift is learner.model
+
+
+@pytest.mark.parametrize(
+    ("drift", "message"),
+    [
+        ({"detector": "nope"}, "Invalid enum value .nope."),
+        ({"reaction": "retrain"}, "Invalid enum value .retrain."),
+        ({"params": {"alpha": 1}}, "drift.params"),
+        ({"min_samples": 500, "max_trial": 100}, "min_samples"),
+        ({"window": 0}, "Expected `int` >= 1"),
+        ({"reactions": "switch"}, "unknown field"),
+    ],
+)
+def test_bad_drift_config_is_reported_with_its_path(drift: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config({"learners": {"clf": custom(drift)}})
+    assert "learners.clf" in str(info.value)
+
+
+def test_report_only_leaves_the_model_unwrapped() -> None:
+    model = linear_model.LogisticRegression()
+    served, monitor = DriftSpec().build(model, task="binary")
+    assert served is model and isinstance(monitor, ConceptDrift)
+
+
+# -- AdaptiveModel: the reaction ---------------------------------------------------------
+
+
+def test_switch_recovers_faster_than_report_after_an_abrupt_change() -> None:
+    _plain, plain_monitor, plain_hits = run_binary(naive_bayes.GaussianNB, "report")
+    adaptive, monitor, hits = run_binary(naive_bayes.GaussianNB, "switch")
+
+    # Both learned the first concept equally well: the wrapper changes nothing before a drift.
+    assert accuracy(hits, 1000, CHANGE) == accuracy(plain_hits, 1000, CHANGE) > 0.85
+    # The change was detected, in the right direction, soon after it happened.
+    assert plain_monitor.worse >= 1 and monitor.worse >= 1
+    # Exactly one switch, started by a drift after the change, with a better rolling error.
+    assert adaptive.switches == 1 and adaptive.rollbacks == 0
+    switch = adaptive.history[0]
+    assert switch.reason == "drift" and switch.drift_ts is not None and CHANGE <= switch.drift_ts < CHANGE + 300
+    assert switch.after < switch.before
+    assert adaptive.fallback is not None and adaptive.current is not adaptive.fallback
+    # Recovery: GaussianNB never forgets, so without the switch it stays confused for long.
+    after = (CHANGE + 500, CHANGE + 1500)
+    assert accuracy(hits, *after) > 0.85
+    assert accuracy(hits, *after) - accuracy(plain_hits, *after) > 0.15
+
+
+def test_switch_is_harmless_on_a_model_that_adapts_by_itself() -> None:
+    def factory() -> Any:
+        return preprocessing.StandardScaler() | linear_model.LogisticRegression()
+
+    _, _, plain_hits = run_binary(factory, "report")
+    adaptive, _, hits = run_binary(factory, "switch")
+    assert adaptive.switches <= 1
+    assert accuracy(hits, CHANGE + 500, N) >= accuracy(plain_hits, CHANGE + 500, N) - 0.02
+
+
+def test_no_switch_and_no_candidate_without_a_drift() -> None:
+    rng = random.Random(3)
+    model = AdaptiveModel(naive_bayes.GaussianNB(), DriftSpec(reaction="switch"), task="binary")
+    evaluation = Evaluation.for_binary(window=500, drift=model)
+    for i in range(4000):
+        x = {"a": rng.uniform(-1, 1)}
+        y = (x["a"] > 0) != (rng.random() < 0.05)
+        proba = model.predict_proba_one(x)
+        evaluation.binary(y, proba.get(True, 0.5) if proba else 0.5, ts=i)
+        model.learn_one(x, y)
+    assert model.worse == 0 and model.trials == 0 and model.switches == 0
+
+
+def test_a_candidate_that_does_not_win_is_dropped() -> None:
+    model = AdaptiveModel(
+        linear_model.LinearRegression(),
+        DriftSpec(reaction="switch", min_samples=10, max_trial=50),
+        task="regression",
+        error=lambda m, x, y: 1.0,
+    )  # the candidate never looks better
+    model._start_trial(ts=5)
+    assert model.in_trial
+    for i in range(60):
+        model.update(0.5, ts=i)
+        model.learn_one({"x": 1.0}, 2.0)
+    assert not model.in_trial and model.abandoned == 1 and model.switches == 0
+
+
+def test_rollback_serves_the_fallback_again_and_is_counted() -> None:
+    switched: list[Any] = []
+    model = AdaptiveModel(
+        linear_model.LinearRegression(),
+        DriftSpec(reaction="switch", min_samples=5),
+        task="regression",
+        on_switch=switched.append,
+    )
+    assert model.rollback() is False
+    original = model.current
+    model._start_trial(ts=1)
+    model._switch("drift", before=2.0, after=1.0, trial=5)
+    assert model.current is not original and model.fallback is original
+    assert model.rollback() is True
+    assert model.current is original and model.switches == 2 and model.rollbacks == 1
+    assert [s.reason for s in switched] == ["drift", "rollback"]
+
+
+def test_switch_is_logged_with_the_metric_before_and_after(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="stream.drift")
+    adaptive, _, _ = run_binary(naive_bayes.GaussianNB, "switch")
+    records = [r for r in caplog.records if r.getMessage() == "model switched"]
+    assert len(records) == adaptive.switches == 1
+    record: Any = records[0]
+    assert record.learner == "t" and record.reason == "drift" and record.after < record.before
+
+
+def test_adaptive_model_pickles_mid_trial_like_a_checkpoint() -> None:
+    model = AdaptiveModel(naive_bayes.GaussianNB(), DriftSpec(reaction="switch"), task="binary", name="t")
+    for i, x, y in concept_stream(n=300):
+        model.learn_one(x, y)
+        model.update(0.1, ts=i)
+    model._start_trial(ts=300)
+    restored = pickle.loads(pickle.dumps(model))
+    assert restored.in_trial and restored.trials == 1
+    x = {"a": 0.3, "b": -0.1}
+    assert restored.predict_proba_one(x) == model.predict_proba_one(x)
+    # Attributes of the served model are reachable through the wrapper.
+    assert restored.gaussians.keys() == model.current.gaussians.keys()
+
+
+def test_configured_learner_switch_bumps_the_model_version() -> None:
+    config = parse_config({"learners": {"clf": custom({"reaction": "switch"})}})
+    learner: Any = build_learner("clf", config.learners["clf"], config.input_topics())
+    for i, x, y in concept_stream():
+        event = {"event_id": str(i), "ts": i, **x, "y": y}
+        learner.predict(event)
+        learner.learn(event)
+    assert learner.model.switches == 1
+    assert learner.model_version == 2
+    assert learner.evaluation.n_evaluated == N
+
+
+# -- data drift -------------------------------------------------------------------------
+
+
+def psi_reference(reference: list[float], recent: list[float], bins: int = 10) -> float:
+    """A tiny independent PSI: quantile edges by sorting, linear counting."""
+    ordered = sorted(reference)
+    edges: list[float] = []
+    for k in range(1, bins):
+        # numpy's default "linear" quantile
+        pos = k / bins * (len(ordered) - 1)
+        lo = math.floor(pos)
+        value = ordered[lo] + (ordered[min(lo + 1, len(ordered) - 1)] - ordered[lo]) * (pos - lo)
+        if not edges or value != edges[-1]:
+            edges.append(value)
+
+    def proportions(values: list[float]) -> list[float]:
+        counts = [0] * (len(edges) + 1)
+        for v in values:
+            counts[sum(1 for e in edges if v >= e)] += 1
+        return [(c + 0.5) / (len(values) + 0.5 * len(counts)) for c in counts]
+
+    p, q = proportions(reference), proportions(recent)
+    return sum((qi - pi) * math.log(qi / pi) for pi, qi in zip(p, q, strict=True))
+
+
+def ks_reference(a: list[float], b: list[float]) -> float:
+    def cdf(values: list[float], t: float) -> float:
+        return sum(1 for v in values if v <= t) / len(values)
+
+    return max(abs(cdf(a, t) - cdf(b, t)) for t in a + b)
+
+
+def test_psi_and_ks_match_independent_implementations() -> None:
+    rng = random.Random(5)
+    reference = [rng.gauss(0, 1) for _ in range(500)]
+    for shift in (0.0, 0.3, 1.5):
+        recent = [rng.gauss(shift, 1) for _ in range(400)]
+        assert psi(reference, recent) == pytest.approx(psi_reference(reference, recent), rel=1e-9)
+        assert ks(reference, recent) == pytest.approx(ks_reference(reference, recent), rel=1e-9)
+    # Discrete features with many ties (quantities): merged edges, finite score.
+    quantities = [float(rng.choice([1, 1, 1, 2, 3])) for _ in range(500)]
+    bigger = [float(rng.choice([2, 3, 4, 5])) for _ in range(500)]
+    assert psi(quantities, bigger) == pytest.approx(psi_reference(quantities, bigger), rel=1e-9)
+    assert psi(quantities, bigger) > 0.25 and ks(quantities, bigger) > 0.5
+    assert math.isnan(psi([], [1.0])) and math.isnan(ks([1.0], []))
+
+
+def test_drift_spec_round_trips_through_msgspec() -> None:
+    spec = DriftSpec(detector="page_hinkley", params={"threshold": 20.0}, reaction="switch", margin=0.1)
+    assert msgspec.convert(msgspec.to_builtins(spec), DriftSpec) == spec

@@ -1,0 +1,411 @@
+"""Checkpoints without Kafka: determinism (T1), the file format, selection, pruning, the model CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import river
+
+from stream import faults
+from stream.app import build_learners
+from stream.config import Config, parse_config
+from stream.state import (
+    MAGIC,
+    CheckpointStore,
+    CorruptCheckpoint,
+    IncompatibleCheckpoint,
+    LocalStorage,
+    StoredRecord,
+    decode,
+    encode,
+    holdout_error,
+    swap_model,
+)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(tmp_path: Path, **checkpoints: Any) -> Config:
+    return parse_config({
+        "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "g/1"},
+        "checkpoints": {"dir": str(tmp_path / "ckpt"), **checkpoints},
+        "learners": {
+            "reg": {
+                "kind": "custom", "input": "a", "output_topic": "out-a", "label": "y", "task": "regression",
+                "features": ["x1", "x2"],
+                "model": [{"class": "preprocessing.StandardScaler"},
+                          {"class": "linear_model.LinearRegression", "params": {"l2": 0.001}}],
+            },
+            "clf": {
+                "kind": "custom", "input": "b", "output_topic": "out-b", "label": "y", "task": "binary",
+                "features": ["x1", "x2"],
+                "model": [{"class": "preprocessing.StandardScaler"}, {"class": "linear_model.LogisticRegression"}],
+            },
+        },
+    })
+
+
+def events(n: int, seed: int = 1) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        x1, x2 = rng.random(), rng.random()
+        out.append({"event_id": f"e{i}", "x1": x1, "x2": x2, "y": 3 * x1 - 2 * x2 + rng.gauss(0, 0.1)})
+    return out
+
+
+def records(evs: list[dict[str, Any]], topic: str = "a") -> list[StoredRecord]:
+    return [StoredRecord(topic, 0, i, 0, None, json.dumps(e).encode()) for i, e in enumerate(evs)]
+
+
+def trained(cfg: Config, n: int = 300) -> list[Any]:
+    reg, clf = build_learners(cfg)
+    for e in events(n):
+        for learner, ev in ((reg, e), (clf, {**e, "y": e["y"] > 0.5})):
+            learner.predict(ev)
+            learner.learn(ev)
+    return [reg, clf]
+
+
+# --------------------------------------------------------------------------- T1: determinism
+
+
+def test_t1_pickled_learner_continues_identically(tmp_path: Path) -> None:
+    """Persistence does not change behaviour: a learner pickled at event k and the
+    original, fed the same events k+1..N, predict exactly the same numbers."""
+    cfg = config(tmp_path)
+    evs = events(2000, seed=3)
+    reg, clf = build_learners(cfg)
+    k = 700
+    for e in evs[:k]:
+        reg.predict(e)
+        reg.learn(e)
+        clf.predict({**e, "y": e["y"] > 0.5})
+        clf.learn({**e, "y": e["y"] > 0.5})
+    reg2, clf2 = pickle.loads(pickle.dumps([reg, clf]))
+    for e in evs[k:]:
+        b = {**e, "y": e["y"] > 0.5}
+        assert reg.predict(e) == reg2.predict(e)
+        assert clf.predict(b) == clf2.predict(b)
+        reg.learn(e)
+        reg2.learn(e)
+        clf.learn(b)
+        clf2.learn(b)
+    assert reg.n_learned == reg2.n_learned == len(evs)
+    assert list(reg.quality()) == list(reg2.quality())
+
+
+def test_t1_checkpoint_roundtrip_through_the_store(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    learners = trained(cfg)
+    store = CheckpointStore.for_config(cfg)
+    info = store.write(learners, {("a", 0): 300, ("b", 0): 300}, reason="test", holdout=records(events(5)))
+    assert store.names() == [info.name]
+    assert Path(store.describe()) == tmp_path / "ckpt" / "g_1"  # the group id, made path-safe
+    ck = store.load(info.name)
+    assert ck.info.offsets == {("a", 0): 300, ("b", 0): 300}
+    assert ck.info.versions["river"] == river.__version__ and ck.info.versions["format"] == "1"
+    assert [s["n_learned"] for s in ck.info.learners] == [300, 300]
+    assert [r.value() for r in ck.holdout] == [r.value() for r in records(events(5))]
+    probe = {"x1": 0.3, "x2": 0.6, "y": 0.0}
+    assert [lr.predict(probe) for lr in ck.learners] == [lr.predict(probe) for lr in learners]
+
+
+# --------------------------------------------------------------------------- golden fixture and versions
+
+
+def test_golden_checkpoint_from_the_pinned_river_loads() -> None:
+    """Made by tests/fixtures/make_golden_checkpoint.py with the pinned River: a
+    River upgrade that breaks its pickles fails here before it breaks a deployment."""
+    path = FIXTURES / f"golden-river-{river.__version__}.ckpt"
+    assert path.exists(), f"no golden checkpoint for river {river.__version__}: River changed? regenerate on purpose"
+    expected = json.loads(path.with_suffix(".json").read_text())
+    ck = decode(path.name, path.read_bytes())
+    assert ck.info.versions["river"] == expected["river"] == river.__version__
+    reg, clf = ck.learners
+    assert (reg.n_learned, clf.n_learned) == (200, 200)
+    probes = [{"x1": x1 / 4, "x2": x2 / 4} for x1 in range(5) for x2 in range(5)]
+    assert [reg.model.predict_one(x) for x in probes] == expected["reg"]
+    assert [clf.model.predict_proba_one(x).get(True, 0.0) for x in probes] == expected["clf"]
+
+
+def _restamp(data: bytes, **changes: Any) -> bytes:
+    """The same checkpoint with header fields changed and the header checksum recomputed."""
+    import hashlib
+    import struct
+
+    prefix = struct.Struct(">8sI32s")
+    _, n, _ = prefix.unpack_from(data)
+    header = json.loads(data[prefix.size : prefix.size + n])
+    for key, value in changes.items():
+        if key == "river":
+            header["versions"]["river"] = value
+        else:
+            header[key] = value
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return prefix.pack(MAGIC, len(raw), hashlib.sha256(raw).digest()) + raw + data[prefix.size + n :]
+
+
+def test_checkpoint_from_another_river_version_is_refused(tmp_path: Path) -> None:
+    golden = (FIXTURES / f"golden-river-{river.__version__}.ckpt").read_bytes()
+    other = _restamp(golden, river="0.21.0")
+    with pytest.raises(IncompatibleCheckpoint, match=r"written with river 0\.21\.0.*runs river " + river.__version__):
+        decode("old.ckpt", other)
+    # Selection refuses too (it does not silently fall back to an older checkpoint).
+    store = CheckpointStore(LocalStorage(tmp_path))
+    store.storage.write("ckpt-000000000001-00000000.ckpt", golden)
+    store.storage.write("ckpt-000000000002-00000000.ckpt", other)
+    committed = {("golden-a", 0): 200, ("golden-b", 0): 200}
+    with pytest.raises(IncompatibleCheckpoint, match="0.21.0"):
+        store.select(committed, {k: 0 for k in committed})
+    # A newer checkpoint format is refused as well.
+    with pytest.raises(IncompatibleCheckpoint, match="format 2"):
+        decode("future.ckpt", _restamp(golden, format_version=2))
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def test_torn_truncated_or_altered_checkpoints_are_detected(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    store = CheckpointStore.for_config(cfg)
+    good = store.write(trained(cfg, 50), {("a", 0): 50}, reason="t")
+    data = store.storage.read(good.name)
+    for cut in (0, 10, 50, len(data) // 2, len(data) - 1):
+        with pytest.raises(CorruptCheckpoint):
+            decode("x", data[:cut])
+    flipped = bytearray(data)
+    flipped[-20] ^= 0x01
+    with pytest.raises(CorruptCheckpoint, match="payload checksum"):
+        decode("x", bytes(flipped))
+    header_flip = bytearray(data)
+    header_flip[60] ^= 0x01
+    with pytest.raises(CorruptCheckpoint, match="header checksum"):
+        decode("x", bytes(header_flip))
+    with pytest.raises(CorruptCheckpoint, match="magic"):
+        decode("x", b"\x80\x05" + data[2:])
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    store = CheckpointStore.for_config(cfg)
+    learners = trained(cfg, 100)
+    older = store.write(learners, {("a", 0): 100, ("b", 0): 100}, reason="t")
+    newer = store.write(learners, {("a", 0): 100, ("b", 0): 100}, reason="t")
+    path = Path(store.describe()) / newer.name
+    path.write_bytes(path.read_bytes()[:-100])
+    sel = store.select({("a", 0): 100, ("b", 0): 100}, {("a", 0): 0, ("b", 0): 0})
+    assert sel.checkpoint is not None and sel.checkpoint.info.name == older.name
+    assert sel.skipped and sel.skipped[0][0] == newer.name and "payload" in sel.skipped[0][1]
+
+
+def test_crash_mid_write_leaves_no_checkpoint_only_a_temporary(tmp_path: Path) -> None:
+    """A real kill -9 inside the write (STREAM_FAULT_AT=mid_checkpoint_write): the
+    final name never appears, the half-written temporary is ignored and cleaned."""
+    code = (
+        "from stream.state import LocalStorage\n"
+        f"LocalStorage({str(tmp_path)!r}).write('ckpt-000000000001-00000000.ckpt', b'x' * 100000)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"STREAM_FAULT_AT": "mid_checkpoint_write",
+                          "PATH": "/usr/bin:/bin"}, capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    assert b"fault injected" in proc.stderr
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert len(leftovers) == 1 and ".tmp-" in leftovers[0]
+    storage = LocalStorage(tmp_path)
+    assert storage.names() == [] and CheckpointStore(storage).names() == []
+    assert storage.remove_temporaries() == 1 and not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- selection and pruning
+
+
+def test_selection_takes_the_closest_checkpoint_not_ahead_of_the_committed_offsets(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    store = CheckpointStore.for_config(cfg)
+    learners = trained(cfg, 10)
+    c1 = store.write(learners, {("a", 0): 10, ("a", 1): 5}, reason="t")
+    c2 = store.write(learners, {("a", 0): 20, ("a", 1): 5}, reason="t")
+    c3 = store.write(learners, {("a", 0): 30, ("a", 1): 9}, reason="t")  # written, then the commit was lost
+    low = {("a", 0): 0, ("a", 1): 0}
+    sel = store.select({("a", 0): 25, ("a", 1): 9}, low)
+    assert sel.checkpoint is not None and sel.checkpoint.info.name == c2.name
+    assert [n for n, _ in sel.skipped] == [c3.name]
+    assert store.select({("a", 0): 30, ("a", 1): 9}, low).checkpoint.info.name == c3.name  # type: ignore[union-attr]
+    # Nothing committed for a partition: only checkpoints at its start qualify.
+    assert store.select({("a", 0): 30, ("a", 1): None}, low).checkpoint is None
+    # A partition the checkpoint does not know starts at its low watermark.
+    sel = store.select({("a", 0): 30, ("a", 1): 9, ("a", 2): 4}, {**low, ("a", 2): 0})
+    assert sel.checkpoint is not None and sel.checkpoint.info.name == c3.name
+    # Same offsets: the newest wins (an import or rollback written after it).
+    c4 = store.write(learners, {("a", 0): 20, ("a", 1): 5}, reason="import")
+    assert store.select({("a", 0): 25, ("a", 1): 9}, low).checkpoint.info.name == c4.name  # type: ignore[union-attr]
+    assert c1.seq < c2.seq < c3.seq < c4.seq
+
+
+def test_prune_keeps_the_newest_and_the_protected(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    store = CheckpointStore.for_config(cfg)
+    learners = trained(cfg, 5)
+    infos = [store.write(learners, {("a", 0): i}, reason="t") for i in range(6)]
+    deleted = store.prune(3, protect=[infos[1].name])
+    assert sorted(deleted) == sorted(i.name for i in (infos[0], infos[2]))
+    assert store.names() == [i.name for i in (infos[5], infos[4], infos[3], infos[1])]
+    # Sequence numbers continue after pruning and across store instances (another writer).
+    again = CheckpointStore.for_config(cfg).write(learners, {("a", 0): 9}, reason="t")
+    assert again.seq == infos[-1].seq + 1
+
+
+# --------------------------------------------------------------------------- model swap and validation
+
+
+def test_swap_model_bumps_the_version_and_holdout_scores_learners(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    reg, _ = trained(cfg, 500)
+    holdout = records(events(300, seed=9))
+    good = holdout_error(reg, holdout, cfg)
+    assert good is not None and good[1] == 300 and good[0] < 0.5
+    candidate = copy.deepcopy(reg)
+    fresh = build_learners(cfg)[0].model
+    swap_model(candidate, fresh)
+    assert candidate.model is fresh and candidate.model_version == reg.model_version + 1
+    bad = holdout_error(candidate, holdout, cfg)
+    assert bad is not None and bad[0] > good[0] * 1.5
+    assert holdout_error(reg, records(events(3), topic="elsewhere"), cfg) == (pytest.approx(float("nan"), nan_ok=True), 0)
+
+
+def test_fault_spec_parsing() -> None:
+    assert faults.parse("mid_batch:300, after_commit") == {"mid_batch": 300, "after_commit": 1}
+    assert faults.parse(None) == {} and faults.parse("") == {}
+    with pytest.raises(ValueError, match="unknown point"):
+        faults.parse("nowhere")
+    assert not faults.ARMED  # the test process runs with the hook unset: zero cost
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str) -> int:
+    from stream.cli import main
+
+    return main(list(args))
+
+
+@pytest.fixture()
+def deployed(tmp_path: Path) -> tuple[Path, Config, CheckpointStore]:
+    """A config file and two checkpoints as a service would leave them (v1 untrained, v2 trained)."""
+    cfg_path = tmp_path / "stream.toml"
+    cfg = config(tmp_path)
+    cfg_path.write_text(f"""
+[kafka]
+bootstrap_servers = "127.0.0.1:1"
+group_id = "g/1"
+[checkpoints]
+dir = "{tmp_path / 'ckpt'}"
+max_degradation = 0.05
+[learners.reg]
+kind = "custom"
+input = "a"
+output_topic = "out-a"
+label = "y"
+task = "regression"
+features = ["x1", "x2"]
+model = [{{ class = "preprocessing.StandardScaler" }}, {{ class = "linear_model.LinearRegression", params = {{ l2 = 0.001 }} }}]
+[learners.clf]
+kind = "custom"
+input = "b"
+output_topic = "out-b"
+label = "y"
+task = "binary"
+features = ["x1", "x2"]
+model = [{{ class = "preprocessing.StandardScaler" }}, {{ class = "linear_model.LogisticRegression" }}]
+""")
+    store = CheckpointStore.for_config(cfg)
+    store.write(build_learners(cfg), {("a", 0): 0, ("b", 0): 0}, reason="initial")
+    hold = records(events(200, seed=11)) + records([{**e, "y": e["y"] > 0.5} for e in events(200, seed=12)], "b")
+    store.write(trained(cfg, 600), {("a", 0): 600, ("b", 0): 600}, reason="periodic", holdout=hold)
+    return cfg_path, cfg, store
+
+
+def test_cli_model_list_and_export(deployed: tuple[Path, Config, CheckpointStore], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    cfg_path, cfg, store = deployed
+    assert _cli("model", "list", "--config", str(cfg_path), "--offline") == 0
+    out = capsys.readouterr().out
+    assert "v2" in out and "v1" in out and "n_learned=600" in out and "rolling: mae=" in out
+    assert _cli("model", "list", "--config", str(cfg_path), "--offline", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [d["seq"] for d in doc] == [2, 1] and doc[0]["offsets"] == {"a": {"0": 600}, "b": {"0": 600}}
+
+    out_path = tmp_path / "export.ckpt"
+    assert _cli("model", "export", "--config", str(cfg_path), "--out", str(out_path), "--learner", "reg") == 0
+    exported = decode(out_path.name, out_path.read_bytes())
+    assert [lr.name for lr in exported.learners] == ["reg"] and exported.learners[0].n_learned == 600
+    pkl = tmp_path / "reg.pkl"
+    assert _cli("model", "export", "--config", str(cfg_path), "--out", str(pkl), "--learner", "reg",
+                "--format", "pickle", "--version", "1") == 0
+    assert type(pickle.loads(pkl.read_bytes())).__name__ == "Pipeline"
+
+
+def test_cli_import_validates_on_the_holdout(deployed: tuple[Path, Config, CheckpointStore], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    cfg_path, cfg, store = deployed
+    # A worse model (untrained) is refused ...
+    untrained = tmp_path / "untrained.pkl"
+    untrained.write_bytes(pickle.dumps(build_learners(cfg)[0].model))
+    assert _cli("model", "import", "--config", str(cfg_path), str(untrained), "--learner", "reg", "--offline") == 4
+    assert "REFUSED" in capsys.readouterr().out and len(store.names()) == 2
+    # ... unless forced; the import is a new checkpoint at the current offsets, model_version bumped.
+    assert _cli("model", "import", "--config", str(cfg_path), str(untrained), "--learner", "reg",
+                "--offline", "--force") == 0
+    ck = store.latest()
+    assert ck is not None and ck.info.seq == 3 and ck.info.offsets == {("a", 0): 600, ("b", 0): 600}
+    assert ck.info.origin is not None and ck.info.origin["action"] == "import"
+    reg = ck.learner("reg")
+    assert reg is not None and reg.model_version == 2 and reg.n_learned == 600
+    # A model as good as the current one passes (a checkpoint file trained elsewhere).
+    better = tmp_path / "better.ckpt"
+    better.write_bytes(store.storage.read(store.by_seq(2)))
+    assert _cli("model", "import", "--config", str(cfg_path), str(better), "--offline") == 0
+    assert "accepted" in capsys.readouterr().out
+    ck = store.latest()
+    assert ck is not None and ck.info.seq == 4 and ck.learner("reg").model_version == 3  # type: ignore[union-attr]
+
+
+def test_cli_rollback(deployed: tuple[Path, Config, CheckpointStore], capsys: pytest.CaptureFixture[str]) -> None:
+    cfg_path, cfg, store = deployed
+    # v1 is the untrained model: worse on the holdout, refused without --force.
+    assert _cli("model", "rollback", "--config", str(cfg_path), "--to", "1", "--offline") == 4
+    assert _cli("model", "rollback", "--config", str(cfg_path), "--to", "1", "--learner", "clf",
+                "--offline", "--force") == 0
+    ck = store.latest()
+    assert ck is not None and ck.info.origin == {"action": "rollback", "to_version": 1, "learners": ["clf"],
+                                                  "base_version": 2}
+    clf, reg = ck.learner("clf"), ck.learner("reg")
+    assert clf is not None and reg is not None
+    assert clf.model_version == 2 and reg.model_version == 1  # only the named learner
+    fresh = build_learners(cfg)[1]
+    probe = {"x1": 0.2, "x2": 0.9}
+    assert clf.model.predict_proba_one(probe) == fresh.model.predict_proba_one(probe)
+    assert _cli("model", "rollback", "--config", str(cfg_path), "--to", "99", "--offline") == 4
+    assert "no checkpoint with version 99" in capsys.readouterr().err
+
+
+def test_encode_is_stable(tmp_path: Path) -> None:
+    """The header is canonical JSON: decoding and re-encoding gives the same bytes."""
+    cfg = config(tmp_path)
+    store = CheckpointStore.for_config(cfg)
+    info = store.write(trained(cfg, 5), {("a", 0): 5}, reason="t")
+    data = store.storage.read(info.name)
+    ck = decode(info.name, data)
+    payload = data[len(data) - ck.info.payload_length :]
+    assert encode(ck.info, payload) == data
