@@ -150,7 +150,9 @@ class Pipeline:
 
     def process(self, record: Record) -> None:
         topic = record.topic()
-        route = self.routes[topic]  # type: ignore[index]
+        route = self.routes.get(topic)  # type: ignore[arg-type]
+        if route is None:
+            return  # no learner reads this topic (a recording may hold more topics than are configured)
         value = record.value()
         try:
             event = route.decode(value)  # type: ignore[arg-type]

@@ -1,0 +1,520 @@
+"""The benchmark suite: how fast, how close to the limit, how the cost grows.
+
+    .venv/bin/python bench/run.py [--events N] [--json PATH] [--bootstrap-servers H:P] [--skip ...]
+
+Every figure that matters is a ratio measured side by side in the same run,
+because absolute times on shared machines are noisy:
+
+1. limit     the learners alone on pre-decoded events in a tight loop (River's cost)
+2. backtest  decode + learners + metrics + encoded outputs, no broker; ratio to (1)
+3. kafka     ``stream run`` on one core, from start to the last committed offset, with
+             the inputs preloaded; ratio to (1); and raw confluent-kafka consumption
+4. latency   events produced at half the measured maximum rate: p50/p99/p99.9 from
+             produced to prediction received
+5. growth    events/s and resident memory as distinct users and the catalog grow
+6. checkpoint time and size of a checkpoint, and time to restore, as the model grows
+
+The suite is never part of the tests' pass/fail. Without ``--bootstrap-servers``
+sections 3 and 4 start a jar-based broker (tests/kafka_broker.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from stream.app import build_learners  # noqa: E402
+from stream.config import Config, load_config  # noqa: E402
+from stream.events import EVENT_TYPES, Decoder  # noqa: E402
+from stream.metrics import PipelineMetrics  # noqa: E402
+from stream.pipeline import Pipeline  # noqa: E402
+from stream.replay import RecordedMessage  # noqa: E402
+from stream.simulate import SimConfig, SimEvent, simulate  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "configs" / "default.toml"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def sim_events(n: int, seed: int = 7, users: int = 5_000, items: int = 1_000) -> list[SimEvent]:
+    return list(simulate(SimConfig(seed=seed, events=n, n_users=users, n_items=items)))
+
+
+def as_messages(events: Sequence[SimEvent], topics: dict[str, str]) -> list[RecordedMessage]:
+    offsets: dict[str, int] = {}
+    out = []
+    for stream, key, value, ts in events:
+        topic = topics[stream]
+        off = offsets.get(topic, 0)
+        offsets[topic] = off + 1
+        out.append(RecordedMessage(topic, 0, off, (1, ts), key, value))
+    return out
+
+
+def decoded(events: Sequence[SimEvent], topics: dict[str, str]) -> list[tuple[str, Any]]:
+    decoders = {stream: Decoder(t).decode for stream, t in EVENT_TYPES.items()}
+    return [(topics[stream], decoders[stream](value)) for stream, _, value, _ in events]
+
+
+class CountingSink:
+    """Keeps nothing but counts: the outputs are still encoded by the pipeline."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.bytes = 0
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any = None) -> None:
+        self.n += 1
+        self.bytes += len(value or b"")
+
+
+# --------------------------------------------------------------------------- 1. limit, 2. backtest
+
+
+def bench_limit(config: Config, events: list[tuple[str, Any]]) -> dict[str, Any]:
+    per_learner: dict[str, float] = {}
+    for learner in build_learners(config):
+        mine = [e for t, e in events if t in learner.reads]
+        predict, learn = learner.predict, learner.learn
+        t0 = time.perf_counter()
+        for e in mine:
+            predict(e)
+            learn(e)
+        per_learner[learner.name] = len(mine) / (time.perf_counter() - t0)
+    learners = build_learners(config)
+    routes: dict[str, list[Any]] = {}
+    for learner in learners:
+        for t in learner.reads:
+            routes.setdefault(t, []).append(learner)
+    t0 = time.perf_counter()
+    for topic, e in events:
+        for learner in routes.get(topic, ()):
+            learner.predict(e)
+            learner.learn(e)
+    together = len(events) / (time.perf_counter() - t0)
+    return {"per_learner_events_per_s": per_learner, "limit_events_per_s": together}
+
+
+def bench_backtest(config: Config, messages: list[RecordedMessage]) -> dict[str, Any]:
+    from prometheus_client import CollectorRegistry
+
+    sink = CountingSink()
+    pipeline = Pipeline(
+        build_learners(config), sink, contract_topics=config.input_topics(),
+        dead_letter_topic=config.topics.dead_letters, max_value_bytes=config.processing.max_value_bytes,
+        observer=PipelineMetrics(CollectorRegistry()),
+    )  # fmt: skip
+    process = pipeline.process
+    t0 = time.perf_counter()
+    for m in messages:
+        process(m)
+    eps = len(messages) / (time.perf_counter() - t0)
+    return {"backtest_events_per_s": eps, "backtest_outputs": sink.n}
+
+
+# --------------------------------------------------------------------------- 3. kafka, 4. latency
+
+
+@contextlib.contextmanager
+def broker(bootstrap: str | None) -> Iterator[str]:
+    if bootstrap:
+        yield bootstrap
+        return
+    from kafka_broker import KafkaBroker
+
+    with KafkaBroker() as b:
+        yield b.bootstrap_servers
+
+
+def bench_config_text(bootstrap: str, prefix: str, group: str) -> str:
+    """configs/default.toml with the benchmark's brokers, topics and group."""
+    text = DEFAULT_CONFIG.read_text()
+    lines = [
+        "[kafka]", f'bootstrap_servers = "{bootstrap}"', f'group_id = "{group}"', "",
+        "[topics]", f'clicks = "{prefix}-clicks"', f'purchases = "{prefix}-purchases"', f'prices = "{prefix}-prices"',
+        f'fraud_labels = "{prefix}-fraud-labels"', f'dead_letters = "{prefix}-dead-letters"', "partitions = 1", "",
+        "[metrics]", "port = 0", "",
+        # Commits every 0.2 s so completion is seen promptly (the loop's cost is the same).
+        "[processing]", "commit_interval_s = 0.2", "",
+    ]  # fmt: skip
+    # Keep the default file's learners (and any other sections) but replace these three.
+    kept, skip = [], False
+    for line in text.splitlines():
+        if line.startswith("["):
+            skip = line.strip() in ("[kafka]", "[topics]", "[metrics]", "[processing]") or line.startswith("[kafka.")
+        if not skip:
+            kept.append(line)
+    body = "\n".join(kept)
+    # Output topics are per test run, so earlier runs' outputs are not read back.
+    for out in ("recommendations", "price-quotes", "risk-scores", "basket-size"):
+        body = body.replace(f'output_topic = "{out}"', f'output_topic = "{prefix}-{out}"')
+    return "\n".join(lines) + "\n" + body
+
+
+def produce_events(bootstrap: str, events: Sequence[SimEvent], topics: dict[str, str]) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
+                         "queue.buffering.max.messages": 500_000})  # fmt: skip
+    for stream, key, value, ts in events:
+        while True:
+            try:
+                producer.produce(topics[stream], value, key, timestamp=ts)
+                break
+            except BufferError:
+                producer.poll(0.1)
+    assert producer.flush(120) == 0
+
+
+def committed_total(bootstrap: str, group: str, topics: Sequence[str]) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        return sum(max(tp.offset, 0) for tp in c.committed([TopicPartition(t, 0) for t in topics], timeout=10))
+    finally:
+        c.close()
+
+
+def pinned(cmd: list[str]) -> list[str]:
+    """One core for the pipeline, as the targets say."""
+    return ["taskset", "-c", "0", *cmd] if shutil.which("taskset") else cmd
+
+
+def bench_kafka(bootstrap: str, config_events: Sequence[SimEvent], tmp: Path) -> dict[str, Any]:
+    from kafka_broker import create_topics
+
+    prefix = f"bench-{uuid.uuid4().hex[:6]}"
+    group = f"{prefix}-group"
+    cfg = tmp / "bench.toml"
+    cfg.write_text(bench_config_text(bootstrap, prefix, group))
+    config = load_config(cfg)
+    topics = config.input_topics()
+    from stream.kafka import all_topics
+
+    create_topics(bootstrap, list(all_topics(config)))
+    log(f"kafka: producing {len(config_events)} events")
+    produce_events(bootstrap, config_events, topics)
+    # Only what the learners read is consumed (and committed) by `stream run`.
+    read = sorted({t for learner in build_learners(config) for t in learner.reads})
+    n = sum(1 for stream, *_ in config_events if topics[stream] in read)
+
+    # Raw consumption, nothing else: the Kafka share of the cost.
+    from confluent_kafka import Consumer
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{prefix}-raw", "auto.offset.reset": "earliest",
+                  "enable.auto.commit": False, "fetch.wait.max.ms": 100})  # fmt: skip
+    c.subscribe(read)
+    got, t_first = 0, 0.0
+    while got < n:
+        batch = c.consume(1000, 1.0)
+        if batch and not t_first:
+            t_first = time.perf_counter()
+        got += sum(1 for m in batch if m.error() is None)
+    raw_eps = n / (time.perf_counter() - t_first)
+    c.close()
+
+    log("kafka: stream run")
+    logf = open(tmp / "run.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(pinned([sys.executable, "-m", "stream", "run", "--config", str(cfg)]), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=logf)  # fmt: skip
+    try:
+        # Start the clock when partitions are assigned: imports and the group join are not throughput.
+        deadline = time.monotonic() + 600
+        t_start = 0.0
+        while time.monotonic() < deadline:
+            if not t_start and b"partitions assigned" in (tmp / "run.log").read_bytes():
+                t_start = time.perf_counter()
+            if t_start and committed_total(bootstrap, group, read) >= n:
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"stream run did not finish; see {tmp / 'run.log'}")
+        kafka_eps = n / (time.perf_counter() - t_start)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        logf.close()
+    return {"kafka_events_per_s": kafka_eps, "raw_consume_events_per_s": raw_eps, "kafka_events": n}
+
+
+def bench_latency(bootstrap: str, rate: float, duration_s: float, tmp: Path) -> dict[str, Any]:
+    from confluent_kafka import Consumer, Producer
+    from kafka_broker import create_topics
+
+    prefix = f"lat-{uuid.uuid4().hex[:6]}"
+    group = f"{prefix}-group"
+    cfg = tmp / "lat.toml"
+    cfg.write_text(bench_config_text(bootstrap, prefix, group))
+    config = load_config(cfg)
+    from stream.kafka import all_topics
+
+    create_topics(bootstrap, list(all_topics(config)))
+    topics = config.input_topics()
+    n = int(rate * duration_s)
+    events = sim_events(n + 5000, seed=11)
+    warm, events = events[:5000], events[5000:]
+    produce_events(bootstrap, warm, topics)  # models and state warm before measuring
+    outputs = [t for t in all_topics(config) if t not in topics.values() and t != config.topics.dead_letters]
+    logf = open(tmp / "lat.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(pinned([sys.executable, "-m", "stream", "run", "--config", str(cfg)]), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=logf)  # fmt: skip
+    sent: dict[bytes, float] = {}
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def receive() -> None:
+        c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{prefix}-reader", "auto.offset.reset": "latest",
+                      "fetch.wait.max.ms": 5, "fetch.min.bytes": 1})  # fmt: skip
+        c.subscribe(outputs)
+        while not stop.is_set():
+            for m in c.consume(500, 0.1):
+                if m.error() is None:
+                    now = time.time()
+                    doc = json.loads(m.value())
+                    t = sent.get(doc["event_id"].encode())
+                    if t is not None:
+                        latencies.append((now - t) * 1000)
+        c.close()
+
+    try:
+        while committed_total(bootstrap, group, list(topics.values())) < len(warm):
+            time.sleep(0.2)
+        reader = threading.Thread(target=receive, daemon=True)
+        reader.start()
+        time.sleep(3)  # the reader's group join
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "enable.idempotence": True})
+        t0 = time.perf_counter()
+        for i, (stream, key, value, _) in enumerate(events):
+            target = t0 + i / rate
+            delay = target - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            event_id = json.loads(value)["event_id"].encode()
+            sent[event_id] = time.time()
+            producer.produce(topics[stream], value, key)
+            producer.poll(0)
+        producer.flush(30)
+        time.sleep(3)
+    finally:
+        stop.set()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        logf.close()
+    lat = np.array(latencies)
+    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
+    return {"latency_rate_events_per_s": rate, "latency_samples": len(lat), "latency_p50_ms": pct(50),
+            "latency_p99_ms": pct(99), "latency_p999_ms": pct(99.9)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- 5. growth, 6. checkpoint
+
+
+def synthetic(n: int, users: int, items: int, seed: int = 3) -> list[SimEvent]:
+    """A stream whose distinct users and items are exactly controlled (the simulator's
+    sessions revisit users): user ``i % users``, Zipf items, a price event every 50."""
+    rng = np.random.default_rng(seed)
+    item_idx = np.minimum(rng.zipf(1.3, size=n) - 1, items - 1)
+    cats = rng.integers(0, 20, size=items)
+    out: list[SimEvent] = []
+    ts0 = 1_700_000_000_000
+    for i in range(n):
+        ts = ts0 + i * 20
+        it = int(item_idx[i])
+        user = f"u{(i * 7919) % users}"
+        if i % 50 == 0:
+            doc = {"event_id": f"r{i}", "ts": ts, "item_id": f"i{it}", "price": 10.0 + it % 7, "cost": 6.0,
+                   "stock": 5, "category": f"c{cats[it]}"}  # fmt: skip
+            out.append(("prices", f"i{it}".encode(), json.dumps(doc).encode(), ts))
+        elif i % 25 == 0:
+            doc = {"event_id": f"p{i}", "ts": ts, "order_id": f"o{i}", "user_id": user, "item_id": f"i{it}",
+                   "quantity": 1, "unit_price": 10.0 + it % 7, "category": f"c{cats[it]}", "payment_method": "card",
+                   "country": "US", "shipping_country": "US", "account_age_days": 100.0, "device_id": f"d{i % 97}"}  # fmt: skip
+            out.append(("purchases", user.encode(), json.dumps(doc).encode(), ts))
+        else:
+            doc = {"event_id": f"c{i}", "ts": ts, "user_id": user, "item_id": f"i{it}", "category": f"c{cats[it]}",
+                   "price": 10.0 + it % 7}  # fmt: skip
+            out.append(("clicks", user.encode(), json.dumps(doc).encode(), ts))
+    return out
+
+
+def growth_point(users: int, items: int, n: int) -> dict[str, float]:
+    """One growth measurement (run in its own process so RSS is its own)."""
+    config = load_config(DEFAULT_CONFIG)
+    messages = as_messages(synthetic(n, users, items), config.input_topics())
+    base = rss_mb()
+    sink = CountingSink()
+    pipeline = Pipeline(build_learners(config), sink, contract_topics=config.input_topics(),
+                        dead_letter_topic=config.topics.dead_letters)  # fmt: skip
+    t0 = time.perf_counter()
+    for m in messages:
+        pipeline.process(m)
+    eps = n / (time.perf_counter() - t0)
+    del messages
+    return {"events_per_s": eps, "rss_mb": rss_mb(), "rss_inputs_excluded_mb": rss_mb() - base}
+
+
+def run_growth_point(users: int, items: int, n: int) -> dict[str, float]:
+    out = subprocess.run(
+        pinned([sys.executable, __file__, "--growth-point", f"{users},{items},{n}"]),
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_growth(max_users: int, max_items: int) -> dict[str, Any]:
+    by_users: dict[str, dict[str, float]] = {}
+    u = 10_000
+    while u <= max_users:
+        n = max(u, 100_000)
+        log(f"growth: users={u} items=1000 events={n}")
+        by_users[str(u)] = run_growth_point(u, 1_000, n)
+        u *= 10
+    by_items: dict[str, dict[str, float]] = {}
+    i = 1_000
+    while i <= max_items:
+        log(f"growth: users=10000 items={i}")
+        by_items[str(i)] = run_growth_point(10_000, i, 100_000)
+        i *= 10
+    return {
+        "rss_mb_by_users": {k: v["rss_mb"] for k, v in by_users.items()},
+        "events_per_s_by_users": {k: v["events_per_s"] for k, v in by_users.items()},
+        "rss_mb_by_items": {k: v["rss_mb"] for k, v in by_items.items()},
+        "events_per_s_by_items": {k: v["events_per_s"] for k, v in by_items.items()},
+    }
+
+
+def bench_checkpoint(max_users: int, tmp: Path) -> dict[str, Any]:
+    from stream.state import CheckpointStore, LocalStorage
+
+    config = load_config(DEFAULT_CONFIG)
+    topics = config.input_topics()
+    learners = build_learners(config)
+    sink = CountingSink()
+    pipeline = Pipeline(learners, sink, contract_topics=topics, dead_letter_topic=config.topics.dead_letters)
+    rows: dict[str, dict[str, float]] = {}
+    seen = 0
+    u = 10_000
+    while u <= max_users:
+        for m in as_messages(synthetic(u - seen, u, 1_000, seed=u), topics):
+            pipeline.process(m)
+        seen = u
+        store = CheckpointStore(LocalStorage(tmp / f"ckpt-{u}"))
+        t0 = time.perf_counter()
+        info = store.write(learners, {("clicks", 0): seen}, reason="bench")
+        write_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        store.load(info.name)
+        restore_s = time.perf_counter() - t0
+        size = sum(p.stat().st_size for p in (tmp / f"ckpt-{u}").iterdir())
+        rows[str(u)] = {"checkpoint_seconds": write_s, "restore_seconds": restore_s, "size_mb": size / 2**20}
+        log(f"checkpoint: users={u} write={write_s:.3f}s restore={restore_s:.3f}s size={size / 2**20:.1f}MB")
+        u *= 10
+    largest = rows[max(rows, key=int)]
+    return {"checkpoint_by_users": rows, "checkpoint_seconds": largest["checkpoint_seconds"],
+            "restore_seconds": largest["restore_seconds"], "checkpoint_mb": largest["size_mb"]}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- main
+
+
+SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint")
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=100_000, help="events for sections 1-3 (default 100000)")
+    p.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    p.add_argument("--bootstrap-servers", help="use this broker instead of starting one")
+    p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
+    p.add_argument("--max-users", type=int, default=1_000_000)
+    p.add_argument("--max-items", type=int, default=100_000)
+    p.add_argument("--latency-seconds", type=float, default=20.0)
+    p.add_argument("--growth-point", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.growth_point:
+        users, items, n = (int(x) for x in args.growth_point.split(","))
+        print(json.dumps(growth_point(users, items, n)))
+        return 0
+
+    skip = {s for s in args.skip.split(",") if s}
+    config = load_config(DEFAULT_CONFIG)
+    topics = config.input_topics()
+    fig: dict[str, Any] = {"machine": machine(), "events": args.events}
+    log(f"simulating {args.events} events")
+    events = sim_events(args.events)
+    with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        if "limit" not in skip:
+            fig |= bench_limit(config, decoded(events, topics))
+            log(f"1 limit: {fig['limit_events_per_s']:,.0f} events/s  {fig['per_learner_events_per_s']}")
+        if "backtest" not in skip:
+            fig |= bench_backtest(config, as_messages(events, topics))
+            log(f"2 backtest: {fig['backtest_events_per_s']:,.0f} events/s")
+        need_kafka = not {"kafka", "latency"} <= skip
+        with broker(args.bootstrap_servers) if need_kafka else contextlib.nullcontext("") as bootstrap:
+            if "kafka" not in skip:
+                fig |= bench_kafka(bootstrap, events, tmp)
+                log(f"3 kafka: {fig['kafka_events_per_s']:,.0f} events/s, raw {fig['raw_consume_events_per_s']:,.0f}")
+            if "latency" not in skip:
+                rate = 0.5 * fig.get("kafka_events_per_s", 5_000)
+                fig |= bench_latency(bootstrap, rate, args.latency_seconds, tmp)
+                log(f"4 latency at {rate:,.0f}/s: p50 {fig['latency_p50_ms']:.1f} ms, p99 {fig['latency_p99_ms']:.1f} ms")
+        if "growth" not in skip:
+            fig |= bench_growth(args.max_users, args.max_items)
+        if "checkpoint" not in skip:
+            fig |= bench_checkpoint(args.max_users, tmp)
+    limit = fig.get("limit_events_per_s")
+    if limit:
+        if "backtest_events_per_s" in fig:
+            fig["ratio_backtest_to_limit"] = fig["backtest_events_per_s"] / limit
+        if "kafka_events_per_s" in fig:
+            fig["ratio_kafka_to_limit"] = fig["kafka_events_per_s"] / limit
+            fig["ratio_raw_consume_to_limit"] = fig["raw_consume_events_per_s"] / limit
+    print(json.dumps(fig, indent=2, default=float))
+    if args.json:
+        args.json.write_text(json.dumps(fig, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
