@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from stream import faults
 from stream.config import Config
@@ -119,6 +119,10 @@ class _Abort(Exception):
         self.code = code
 
 
+class _Stopped(Exception):
+    """Asked to stop while waiting for the cluster during activation."""
+
+
 class _RateLimited:
     """Logs each distinct condition at most once per ``interval_s``: a broker
     outage must be visible, not flood the log."""
@@ -164,6 +168,8 @@ class Application:
         self.replayed = 0
         # Per activation.
         self._lease_held = False
+        self._lost_at = -1e9
+        self._session_timeout_s = float(config.kafka.consumer.get("session.timeout.ms", 45_000)) / 1000
         self._active = False
         self._assignment: list[TopicPartition] = []
         self._offsets: Offsets = {}
@@ -263,6 +269,8 @@ class Application:
                     self._activate()
                 else:
                     self._loop()
+            except _Stopped:
+                return
             except _Abort as exc:
                 self._abort(str(exc), exc.code)
             except DeliveryFailed as exc:
@@ -275,12 +283,28 @@ class Application:
     def _await_lease(self) -> None:
         assert self.lease is not None
         announced = False
-        while not self._stop.is_set() and not self._lease_held:
+        while not self._stop.is_set() and not self._holds_lease():
             if not announced:
                 log.info("standby: waiting for the lease",
                          extra={"lease_topic": self.lease_topic, "instance_id": self.instance_id})
                 announced = True
             self.lease.poll(0.2)
+
+    def _holds_lease(self) -> bool:
+        if self._lease_held:
+            return True
+        assert self.lease is not None
+        # After a rejected commit the client normally reports the loss (on_lost) and the
+        # lease comes back through on_assign. If the group kept the lease with us, no
+        # callback says so: once a session timeout has passed (the client has surely
+        # noticed any real loss by then), its own assignment is the truth.
+        if time.monotonic() - self._lost_at < self._session_timeout_s:
+            return False
+        if any(tp.topic == self.lease_topic for tp in self.lease.assignment()):
+            log.info("lease still assigned to this instance", extra={"instance_id": self.instance_id})
+            self._lease_held = True
+        self._lost_at = time.monotonic()
+        return self._lease_held
 
     def _on_lease_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if any(tp.topic == self.lease_topic for tp in partitions):
@@ -315,13 +339,8 @@ class Application:
         # Another instance may own the lease now: nothing may be committed or checkpointed any more.
         log.warning("no longer the active instance; dropping in-memory state", extra={"reason": reason})
         self._lease_held = False
+        self._lost_at = time.monotonic()
         self._deactivate(committed=False)
-        # Rejoin from scratch so the client's view of the assignment cannot stay stale: the
-        # lease comes back through on_assign if the group gives it to us again.
-        if self.lease is not None:
-            with contextlib.suppress(KafkaException):
-                self.lease.unsubscribe()
-                self._subscribe_lease()
 
     # -- activation: restore and seek --------------------------------------------
 
@@ -446,7 +465,7 @@ class Application:
                 return tps
             self._warn("topics", "input topics not available yet; waiting", missing=missing)
             if self._stop.wait(1.0):
-                raise StateError("stopped while waiting for the input topics")
+                raise _Stopped
 
     def _committed(self, tps: list[TP]) -> dict[TP, int | None]:
         assert self.lease is not None
@@ -457,21 +476,22 @@ class Application:
             except KafkaException as exc:
                 self._warn("committed", "cannot read the committed offsets yet; retrying", reason=str(exc))
             if self._stop.wait(1.0):
-                raise StateError("stopped while reading the committed offsets")
+                raise _Stopped
 
     def _low_watermarks(self, tps: list[TP]) -> dict[TP, int]:
-        assert self.consumer is not None
-        out: dict[TP, int] = {}
-        for t, p in tps:
-            while True:
-                try:
-                    out[(t, p)] = max(self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[0], 0)
-                    break
-                except KafkaException as exc:
-                    self._warn("watermarks", "cannot read the partition offsets yet; retrying", reason=str(exc))
-                if self._stop.wait(1.0):
-                    raise StateError("stopped while reading the partition offsets")
-        return out
+        """Earliest offset of every partition, in one ListOffsets round (an admin request:
+        a consumer's cached metadata can stay stale after a broker outage)."""
+        admin = AdminClient(admin_config(self.config) | {"error_cb": lambda err: None})
+        while True:
+            try:
+                futures = admin.list_offsets(
+                    {TopicPartition(t, p): OffsetSpec.earliest() for t, p in tps}, request_timeout=10
+                )
+                return {(tp.topic, tp.partition): max(f.result().offset, 0) for tp, f in futures.items()}
+            except KafkaException as exc:
+                self._warn("watermarks", "cannot read the partition offsets yet; retrying", reason=str(exc))
+            if self._stop.wait(1.0):
+                raise _Stopped
 
     def _deactivate(self, committed: bool) -> None:
         if self.exactly_once and self._in_txn and self.producer is not None:
@@ -612,6 +632,15 @@ class Application:
                     self._caught_up(key)
         return dict(self._offsets)
 
+    def _to_commit(self, offsets: Offsets) -> Offsets:
+        """The offsets to commit for state at ``offsets``: never behind what is already
+        committed (a partition still relearning keeps its committed offset), or a restart
+        would publish its relearned records a second time."""
+        catchup = self._catchup
+        if not catchup:
+            return offsets
+        return {k: max(o, catchup.get(k, o)) for k, o in offsets.items()}
+
     def _drain(self, budget_s: float | None) -> bool:
         """Wait for every produced output to be acknowledged. ``None`` waits
         as long as the loop runs (a broker outage pauses commits, not the process)."""
@@ -638,7 +667,7 @@ class Application:
         offsets = self._positions()
         written = self._maybe_checkpoint(offsets, final)
         try:
-            result = self.lease.commit(offsets=_tps(offsets), asynchronous=False)
+            result = self.lease.commit(offsets=_tps(self._to_commit(offsets)), asynchronous=False)
         except KafkaException as exc:
             return self._commit_failed(exc.args[0])
         failed = [tp.error for tp in result or [] if tp.error is not None]
@@ -678,7 +707,7 @@ class Application:
         producer = self.producer
         group = self.lease.consumer_group_metadata()
         timeout = self._txn_timeout_s(budget_s)
-        tps = _tps(offsets)
+        tps = _tps(self._to_commit(offsets))
         self._txn("send_offsets_to_transaction", lambda: producer.send_offsets_to_transaction(tps, group, timeout))
         if faults.ARMED:
             faults.hit("after_send_offsets_before_commit")
@@ -729,8 +758,8 @@ class Application:
         log.warning("transaction aborted; restoring", extra={"reason": reason, "aborts": self.aborts})
         producer = self.producer
         if producer is not None and self._in_txn:
-            timeout = self._txn_timeout_s(None)
-            self._txn("abort_transaction", lambda: producer.abort_transaction(timeout))
+            if not self._abort_transaction(producer):
+                return  # asked to stop mid-outage: nothing was committed, a restart restores
             self._in_txn = False
             producer.poll(0)  # serve the purged outputs' delivery reports ...
             if self.sink is not None:
@@ -748,6 +777,22 @@ class Application:
         self._catchup = {}
         # Keep the producer (not fenced): the next activation reuses it.
         self._active = False
+
+    def _abort_transaction(self, producer: Producer) -> bool:
+        """Abort, retrying for as long as the broker is away (nothing commits meanwhile).
+        False if asked to stop first; ``FatalError`` if the producer is fenced."""
+        timeout = self._txn_timeout_s(None)
+        while True:
+            try:
+                producer.abort_transaction(timeout)
+                return True
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if err.fatal() or not (err.retriable() or err.txn_requires_abort()):
+                    raise FatalError(f"abort_transaction: {err.name()}: {err.str()}") from exc
+                self._warn("txn:abort", "abort_transaction failed; retrying", code=err.name())
+            if self._stop.wait(0.5):
+                return False
 
     def _new_transactional_producer(self) -> None:
         cfg = self.config

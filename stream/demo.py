@@ -312,6 +312,7 @@ def _demo_local(sim: Simulation, config: Config, metrics: Any, *, progress: bool
         status=True,
         truth=sim.truth,
         desc="demo",
+        title="Demo run",
     )
     return {"text": result.text(), **result.to_dict()}
 
@@ -368,12 +369,14 @@ def _demo_kafka(
 
     # Produce the whole simulation; remember what the scorer needs of each event.
     names = cfg.input_topics()
+    per_topic: dict[str, int] = {}
     writer = KafkaWriter(cfg)
     events: dict[str, Any] = {}
     decode = msgspec.json.Decoder().decode
     bar = Progress(sim.config.events, desc="simulate -> kafka", enabled=progress)
     for n, (stream, key, value, ts) in enumerate(sim):
         writer.produce(names[stream], key, value, timestamp=ts, headers=sim.headers(n))
+        per_topic[names[stream]] = per_topic.get(names[stream], 0) + 1
         if stream in ("clicks", "purchases"):
             try:
                 ev = decode(value)
@@ -388,13 +391,16 @@ def _demo_kafka(
     counter = _Counting(metrics)
     app = Application(cfg, observer=counter)
     runner = DriftTracker(app.learners)
+    # The application reads only the topics its learners read.
+    read = {t for learner in app.learners for t in learner.reads}
+    expected = sum(n for t, n in per_topic.items() if t in read)
     thread = threading.Thread(target=app.run, name="stream-demo-app", daemon=True)
     started = time.monotonic()
     thread.start()
-    bar = Progress(produced, desc="run (kafka)", enabled=progress, status=runner.status)
+    bar = Progress(expected, desc="run (kafka)", enabled=progress, status=runner.status)
     last = 0
     try:
-        while counter.records < produced and thread.is_alive():
+        while counter.records < expected and thread.is_alive():
             time.sleep(0.2)
             now = counter.records
             # Polled from this thread: detections are placed at the poll, not the exact record.
@@ -504,8 +510,9 @@ def _read_outputs(config: Config, topics: list[str], idle_s: float = 3.0) -> dic
         last = time.monotonic()
         while time.monotonic() - last < idle_s:
             for msg in consumer.consume(1000, 0.5):
-                if msg.error() is None and msg.value() is not None:
-                    out[msg.topic()].append(msg.value())
+                value = msg.value()
+                if msg.error() is None and value is not None:
+                    out[str(msg.topic())].append(value)
                     last = time.monotonic()
     finally:
         consumer.close()

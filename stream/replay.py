@@ -161,8 +161,9 @@ class RecordedMessage:
     def value(self) -> bytes | None:
         return self._value
 
-    def headers(self) -> _Headers | None:
-        return self._headers
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        # Kafka header values may be null (None); the Record protocol types them narrower.
+        return self._headers  # type: ignore[return-value]
 
     def error(self) -> None:
         return None
@@ -304,6 +305,11 @@ class RecordingWriter:
             w = self._writers[(topic, partition)] = _PartitionWriter(self.path, entry)
         return w
 
+    def declare(self, topic: str, partition: int) -> None:
+        """Make ``topic[partition]`` part of the recording even if no record
+        of it is added (an empty partition was recorded, and is replayed as such)."""
+        self._writer(topic, partition)
+
     def add(
         self,
         topic: str,
@@ -317,7 +323,7 @@ class RecordingWriter:
         """Add one record (keys, values and header values as bytes)."""
         self._writer(topic, partition).add(offset, timestamp, key, value, headers or None)
 
-    def write(self, record: Record) -> None:
+    def write(self, record: Record | Any) -> None:
         """Add a consumed message (or any ``Record``) as it is."""
         m = record if isinstance(record, RecordedMessage) else RecordedMessage.of(record)
         self._writer(m._topic, m._partition).add(m._offset, m._timestamp, m._key, m._value, m._headers)
@@ -613,17 +619,20 @@ def record(
         }
         streams = {s: t for s, t in config.input_topics().items() if t in topics}
         writer = RecordingWriter(out, source=source, streams=streams)
+        for tp in tps:
+            writer.declare(tp.topic, tp.partition)
         consumer.assign([tp for tp in tps if (tp.topic, tp.partition) not in done])
         bar = Progress(total, desc=f"record {','.join(topics)}", unit="records", enabled=progress)
         while not stop():
             if until_end and len(done) == len(high):
                 break
             for msg in consumer.consume(1000, 0.5):
-                key = (msg.topic(), msg.partition())
                 err = msg.error()
+                key = (str(msg.topic()), int(msg.partition() or 0))
+                offset = int(msg.offset() or 0)
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
-                        if until_end and msg.offset() >= high[key]:
+                        if until_end and key in high and offset >= high[key]:
                             done.add(key)
                         continue
                     if err.fatal():
@@ -631,10 +640,11 @@ def record(
                     log.warning("consume error", extra={"code": err.name(), "reason": err.str()})
                     continue
                 if until_end:
-                    if key in done or msg.offset() >= high[key]:
+                    # Records past the watermarks taken at the start are not part of this recording.
+                    if key in done or offset >= high[key]:
                         done.add(key)
                         continue
-                    if msg.offset() >= high[key] - 1:
+                    if offset >= high[key] - 1:
                         done.add(key)
                 writer.write(msg)
                 bar.update()
@@ -652,7 +662,7 @@ def record(
 
 class KafkaWriter:
     """An idempotent producer that keeps partitions, keys, timestamps and
-    headers, and checks every delivery report (``close`` raises on any failure)."""
+    headers, and checks every delivery report (``flush`` raises on any failure)."""
 
     def __init__(self, config: Config, **extra: Any) -> None:
         from confluent_kafka import Producer
@@ -664,6 +674,8 @@ class KafkaWriter:
         self.producer = Producer(props)
         self.produced = 0
         self.delivered = 0
+        self.failed = 0
+        #: The first few delivery errors, for the message.
         self.errors: list[str] = []
         self._produce = self.producer.produce
         self._poll = self.producer.poll
@@ -671,10 +683,10 @@ class KafkaWriter:
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is None:
             self.delivered += 1
-        elif len(self.errors) < 10:
+            return
+        self.failed += 1
+        if len(self.errors) < 5:
             self.errors.append(f"{msg.topic()}[{msg.partition()}]: {err.name()}: {err.str()}")
-        else:
-            self.errors[-1] = f"... and more ({err.name()})"
 
     def produce(
         self,
@@ -708,8 +720,8 @@ class KafkaWriter:
     def flush(self, timeout_s: float = 600.0) -> None:
         """Wait for every delivery report; raise if any record failed or is still pending."""
         remaining = self.producer.flush(timeout_s)
-        if self.errors:
-            raise RecordingError(f"{len(self.errors)}+ records not delivered: {'; '.join(self.errors)}")
+        if self.failed:
+            raise RecordingError(f"{self.failed} records not delivered: {'; '.join(self.errors)}")
         if remaining:
             raise RecordingError(f"{remaining} records still undelivered after {timeout_s:.0f}s")
 
@@ -980,7 +992,8 @@ class BacktestResult:
     outputs: dict[str, int]
     dead_letters: dict[str, int]
     learners: dict[str, dict[str, Any]]
-    #: Sampled quality over the run: ``{"index", "ts", "quality": {learner: {metric: {window: value}}}}``.
+    #: Sampled quality over the run: ``{"index", "ts", "quality": {learner: {metric: {window: value}}}}``,
+    #: ``index`` = records read so far (the position in the recording, like drift indexes).
     timeline: list[dict[str, Any]]
     elapsed_s: float
     #: Scores against a simulator's ground truth, when the recording has one.
@@ -988,6 +1001,8 @@ class BacktestResult:
     #: Output records in memory (``keep_outputs=True``): topic -> [(key, value, headers)].
     produced: dict[str, list[tuple[bytes | None, bytes | None, _Headers | None]]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    #: First word of the readable report.
+    title: str = "Backtest"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1007,7 +1022,7 @@ class BacktestResult:
 
     def text(self) -> str:
         """The readable report."""
-        lines = [f"Backtest of {self.source}"]
+        lines = [f"{self.title} of {self.source}"]
         rate = self.records / self.elapsed_s if self.elapsed_s > 0 else 0.0
         topics = ", ".join(f"{t} {n:,}" for t, n in sorted(self.by_topic.items()))
         lines.append(f"  records    {self.records:,} ({topics}) in {self.elapsed_s:.1f}s, {rate:,.0f} records/s")
@@ -1042,10 +1057,7 @@ class BacktestResult:
         if self.truth:
             lines.append("")
             lines.append("  against the simulator's ground truth:")
-            lines.extend(
-                "    " + line
-                for line in truth_lines(self.truth) or ["(no learner here has predictions or drift monitors to score)"]
-            )
+            lines.extend("    " + line for line in truth_lines(self.truth))
         return "\n".join(lines)
 
 
@@ -1062,6 +1074,13 @@ def _iso(ts: int | None) -> str:
 def truth_lines(truth: dict[str, Any]) -> list[str]:
     """Readable lines for the ``truth`` section of a report."""
     lines = []
+    points = truth.get("drift_points", [])
+    if points:
+        where = ", ".join(
+            f"{d['kind']} at #{d['index']:,}" if d.get("index") is not None else f"{d['kind']} (not reached)"
+            for d in points
+        )
+        lines.append(f"true drifts: {where}")
     for name, scores in truth.get("learners", {}).items():
         vals = ", ".join(f"{k} {_fmt(v) if isinstance(v, float) else v}" for k, v in scores.items())
         lines.append(f"{name}: {vals}")
@@ -1072,10 +1091,11 @@ def truth_lines(truth: dict[str, Any]) -> list[str]:
                 parts.append(f"{d['kind']} missed")
             else:
                 ev = f", {d['delay_events']:,} events" if d.get("delay_events") is not None else ""
-                parts.append(f"{d['kind']} after {d['delay_ms'] / 60000:.1f} min{ev}")
-        lines.append(
-            f"drift {mon}: " + ("; ".join(parts) or "no relevant drift") + f"; false alarms {score['false_alarms']}"
-        )
+                parts.append(f"{d['kind']} caught after {d['delay_ms'] / 60000:.1f} min{ev}")
+        found = "; ".join(parts) or "no relevant drift"
+        lines.append(f"drift {mon}: {found}; false alarms {score['false_alarms']} of {score['detections']} detections")
+    if not truth.get("learners") and not truth.get("drift"):
+        lines.append("(no learner here has predictions or drift monitors to score)")
     return lines
 
 
@@ -1167,48 +1187,55 @@ class _BacktestRun(DriftTracker):
         self.sample_every = max(int(sample_every), 1)
         self.timeline: list[dict[str, Any]] = []
         self.records = 0
+        #: Records read, processed or skipped.
+        self.position = 0
         self.by_topic: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
 
     def feed(
-        self, records: Iterable[Record], bar: Progress | None = None, stop: Callable[[], bool] | None = None
+        self,
+        records: Iterable[Record] | Iterable[RecordedMessage],
+        bar: Progress | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
+        """Process ``records`` in order. Detections and quality samples are
+        indexed by position in ``records`` (skipped topics included), the
+        index a simulator's drift points use."""
         routes = self.pipeline.routes
         process = self.pipeline.process
         check = self.check
         sample_every = self.sample_every
-        n = self.records
+        update = bar.update if bar is not None else None
+        n, pos = self.records, self.position
         try:
             for rec in records:
+                pos += 1
+                if update is not None:
+                    update()
                 topic = rec.topic()
-                if topic not in routes:
+                if topic in routes:
+                    ts = self.current_ts = rec.timestamp()[1]
+                    process(rec)
+                    n += 1
+                    self.by_topic[topic] += 1  # type: ignore[index]
+                    check(pos - 1, ts)
+                else:
                     self.skipped[topic] += 1  # type: ignore[index]
-                    if bar is not None:
-                        bar.update()
-                    continue
-                ts = self.current_ts = rec.timestamp()[1]
-                process(rec)
-                n += 1
-                self.by_topic[topic] += 1  # type: ignore[index]
-                check(n - 1, ts)
-                if n % sample_every == 0:
-                    self.records = n
+                if pos % sample_every == 0:
+                    self.records, self.position = n, pos
                     self.sample()
-                if bar is not None:
-                    bar.update()
-                if stop is not None and n % 256 == 0 and stop():
-                    break
+                    if stop is not None and stop():
+                        break
         finally:
-            self.records = n
+            self.records, self.position = n, pos
 
     def sample(self) -> None:
-        self.timeline.append(
-            {"index": self.records, "ts": self.current_ts, "quality": {lr.name: quality_of(lr) for lr in self.learners}}
-        )
+        quality = {lr.name: quality_of(lr) for lr in self.learners}
+        self.timeline.append({"index": self.position, "ts": self.current_ts, "quality": quality})
 
 
 def run_backtest(
-    records: Iterable[Record],
+    records: Iterable[Record] | Iterable[RecordedMessage],
     config: Config,
     *,
     source: str = "<records>",
@@ -1222,6 +1249,7 @@ def run_backtest(
     stop: Callable[[], bool] | None = None,
     truth: Any = None,
     desc: str = "backtest",
+    title: str = "Backtest",
 ) -> tuple[BacktestResult, _BacktestRun]:
     """Run ``records`` through the configured learners and the pipeline, no broker.
 
@@ -1259,6 +1287,7 @@ def run_backtest(
         timeline=run.timeline,
         elapsed_s=elapsed,
         produced=dict(files.produced),
+        title=title,
     )
     if truth is not None:
         from stream.demo import score_against_truth
@@ -1353,7 +1382,7 @@ def plot_quality(result: BacktestResult, path: Path, truth: Any = None) -> str |
         ax.set_title(name, fontsize=10, loc="left")
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("records processed")
+    axes[-1, 0].set_xlabel("records read")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

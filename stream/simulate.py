@@ -18,7 +18,7 @@ scored against the truth rather than against noisy labels:
   of price elasticity, a new fraud pattern.
 
 Everything is drawn from seeded numpy generators in vectorised blocks of
-``window_s`` seconds of event time, so the same ``SimConfig`` gives the same
+``SimConfig.block_s`` seconds of event time, so the same ``SimConfig`` gives the same
 bytes on every machine and generation runs well over 50k events/s.
 
 >>> sim = Simulation(SimConfig(seed=1, events=2000, n_users=200, n_items=100))
@@ -139,7 +139,8 @@ class SimConfig:
     taste_shift_share: float = 0.5
     elasticity_factor: float = 1.6
     #: Generation block (event time); drifts and price tests take effect at block starts.
-    window_s: float = 600.0
+    #: None: about 1 % of the stream (within 10-600 s), so drift points land where asked.
+    window_s: float | None = None
     #: Sessions end after this long (event time) at the latest.
     max_session_s: float = 1200.0
 
@@ -150,6 +151,8 @@ class SimConfig:
             raise ValueError("`events` must be >= 1")
         if self.duration_s is not None and self.duration_s <= 0:
             raise ValueError("`duration_s` must be > 0")
+        if self.window_s is not None and self.window_s <= 0:
+            raise ValueError("`window_s` must be > 0")
         if self.n_users < 1 or self.n_items < 2 or not 2 <= self.n_categories <= self.n_items:
             raise ValueError("need n_users >= 1 and 2 <= n_categories <= n_items")
         if not 0 <= self.fraud_rate < 0.5:
@@ -159,6 +162,22 @@ class SimConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def block_s(self) -> float:
+        """The generation block actually used (``window_s``, or derived from the stream's size).
+
+        >>> SimConfig(events=100_000).block_s, SimConfig(events=2_000).block_s, SimConfig(window_s=60).block_s
+        (454.5, 10.0, 60.0)
+        """
+        if self.window_s is not None:
+            return float(self.window_s)
+        if self.duration_s is not None:
+            span = self.duration_s
+        else:
+            # ~1.1 events per click (purchases, prices, labels on top).
+            span = (self.events or 0) / (self.sessions_per_s * self.mean_clicks * 1.1)
+        return float(min(max(round(span / 100, 1), 10.0), 600.0))
 
 
 # --------------------------------------------------------------------------- ground truth
@@ -405,7 +424,8 @@ class GroundTruth:
         doc = json.loads(Path(path).read_text())
         if doc.get("format") != "stream-simulation-truth":
             raise ValueError(f"{path}: not a simulation ground-truth file")
-        config = SimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items()}
+        config = SimConfig(**fields)
         cats = doc["categories"]
         cat_index = {c: i for i, c in enumerate(cats)}
         items = doc["items"]
@@ -472,7 +492,7 @@ class Simulation:
             np.random.default_rng(s) for s in seeds
         )
         self._build_world()
-        self._bad_headers: dict[int, list[tuple[str, bytes]]] = {}
+        self._bad_headers: dict[int, list[tuple[str, bytes | None]]] = {}
         #: Generation sequence number of each fraudulent purchase -> its order id.
         self._fraud_seq: dict[int, str] = {}
         self._consumed = False
@@ -558,7 +578,7 @@ class Simulation:
         self._consumed = True
         return self._run()
 
-    def headers(self, index: int) -> list[tuple[str, bytes]] | None:
+    def headers(self, index: int) -> list[tuple[str, bytes | None]] | None:
         """Headers for the event emitted at ``index`` (None for all but the invalid records)."""
         return self._bad_headers.get(index)
 
@@ -568,7 +588,7 @@ class Simulation:
         # The events are built as the contract Structs themselves, so what we write always decodes.
         enc = msgspec.json.Encoder().encode
         fraud_seq = self._fraud_seq
-        window_ms = int(c.window_s * 1000)
+        window_ms = int(c.block_s * 1000)
         end_ts = c.start_ts + int(c.duration_s * 1000) if c.duration_s is not None else _NEVER
         limit = c.events if c.events is not None else _NEVER
 
@@ -582,19 +602,18 @@ class Simulation:
         # The initial price snapshot: every item's price, at the start.
         batch = state.snapshot(c.start_ts, enc)
         t0 = c.start_ts
-        generated = len(batch)
         while True:
             t1 = t0 + window_ms
             # Drifts take effect at the first window start past their point.
             for kind, at in list(drift_plan):
-                due = generated >= at * limit if c.events is not None else t0 >= c.start_ts + at * (end_ts - c.start_ts)
+                # Every event before t0 is out by now, so ``emitted`` is exact here.
+                due = emitted >= at * limit if c.events is not None else t0 >= c.start_ts + at * (end_ts - c.start_ts)
                 if due:
                     drift_plan.remove((kind, at))
                     point = self._apply_drift(kind, t0, state)
                     truth.drifts.append(point)
                     pending_drifts.append(point)
             batch += state.window(t0, t1, enc)
-            generated += len(batch)
             state.advance()
             batch.sort(key=_by_ts_seq)
             # Everything before t1 is final: later windows only add events at or after t1.
@@ -795,7 +814,7 @@ class _State:
         # Sessions (and fraud bursts) started in a window run on into the next
         # ones, so price changes are drawn that many windows ahead:
         # ``ahead[k]`` = (change time, new price) per item of window w + k.
-        self.window_ms = int(c.window_s * 1000)
+        self.window_ms = int(c.block_s * 1000)
         self.max_session_ms = int(c.max_session_s * 1000)
         lookahead = -(-self.max_session_ms // self.window_ms)  # ceil
         self.horizon_ms = (lookahead + 1) * self.window_ms
@@ -809,7 +828,7 @@ class _State:
         self.n_click = self.n_purchase = self.n_price = self.n_label = 0
         self.n_session = self.n_order = self.n_new_user = self.n_new_device = 0
         self.fraud_pattern_b = False
-        self.fraud_b_category = int(np.argmax([sim.list_price[ix].mean() for ix in sim.cat_items]))
+        self.fraud_b_category = int(np.argmax(np.array([sim.list_price[ix].mean() for ix in sim.cat_items])))
 
     def next_seq(self, n: int) -> range:
         r = range(self.seq, self.seq + n)
@@ -869,7 +888,7 @@ class _State:
             ch_ts[moved] = t_next
         # Random moves (competitor reactions, promotions) at random times in the
         # window, scaled so the rate per hour does not depend on the window size.
-        share = c.random_move_share * c.window_s / 600.0
+        share = c.random_move_share * c.block_s / 600.0
         movers = (rng.random(n) < share) & ~self.in_test & (ch_ts == _NEVER)
         steps = np.exp(rng.normal(0.0, 0.08, n))
         self.base_mult = np.where(movers, np.clip(self.base_mult * steps, 0.7, 1.3), self.base_mult)
@@ -1060,7 +1079,7 @@ class _State:
         window_ms = t1 - t0
         while n_fraud > 0:
             pattern = "B" if self.fraud_pattern_b and rng.random() < 0.7 else "A"
-            burst = int(min(n_fraud, rng.integers(1, 5) if pattern == "A" else rng.integers(2, 6)))
+            burst = min(n_fraud, int(rng.integers(1, 5) if pattern == "A" else rng.integers(2, 6)))
             n_fraud -= burst
             t = int(t0 + rng.integers(0, window_ms))
             # Price lookups know the windows drawn ahead; bursts stay within them.
@@ -1154,6 +1173,9 @@ def write_recording(
     offsets: dict[tuple[str, int], int] = {}
     bar = Progress(sim.config.events, desc="simulate", enabled=progress)
     with writer:
+        for topic in topics.values():
+            for partition in range(partitions):
+                writer.declare(topic, partition)
         for n, (stream, key, value, ts) in enumerate(sim):
             tp = (topics[stream], _partition_of(key, partitions))
             offset = offsets.get(tp, 0)

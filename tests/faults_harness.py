@@ -145,6 +145,8 @@ class Scenario:
         self.produced = 0
         self._feeder: threading.Thread | None = None
         self._feed_error: BaseException | None = None
+        self._producer: Producer | None = None
+        self._produce_lock = threading.Lock()
         self.write_config(models, session_timeout_ms, every_events, extra)
         self._create_topics()
 
@@ -228,7 +230,14 @@ model = {models['clf']}
     # -- input
 
     def produce(self, events: Iterable[tuple[str, bytes]]) -> int:
-        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 5})
+        with self._produce_lock:
+            return self._produce(events)
+
+    def _produce(self, events: Iterable[tuple[str, bytes]]) -> int:
+        if self._producer is None:
+            self._producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True,
+                                       "linger.ms": 5})
+        producer = self._producer
         errors: list[Any] = []
         n = 0
         for stream, value in events:
@@ -246,9 +255,10 @@ model = {models['clf']}
 
         def run() -> None:
             try:
-                for i in range(0, len(events), chunk):
+                started = time.monotonic()
+                for n, i in enumerate(range(0, len(events), chunk)):
                     self.produce(events[i : i + chunk])
-                    time.sleep(interval_s)
+                    time.sleep(max(0.0, started + (n + 1) * interval_s - time.monotonic()))
             except BaseException as exc:
                 self._feed_error = exc
 
@@ -300,10 +310,29 @@ model = {models['clf']}
         """Start, wait until every produced input is committed, SIGTERM, expect exit 0."""
         self.fed()
         run = self.start(instance=instance)
+        self.wait_caught_up(run, timeout)
         self.wait_all_committed(timeout, run)
         code = run.stop()
         assert code == 0, f"clean stop exited {code}; log:\n{tail(run.log)}"
         return run
+
+    def wait_caught_up(self, run: Run, timeout: float) -> None:
+        """Until ``run`` is active and has relearned up to the committed offsets."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if run.proc.poll() is not None:
+                raise AssertionError(f"the pipeline exited ({run.proc.returncode}); log:\n{tail(run.log)}")
+            lines = run.lines()
+            starts = [i for i, ln in enumerate(lines)
+                      if ln.get("msg") in ("restored from checkpoint", "no checkpoint: starting untrained learners")]
+            if starts:
+                last = lines[starts[-1]]
+                if int(last.get("relearn_without_publishing", 0)) == 0 or any(
+                    str(ln.get("msg", "")).startswith("caught up") for ln in lines[starts[-1] :]
+                ):
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"{run.instance} did not catch up in {timeout}s; log:\n{tail(run.log)}")
 
     def wait_all_committed(self, timeout: float, run: Run | None = None) -> None:
         deadline = time.monotonic() + timeout

@@ -13,6 +13,7 @@ backtest's to the last digit.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -208,3 +209,56 @@ def test_backtest_equals_live_run(kafka_bootstrap: str, topic_prefix: str, tmp_p
         learner = by_name[name]
         assert quality_of(learner) == info["quality"], name
         assert (learner.n_learned, learner.model_version) == (info["n_learned"], info["model_version"]), name
+
+
+def test_cli_simulate_to_kafka_record_and_paced_replay(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`stream simulate --to-kafka` then `stream record` gives the same records,
+    per topic in order, as `stream simulate --out` of the same seed."""
+    from stream.cli import main
+
+    conf = tmp_path / "conf.toml"
+    names = {"clicks": "clicks", "purchases": "purchases", "prices": "prices", "fraud_labels": "fraud-labels"}
+    conf.write_text(
+        "[topics]\npartitions = 1\n"
+        + "".join(f'{stream} = "{topic_prefix}-{topic}"\n' for stream, topic in names.items())
+    )
+    common = ["--config", str(conf), "--bootstrap-servers", kafka_bootstrap, "--no-progress"]
+    sim = ["simulate", "--events", "3000", "--seed", "9", "--users", "300", "--items", "100", "--bad-records", "4"]
+    assert main([*sim, "--to-kafka", "--create-topics", "--truth", str(tmp_path / "truth.json"), *common]) == 0
+    assert main([*sim, "--out", str(tmp_path / "file"), "--config", str(conf), "--no-progress"]) == 0
+    topics = [f"{topic_prefix}-{t}" for t in names.values()]
+    rec = ["record", "--topics", ",".join(topics), "--from-beginning", "--until-end"]
+    assert main([*rec, "--out", str(tmp_path / "kafka"), *common]) == 0
+    capsys.readouterr()
+
+    from_kafka, from_file = Recording(tmp_path / "kafka"), Recording(tmp_path / "file")
+    assert len(from_kafka) == len(from_file) == 3000
+    for topic in topics:
+        got = [(m.key(), m.value(), m.timestamp(), m.headers()) for m in from_kafka.read(topic, 0)]
+        assert got == [(m.key(), m.value(), m.timestamp(), m.headers()) for m in from_file.read(topic, 0)]
+    assert json.loads((tmp_path / "truth.json").read_text())["events"] == 3000
+
+    # Paced replay (a 30-minute recording at x2000) to other topics, then recorded back whole.
+    copies = [f"{t}-copy" for t in topics]
+    mapping = [f"--topic-map={t}={c}" for t, c in zip(topics, copies, strict=True)]
+    assert main(["replay", str(tmp_path / "kafka"), "--to-kafka", "--speed", "x2000", "--create-topics", *mapping,
+                 *common]) == 0  # fmt: skip
+    assert "all delivered" in capsys.readouterr().out
+    assert main(["record", "--topics", ",".join(copies), "--from-beginning", "--until-end", "--out",
+                 str(tmp_path / "copy"), *common]) == 0  # fmt: skip
+    copy = Recording(tmp_path / "copy")
+    for topic, dup in zip(topics, copies, strict=True):
+        assert [(m.key(), m.value(), m.timestamp()) for m in copy.read(dup, 0)] == [
+            (m.key(), m.value(), m.timestamp()) for m in from_kafka.read(topic, 0)
+        ]
+
+
+def test_demo_through_kafka(kafka_bootstrap: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from stream.cli import main
+
+    args = ["demo", "--events", "4000", "--metrics-port", "0", "--bootstrap-servers", kafka_bootstrap, "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Kafka demo on" in printed and "against the simulator's ground truth" in printed

@@ -136,20 +136,32 @@ def test_fraud_is_about_one_percent_and_labels_come_late_for_most(big) -> None:
 
 
 def test_fraud_patterns_are_recognisable(big) -> None:
+    """Pattern A (before and after the fraud drift): young accounts shipping
+    abroad, big amounts; pattern B (after it): gift cards in bulk."""
     events, truth = big
-    fraud, legit = collections.Counter(), collections.Counter()
+    counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for stream, d in _decoded(events):
         if stream != "purchases" or "unit_price" not in d:
             continue
-        c = fraud if d["order_id"] in truth.frauds else legit
+        fraud = truth.frauds.get(d["order_id"])
+        c = counts[fraud["pattern"] if fraud else "legit"]
         c["n"] += 1
         c["abroad"] += d["shipping_country"] != d["country"]
         c["young"] += d["account_age_days"] < 7
         c["gift_card"] += d["payment_method"] == "gift_card"
+        c["quantity"] += d["quantity"]
         c["amount"] += d["quantity"] * d["unit_price"]
-    for feature in ("abroad", "young", "gift_card"):
-        assert fraud[feature] / fraud["n"] > 5 * legit[feature] / legit["n"], feature
-    assert fraud["amount"] / fraud["n"] > 2 * legit["amount"] / legit["n"]
+    legit, a, b = counts["legit"], counts["A"], counts["B"]
+    assert a["n"] and b["n"]
+
+    def share(c: collections.Counter[str], feature: str) -> float:
+        return c[feature] / c["n"]
+
+    for feature in ("abroad", "young"):
+        assert share(a, feature) > 5 * share(legit, feature), feature
+    assert share(b, "gift_card") > 5 * share(legit, "gift_card")
+    assert share(b, "quantity") > 2 * share(legit, "quantity")
+    assert share(a, "amount") > 2 * share(legit, "amount")
 
 
 def test_popularity_is_zipf_like(big) -> None:

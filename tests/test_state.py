@@ -165,7 +165,7 @@ def test_checkpoint_from_another_river_version_is_refused(tmp_path: Path) -> Non
     store.storage.write("ckpt-000000000001-00000000.ckpt", golden)
     store.storage.write("ckpt-000000000002-00000000.ckpt", other)
     committed = {("golden-a", 0): 200, ("golden-b", 0): 200}
-    with pytest.raises(IncompatibleCheckpoint, match="0.21.0"):
+    with pytest.raises(IncompatibleCheckpoint, match=r"0\.21\.0"):
         store.select(committed, {k: 0 for k in committed})
     # A newer checkpoint format is refused as well.
     with pytest.raises(IncompatibleCheckpoint, match="format 2"):
@@ -280,7 +280,8 @@ def test_swap_model_bumps_the_version_and_holdout_scores_learners(tmp_path: Path
     assert candidate.model is fresh and candidate.model_version == reg.model_version + 1
     bad = holdout_error(candidate, holdout, cfg)
     assert bad is not None and bad[0] > good[0] * 1.5
-    assert holdout_error(reg, records(events(3), topic="elsewhere"), cfg) == (pytest.approx(float("nan"), nan_ok=True), 0)
+    nothing = holdout_error(reg, records(events(3), topic="elsewhere"), cfg)
+    assert nothing is not None and nothing[1] == 0
 
 
 def test_fault_spec_parsing() -> None:
@@ -319,7 +320,10 @@ output_topic = "out-a"
 label = "y"
 task = "regression"
 features = ["x1", "x2"]
-model = [{{ class = "preprocessing.StandardScaler" }}, {{ class = "linear_model.LinearRegression", params = {{ l2 = 0.001 }} }}]
+model = [
+  {{ class = "preprocessing.StandardScaler" }},
+  {{ class = "linear_model.LinearRegression", params = {{ l2 = 0.001 }} }},
+]
 [learners.clf]
 kind = "custom"
 input = "b"
@@ -338,7 +342,7 @@ model = [{{ class = "preprocessing.StandardScaler" }}, {{ class = "linear_model.
 
 def test_cli_model_list_and_export(deployed: tuple[Path, Config, CheckpointStore], tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    cfg_path, cfg, store = deployed
+    cfg_path, _, _ = deployed
     assert _cli("model", "list", "--config", str(cfg_path), "--offline") == 0
     out = capsys.readouterr().out
     assert "v2" in out and "v1" in out and "n_learned=600" in out and "rolling: mae=" in out

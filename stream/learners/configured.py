@@ -17,23 +17,49 @@ joined by an id within an event-time window (see ``stream.labels``).
 >>> learner.learn({"unit_price": 10.0, "quantity": 3})
 >>> learner.n_learned
 1
+
+With the label in another topic, each prediction waits (its features and the
+prediction made) under its ``join_on`` id until a record of ``label_topic``
+with that id brings the label, within ``label_window_s`` of event time; then
+the prediction is evaluated and the model learns. Predictions whose window
+closes unlabelled are dropped (counted ``expired`` in ``label_stats()``).
+
+>>> spec = CustomSpec(input="orders", output_topic="returns-risk", label="returned", task="binary",
+...     features=["amount"], label_topic="returns", join_on="order_id", label_window_s=60,
+...     model={"class": "linear_model.LogisticRegression"})
+>>> learner = spec.build("returns", {})
+>>> for record in [{"order_id": "o1", "ts": 0, "amount": 90.0}, {"order_id": "o2", "ts": 10, "amount": 5.0}]:
+...     learner.predict(record); learner.learn(record)
+{'probability': 0.5}
+{'probability': 0.5}
+>>> label = {"order_id": "o1", "ts": 5_000, "returned": True}
+>>> learner.predict(label) is None
+True
+>>> learner.learn(label)
+>>> learner.learn({"order_id": "o3", "ts": 90_000, "amount": 1.0})   # o2's window closed meanwhile
+>>> learner.n_learned, learner.label_stats()["joined"], learner.label_stats()["expired"]
+(1, 1, 1)
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from river import base
+from river import base, compose
 
-from stream.drift import DriftMonitor, DriftSpec, Switch
+from stream.drift import AdaptiveModel, DriftMonitor, DriftSpec, Switch
 from stream.evaluation import Evaluation
+from stream.events import EVENT_TYPES
+from stream.labels import LabelJoin
 from stream.learners.base import Learner
 from stream.models import build_model
 
-__all__ = ["ConfiguredLearner", "CustomSpec"]
+__all__ = ["ConfiguredLearner", "CustomSpec", "accepts_sample_weight", "with_seed"]
 
 Task = Literal["binary", "multiclass", "regression"]
 _IDS = frozenset({"event_id", "ts", "user_id", "item_id", "order_id", "session_id", "device_id"})
@@ -55,6 +81,8 @@ class CustomSpec(msgspec.Struct, tag="custom", tag_field="kind", forbid_unknown_
     #: Field naming the entity (record key); excluded from features.
     key: str | None = None
     #: When the label arrives in another topic: that topic and the id joining the two.
+    #: A record is told to be a label by its topic's contract type; when neither topic
+    #: is a contract stream, by carrying the ``label`` field (input records must not).
     label_topic: str | None = None
     join_on: str | None = None
     #: How long (event time) a prediction waits for its label before it is dropped.
@@ -64,15 +92,21 @@ class CustomSpec(msgspec.Struct, tag="custom", tag_field="kind", forbid_unknown_
     #: Concept drift on the prediction errors: ``{ detector = "adwin", reaction = "report" | "switch" }``
     #: (see ``stream.drift.DriftSpec``); absent: quality is measured, drift is not watched.
     drift: DriftSpec | None = None
+    #: Rolling window (outcomes) of the rolling quality metrics.
+    evaluation_window: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    #: Given to every (nested) model that takes a ``seed`` and has none.
+    seed: int = 42
 
     def validate(self, name: str) -> None:
         if (self.label_topic is None) != (self.join_on is None):
             raise ValueError("`label_topic` and `join_on` go together")
+        if self.label_topic is not None and self.label_topic == self.input:
+            raise ValueError("`label_topic` is the input topic: leave it out (the label is a field of the same event)")
         if self.label_window_s <= 0 or self.max_pending < 1:
             raise ValueError("`label_window_s` and `max_pending` must be positive")
         if self.drift is not None:
             self.drift.validate()
-        model = build_model(self.model, "model")
+        model = build_model(with_seed(self.model, self.seed), "model")
         expected = {"binary": base.Classifier, "multiclass": base.Classifier, "regression": base.Regressor}[self.task]
         if not isinstance(model, expected):
             raise ValueError(f"model: a {self.task} task needs a River {expected.__name__}, got {type(model).__name__}")
@@ -85,6 +119,64 @@ def _as_dict(event: Any) -> Mapping[str, Any]:
     return event if isinstance(event, Mapping) else msgspec.structs.asdict(event)
 
 
+def _accepts_seed(path: Any) -> bool:
+    if not isinstance(path, str) or "." not in path:
+        return False
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(f"river.{module}"), name)
+        return "seed" in inspect.signature(cls).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False  # build_model reports it
+
+
+def accepts_sample_weight(model: Any) -> bool:
+    """Whether ``learn_one`` of the final estimator (of a pipeline, of an
+    ``AdaptiveModel``) takes a sample weight ``w``.
+
+    >>> from river import linear_model, naive_bayes, preprocessing
+    >>> accepts_sample_weight(preprocessing.StandardScaler() | linear_model.LogisticRegression())
+    True
+    >>> accepts_sample_weight(naive_bayes.GaussianNB())
+    False
+    """
+    while True:
+        if isinstance(model, AdaptiveModel):
+            model = model.current
+        elif isinstance(model, compose.Pipeline):
+            model = list(model.steps.values())[-1]
+        else:
+            break
+    try:
+        return "w" in inspect.signature(model.learn_one).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def with_seed(spec: Any, seed: int) -> Any:
+    """``spec`` with ``seed`` given to every (nested) model that takes one and has
+    none, so models are reproducible without repeating the seed in config.
+
+    >>> with_seed({"class": "forest.ARFClassifier"}, 7)
+    {'class': 'forest.ARFClassifier', 'params': {'seed': 7}}
+    >>> with_seed([{"class": "preprocessing.StandardScaler"}], 7)
+    [{'class': 'preprocessing.StandardScaler', 'params': {}}]
+    """
+    if isinstance(spec, list):
+        return [with_seed(s, seed) for s in spec]
+    if not isinstance(spec, dict) or "class" not in spec:
+        return spec
+    params = spec.get("params")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return spec  # build_model reports it
+    params = {k: with_seed(v, seed) for k, v in params.items()}
+    if "seed" not in params and _accepts_seed(spec["class"]):
+        params["seed"] = seed
+    return {**spec, "params": params}
+
+
 class ConfiguredLearner(Learner):
     kind = "custom"
 
@@ -94,19 +186,28 @@ class ConfiguredLearner(Learner):
         reads = {self.input_topic} | ({self.label_topic} if self.label_topic else set())
         super().__init__(name, spec.output_topic, frozenset(reads))
         self.spec = spec
-        model = build_model(spec.model)
+        model = build_model(with_seed(spec.model, spec.seed))
         # With reaction "switch" the model is an AdaptiveModel that is also the monitor.
         self.model: Any = model
         monitor: DriftMonitor | None = None
         if spec.drift is not None:
             self.model, monitor = spec.drift.build(model, task=spec.task, name=name, on_switch=self._model_switched)
-        self.evaluation = _EVALUATIONS[spec.task](_QUALITY_WINDOW, drift=monitor)
-        #: The last event predicted and its prediction: the label is in the same
-        #: event, so ``learn`` evaluates the prediction ``predict`` just made.
-        self._scored: tuple[Any, Any] | None = None
+        self.evaluation = _EVALUATIONS[spec.task](spec.evaluation_window, drift=monitor)
+        #: The last event predicted, its features and its prediction: ``learn``
+        #: evaluates (same-event label) or parks (joined label) what ``predict`` made.
+        self._scored: tuple[Any, dict[str, float], Any] | None = None
         self._excluded = frozenset({spec.label, *spec.exclude, *([spec.key] if spec.key else [])}) | _IDS
-        if spec.label_topic is not None:
-            raise NotImplementedError("joined labels are added with stream.labels")
+        #: Predictions waiting for their label from ``label_topic`` (None: same-event labels).
+        self.joins: LabelJoin[Any, tuple[dict[str, float], Any]] | None = None
+        self._input_type: type | None = None
+        self._label_type: type | None = None
+        if self.label_topic is not None:
+            self._excluded |= {spec.join_on}
+            contract = {topic: EVENT_TYPES[stream] for stream, topic in topics.items() if stream in EVENT_TYPES}
+            self._input_type = contract.get(self.input_topic)
+            self._label_type = contract.get(self.label_topic)
+            # Unlabelled predictions past the window are dropped: no on_expire.
+            self.joins = LabelJoin(int(spec.label_window_s * 1000), spec.max_pending, on_label=self._joined)
 
     def features(self, record: Mapping[str, Any]) -> dict[str, float]:
         """Numbers as they are, strings one-hot (``field=value``), booleans as 0/1."""
@@ -126,14 +227,16 @@ class ConfiguredLearner(Learner):
         return x
 
     def predict(self, event: Any) -> dict[str, Any] | None:
+        if self.joins is not None and self._is_label(event):
+            return None
         record = _as_dict(event)
         x = self.features(record)
         if self.spec.task == "regression":
             value = float(self.model.predict_one(x))
-            self._scored = (event, value)
+            self._scored = (event, x, value)
             return {"value": value}
         proba = self.model.predict_proba_one(x)
-        self._scored = (event, proba)
+        self._scored = (event, x, proba)
         if self.spec.task == "binary":
             return {"probability": float(proba.get(True, 0.0))}
         label = max(proba, key=proba.__getitem__) if proba else None
@@ -141,17 +244,65 @@ class ConfiguredLearner(Learner):
 
     def learn(self, event: Any) -> None:
         record = _as_dict(event)
+        scored, self._scored = self._scored, None
+        joins = self.joins
+        if joins is not None:
+            ts = _event_time(record)
+            key = self._join_key(record)
+            if self._is_label(event):
+                joins.label(key, self._target(record), ts)
+                return
+            if scored is not None and scored[0] is event:
+                x, prediction = scored[1], scored[2]
+            else:
+                x = self.features(record)
+                prediction = self.model.predict_one(x) if self.spec.task == "regression" else (
+                    self.model.predict_proba_one(x)
+                )
+            joins.add(key, (x, prediction), ts)
+            return
+        y = self._target(record)
+        if scored is not None and scored[0] is event:
+            x = scored[1]
+            self._evaluate(y, scored[2], record.get("ts") or 0)
+        else:
+            x = self.features(record)
+        self.model.learn_one(x, y)
+        self.n_learned += 1
+
+    def label_stats(self) -> Mapping[str, int]:
+        return self.joins.stats() if self.joins is not None else {}
+
+    # -- labels -------------------------------------------------------------------------
+
+    def _is_label(self, event: Any) -> bool:
+        """Whether ``event`` is a record of ``label_topic`` (see ``CustomSpec.label_topic``)."""
+        if self._label_type is not None:
+            return type(event) is self._label_type
+        if self._input_type is not None:
+            return type(event) is not self._input_type
+        return self.spec.label in event
+
+    def _join_key(self, record: Mapping[str, Any]) -> Any:
+        key = record.get(self.spec.join_on)  # type: ignore[arg-type]
+        if key is None or isinstance(key, (bool, float)) or not isinstance(key, (str, int)):
+            raise ValueError(f"join field `{self.spec.join_on}` is missing or not a string or integer id")
+        return key
+
+    def _target(self, record: Mapping[str, Any]) -> Any:
         y = record.get(self.spec.label)
         if y is None:
             raise ValueError(f"label field `{self.spec.label}` is missing")
         if self.spec.task == "binary":
-            y = bool(y)
-        elif self.spec.task == "regression":
-            y = float(y)
-        scored, self._scored = self._scored, None
-        if scored is not None and scored[0] is event:
-            self._evaluate(y, scored[1], record.get("ts") or 0)
-        self.model.learn_one(self.features(record), y)
+            return bool(y)
+        if self.spec.task == "regression":
+            return float(y)
+        return y
+
+    def _joined(self, payload: tuple[dict[str, float], Any], y: Any, ts: int) -> None:
+        x, prediction = payload
+        self._evaluate(y, prediction, ts)
+        self.model.learn_one(x, y)
         self.n_learned += 1
 
     def _evaluate(self, y: Any, prediction: Any, ts: int) -> None:
@@ -166,8 +317,13 @@ class ConfiguredLearner(Learner):
         self.model_version += 1
 
 
-#: Rolling window (outcomes) of the windowed quality metrics.
-_QUALITY_WINDOW = 10_000
+def _event_time(record: Mapping[str, Any]) -> int:
+    ts = record.get("ts")
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+        raise ValueError("field `ts` (event time, epoch ms) is missing: joining labels needs it")
+    return int(ts)
+
+
 _EVALUATIONS = {
     "binary": Evaluation.for_binary,
     "multiclass": Evaluation.for_multiclass,
