@@ -167,6 +167,7 @@ class Application:
         self.checkpoints = 0
         self.replayed = 0
         # Per activation.
+        self._fatal: str | None = None
         self._lease_held = False
         self._lost_at = -1e9
         self._session_timeout_s = float(config.kafka.consumer.get("session.timeout.ms", 45_000)) / 1000
@@ -214,7 +215,10 @@ class Application:
         try:
             self._start_clients()
             self._main()
-            clean = True
+            clean = self._fatal is None
+            if self._fatal is not None:
+                log.error("fatal client error, exiting", extra={"reason": self._fatal})
+                code = EXIT_FATAL
         except (StateError, CheckpointError) as exc:
             log.error("refusing to run", extra={"reason": str(exc)})
             code = EXIT_STATE
@@ -857,7 +861,11 @@ class Application:
 
     def _client_error(self, err: KafkaError) -> None:
         if err.fatal():
+            # A client with a fatal error is unusable (e.g. the lease member fenced after its
+            # session expired during a broker pause): exit non-zero without committing; the
+            # supervisor's restart rejoins and restores.
             log_error_cb(err)
+            self._fatal = f"{err.name()}: {err.str()}"
             self.stop()
             return
         self._warn(err.name(), "kafka client error", code=err.name(), reason=err.str())

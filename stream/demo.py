@@ -31,7 +31,7 @@ import msgspec
 
 from stream.config import Config, load_config
 from stream.progress import Progress
-from stream.replay import RecordedMessage, truth_lines
+from stream.replay import RecordedMessage
 from stream.simulate import GroundTruth, SimConfig, Simulation
 
 __all__ = [
@@ -113,10 +113,11 @@ class TruthScorer:
         self.regret_after_change: dict[str, _Mean] = {}
         self.fraud_scores: dict[str, dict[str, float]] = {}
         self.blocked: dict[str, list[int]] = {}  # learner -> [true pos, flagged, frauds scored]
-        shift = next((d for d in truth.drifts if d.kind == "taste_shift"), None)
-        change = next((d for d in truth.drifts if d.kind == "elasticity_change"), None)
-        self._shift_ts = shift.ts if shift is not None else None
-        self._change_ts = change.ts if change is not None else None
+
+    def _since(self, kind: str, ts: int) -> bool:
+        """Whether the drift ``kind`` has happened by ``ts`` (drifts are appended
+        while the simulation runs, so this looks each time: at most three)."""
+        return any(d.kind == kind and ts >= d.ts for d in self.truth.drifts)
 
     # -- wiring ------------------------------------------------------------------
 
@@ -160,7 +161,7 @@ class TruthScorer:
                 tops = truth.top_categories(user, ts)
                 base = sum(float(truth.category_weights[truth.categories.index(c)]) for c in tops)
                 self.hit_baseline.setdefault(name, _Mean()).add(base / float(truth.category_weights.sum()))
-                if self._shift_ts is not None and ts >= self._shift_ts:
+                if self._since("taste_shift", ts):
                     self.hits_after_shift.setdefault(name, _Mean()).add(hit)
         price = prediction.get("recommended_price")
         item = _get(event, "item_id")
@@ -169,7 +170,7 @@ class TruthScorer:
             current = _get(event, "unit_price") or _get(event, "price")
             if isinstance(current, (int, float)) and current > 0:
                 self.regret_baseline.setdefault(name, _Mean()).add(truth.pricing_regret(item, float(current), ts))
-            if self._change_ts is not None and ts >= self._change_ts:
+            if self._since("elasticity_change", ts):
                 self.regret_after_change.setdefault(name, _Mean()).add(truth.pricing_regret(item, float(price), ts))
         p = prediction.get("fraud_probability")
         order = _get(event, "order_id")
@@ -220,13 +221,14 @@ def score_against_truth(truth: GroundTruth, run: Any, config: Config, scorer: Tr
     drift: dict[str, Any] = {}
     for learner, name, _ in run.monitors:
         streams = sorted({by_topic[t] for t in learner.reads if t in by_topic})
+        kind = getattr(learner, "kind", None)
         dets = run.detections[name]
-        score = truth.score_detections([(d["ts"], d["index"]) for d in dets], streams)
+        score = truth.score_detections([(d["ts"], d["index"]) for d in dets], streams, learner=kind)
         entry = {"streams": streams, "drifts": score.drifts, "false_alarms": score.false_alarms,
                  "detections": score.detections}  # fmt: skip
         if any(d.get("direction") for d in dets):
             worse = [(d["ts"], d["index"]) for d in dets if d.get("direction") == "worse"]
-            w = truth.score_detections(worse, streams)
+            w = truth.score_detections(worse, streams, learner=kind)
             entry["worse_only"] = {"drifts": w.drifts, "false_alarms": w.false_alarms, "detections": w.detections}
         drift[name] = entry
     return {
@@ -351,92 +353,117 @@ def isolated_config(config: Config, *, prefix: str, group_id: str, checkpoint_di
     return msgspec.structs.replace(config, **changes)
 
 
+#: Kafka demo flow control: produce this many events, then wait until the application consumed them.
+_CHUNK = 500
+
+
 def _demo_kafka(
     sim: Simulation, config: Config, metrics: Any, *, progress: bool, keep_topics: bool, out: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Simulate into fresh topics, run the Application on them, score what it published."""
+    """Stream the simulation into fresh topics while the Application consumes
+    them, then score what it published.
+
+    Events are produced in chunks of ``_CHUNK``, each once the application
+    has consumed the previous one: as live traffic would, the consumer then
+    sees the topics interleaved roughly in event time (within a chunk), not
+    one whole topic after another, which is what consuming topics filled
+    beforehand gives (labels before the predictions they label ...)."""
+    from bisect import bisect_right
+
     from confluent_kafka.admin import AdminClient
 
     from stream.app import Application, lease_topic
     from stream.kafka import admin_config, create_topics
-    from stream.replay import DriftTracker, KafkaWriter
+    from stream.replay import BacktestResult, DriftTracker, KafkaWriter
 
     run_id = uuid.uuid4().hex[:8]
     workdir = tempfile.mkdtemp(prefix="stream-demo-")
     cfg = isolated_config(config, prefix=f"demo-{run_id}-", group_id=f"stream-demo-{run_id}", checkpoint_dir=workdir)
+    # Short polls: the application must not sit out its poll timeout at every chunk.
+    cfg = msgspec.structs.replace(cfg, processing=msgspec.structs.replace(cfg.processing, poll_timeout_s=0.01))
     created = create_topics(cfg)
     out(f"  topics: {', '.join(sorted(created))}")
 
-    # Produce the whole simulation; remember what the scorer needs of each event.
+    counter = _Counting(metrics)
+    app = Application(cfg, observer=counter)
+    tracker = DriftTracker(app.learners)
+    # Checked after every record, in the application's thread (where the learners change).
+    counter.after = lambda ts: tracker.check(-1, ts)
+    # The application reads only the topics its learners read.
+    read = {t for learner in app.learners for t in learner.reads}
+    thread = threading.Thread(target=app.run, name="stream-demo-app", daemon=True)
+
     names = cfg.input_topics()
     per_topic: dict[str, int] = {}
     writer = KafkaWriter(cfg)
-    events: dict[str, Any] = {}
+    events: dict[str, Any] = {}  # what the scorer needs of each event, by event id
+    stamps: list[int] = []  # event time of each position in the stream
     decode = msgspec.json.Decoder().decode
-    bar = Progress(sim.config.events, desc="simulate -> kafka", enabled=progress)
-    for n, (stream, key, value, ts) in enumerate(sim):
-        writer.produce(names[stream], key, value, timestamp=ts, headers=sim.headers(n))
-        per_topic[names[stream]] = per_topic.get(names[stream], 0) + 1
-        if stream in ("clicks", "purchases"):
-            try:
-                ev = decode(value)
-                events[ev["event_id"]] = ev
-            except (msgspec.DecodeError, UnicodeDecodeError, KeyError, TypeError):
-                pass
-        bar.update()
-    writer.flush()
-    bar.close()
-    produced = writer.produced
+    expected = 0
 
-    counter = _Counting(metrics)
-    app = Application(cfg, observer=counter)
-    runner = DriftTracker(app.learners)
-    # The application reads only the topics its learners read.
-    read = {t for learner in app.learners for t in learner.reads}
-    expected = sum(n for t, n in per_topic.items() if t in read)
-    thread = threading.Thread(target=app.run, name="stream-demo-app", daemon=True)
+    def catch_up() -> None:
+        writer.flush()
+        deadline = time.monotonic() + 120
+        while counter.records < expected:
+            if not thread.is_alive():
+                raise RuntimeError("the application stopped; see the log above")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the application consumed {counter.records:,} of {expected:,} records in 120 s")
+            time.sleep(0.005)
+
     started = time.monotonic()
     thread.start()
-    bar = Progress(expected, desc="run (kafka)", enabled=progress, status=runner.status)
-    last = 0
+    bar = Progress(sim.config.events, desc="demo (kafka)", enabled=progress, status=tracker.status)
     try:
-        while counter.records < expected and thread.is_alive():
-            time.sleep(0.2)
-            now = counter.records
-            # Polled from this thread: detections are placed at the poll, not the exact record.
-            runner.check(now, 0)
-            bar.update(now - last)
-            last = now
+        for n, (stream, key, value, ts) in enumerate(sim):
+            topic = names[stream]
+            writer.produce(topic, key, value, timestamp=ts, headers=sim.headers(n))
+            per_topic[topic] = per_topic.get(topic, 0) + 1
+            stamps.append(ts)
+            if topic in read:
+                expected += 1
+            if stream in ("clicks", "purchases", "prices"):
+                try:
+                    ev = decode(value)
+                    events[ev["event_id"]] = ev
+                except (msgspec.DecodeError, UnicodeDecodeError, KeyError, TypeError):
+                    pass  # a deliberately invalid record: the pipeline dead-letters it
+            bar.update()
+            if (n + 1) % _CHUNK == 0:
+                catch_up()
+        catch_up()
     finally:
         app.stop()
         thread.join(60)
         bar.close()
     elapsed = time.monotonic() - started
+    # Place each detection at its event time's position in the stream.
+    for dets in tracker.detections.values():
+        for d in dets:
+            d["index"] = max(bisect_right(stamps, d["ts"]) - 1, 0)
 
     scorer = TruthScorer(sim.truth)
-    outputs = _read_outputs(cfg, [lrn.output_topic for lrn in app.learners])
-    for topic_name, values in outputs.items():
-        del topic_name
+    outputs = _read_outputs(cfg, sorted({lrn.output_topic for lrn in app.learners}))
+    for values in outputs.values():
         for value in values:
             doc = decode(value)
             ev = events.get(doc.get("event_id"))
             if ev is not None and isinstance(doc.get("prediction"), dict):
                 scorer.score(doc["learner"], ev, doc["prediction"])
-    truth = score_against_truth(sim.truth, runner, cfg, scorer)
-    lines = [
-        f"Kafka demo on {cfg.kafka.bootstrap_servers}: {produced:,} events produced, {counter.records:,} consumed "
-        f"in {elapsed:.1f}s",
-        "  outputs    " + ", ".join(f"{t} {len(v):,}" for t, v in sorted(outputs.items())),
-        f"  dead letters {sum(counter.dead.values()):,}",
-    ]
-    report = runner.learner_report()
-    for name, info in report.items():
-        lines.append(f"  {name} ({info['kind']}): {info['n_learned']:,} learned, model v{info['model_version']}")
-        for metric, windows in info["quality"].items():
-            lines.append(f"    {metric:<22} " + "  ".join(f"{w} {v:.4f}" for w, v in windows.items()))
-    lines.append("")
-    lines.append("  against the simulator's ground truth:")
-    lines.extend("    " + line for line in truth_lines(truth))
+    result = BacktestResult(
+        source=f"{cfg.kafka.bootstrap_servers}, simulator seed {sim.config.seed}",
+        records=counter.records,
+        by_topic={t: n for t, n in per_topic.items() if t in read},
+        skipped={t: n for t, n in per_topic.items() if t not in read},
+        outputs={t: len(v) for t, v in outputs.items()},
+        dead_letters=dict(counter.dead),
+        learners=tracker.learner_report(),
+        timeline=[],
+        elapsed_s=elapsed,
+        truth=score_against_truth(sim.truth, tracker, cfg, scorer),
+        title="Kafka demo run",
+    )
+    text = result.text()
     shutil.rmtree(workdir, ignore_errors=True)
     if not keep_topics:
         admin = AdminClient(admin_config(cfg))
@@ -447,13 +474,8 @@ def _demo_kafka(
             except Exception as exc:  # leftover demo topics are harmless; say so and go on
                 log.warning("could not delete demo topic", extra={"error": str(exc)})
     else:
-        lines.append(f"  topics kept: {', '.join(sorted(created))}")
-    return {
-        "text": "\n".join(lines),
-        "learners": report,
-        "truth": truth,
-        "outputs": {t: len(v) for t, v in outputs.items()},
-    }
+        text += f"\n  topics kept: {', '.join(sorted(created))}"
+    return {"text": text, **result.to_dict()}
 
 
 class _Counting:
@@ -467,11 +489,15 @@ class _Counting:
         self._p = getattr(inner, "processed", None)
         self._pub = getattr(inner, "published", None)
         self._d = getattr(inner, "dead_lettered", None)
+        #: Called with the event time of every successfully processed record.
+        self.after: Callable[[int], None] | None = None
 
     def processed(self, topic: str, record: Any, event: Any) -> None:
         self.records += 1
         if self._p is not None:
             self._p(topic, record, event)
+        if self.after is not None:
+            self.after(record.timestamp()[1])
 
     def published(self, learner: Any, event: Any, record: Any) -> None:
         if self._pub is not None:
@@ -541,7 +567,7 @@ def demo_command(args: Any) -> int:
         )
     except ConfigError:
         raise
-    except RecordingError as exc:
+    except (RecordingError, RuntimeError) as exc:
         print(f"stream: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1093,7 +1093,12 @@ def truth_lines(truth: dict[str, Any]) -> list[str]:
                 ev = f", {d['delay_events']:,} events" if d.get("delay_events") is not None else ""
                 parts.append(f"{d['kind']} caught after {d['delay_ms'] / 60000:.1f} min{ev}")
         found = "; ".join(parts) or "no relevant drift"
-        lines.append(f"drift {mon}: {found}; false alarms {score['false_alarms']} of {score['detections']} detections")
+        alarms = f"false alarms {score['false_alarms']} of {score['detections']} detections"
+        worse = score.get("worse_only")
+        if worse is not None:
+            # Detections of the error going down are a model still learning, not a concept drift.
+            alarms += f" ({worse['false_alarms']} of {worse['detections']} counting only error increases)"
+        lines.append(f"drift {mon}: {found}; {alarms}")
     if not truth.get("learners") and not truth.get("drift"):
         lines.append("(no learner here has predictions or drift monitors to score)")
     return lines

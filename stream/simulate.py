@@ -195,6 +195,8 @@ class DriftPoint:
     streams: list[str]
     description: str
     details: dict[str, Any] = field(default_factory=dict)
+    #: The learner kinds this drift is meant to challenge (recommendation, pricing, risk).
+    learners: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -336,8 +338,12 @@ class GroundTruth:
         ranks[order] = np.repeat(avg, counts)
         return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
-    def drift_points(self, streams: Sequence[str] | None = None) -> list[DriftPoint]:
-        """Drifts that change any of ``streams`` (all drifts when None)."""
+    def drift_points(self, streams: Sequence[str] | None = None, learner: str | None = None) -> list[DriftPoint]:
+        """Drifts meant for the learner kind ``learner`` (``recommendation``,
+        ``pricing``, ``risk``) if given and known, else drifts that change any
+        of ``streams``, else all."""
+        if learner is not None and any(learner in d.learners for d in self.drifts):
+            return [d for d in self.drifts if learner in d.learners]
         if streams is None:
             return list(self.drifts)
         wanted = set(streams)
@@ -348,12 +354,14 @@ class GroundTruth:
         detections: Sequence[tuple[int, int | None]],
         streams: Sequence[str] | None = None,
         tolerance_ms: int | None = None,
+        learner: str | None = None,
     ) -> DetectionScore:
-        """Score a detector's ``(ts, event_index)`` detections against the drifts
-        of ``streams``: the first detection within ``tolerance_ms`` after a
-        drift (and before the next one) gives its delay; every other detection
-        is a false alarm. The tolerance defaults to a fifth of the stream."""
-        drifts = sorted(self.drift_points(streams), key=lambda d: d.ts)
+        """Score a detector's ``(ts, event_index)`` detections against the
+        relevant drifts (``drift_points(streams, learner)``): the first
+        detection within ``tolerance_ms`` after a drift (and before the next
+        relevant one) gives its delay; every other detection is a false alarm.
+        The tolerance defaults to a fifth of the stream."""
+        drifts = sorted(self.drift_points(streams, learner), key=lambda d: d.ts)
         if tolerance_ms is None:
             tolerance_ms = max((self.end_ts - self.start_ts) // 5, 1)
         used: set[int] = set()
@@ -407,6 +415,7 @@ class GroundTruth:
                     "index": d.index,
                     "streams": d.streams,
                     "description": d.description,
+                    "learners": d.learners,
                     "details": {k: v for k, v in d.details.items() if not k.startswith("_")},
                 }
                 for d in self.drifts
@@ -449,7 +458,9 @@ class GroundTruth:
         truth.frauds = doc["fraud"]["frauds"]
         truth.bad_records = doc["bad_records"]
         for d in doc["drifts"]:
-            point = DriftPoint(d["kind"], d["ts"], d["index"], d["streams"], d["description"], d["details"])
+            point = DriftPoint(
+                d["kind"], d["ts"], d["index"], d["streams"], d["description"], d["details"], d.get("learners", [])
+            )
             _attach_private(point, truth)
             truth.drifts.append(point)
         return truth
@@ -706,6 +717,7 @@ class Simulation:
                     "_perm": perm,
                     "_users": {int(u) for u in users},
                 },
+                ["recommendation"],
             )
             return point
         if kind == "elasticity_change":
@@ -722,6 +734,7 @@ class Simulation:
                     "elasticity": {cats[k]: float(self.elasticity[k]) for k in range(n_cat)},
                     "_elasticity": self.elasticity.copy(),
                 },
+                ["pricing"],
             )
         if kind == "fraud_pattern":
             state.fraud_pattern_b = True
@@ -732,6 +745,7 @@ class Simulation:
                 ["purchases", "fraud_labels"],
                 "new fraud pattern: account takeover with gift cards, bulk quantities, domestic shipping",
                 {"pattern": "B", "share_of_frauds": 0.7, "category": cats[state.fraud_b_category]},
+                ["risk"],
             )
         raise ValueError(kind)
 

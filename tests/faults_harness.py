@@ -20,15 +20,16 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 #: Order-sensitive models (SGD): with one partition per topic the order is fixed and the final model must be equal.
 SGD_MODELS = {
@@ -96,6 +97,18 @@ class Run:
 
     def has(self, msg: str) -> bool:
         return any(line.get("msg") == msg for line in self.lines())
+
+
+def _retry(call: Callable[[], T], timeout: float = 60.0) -> T:
+    """The checkers run right after broker faults: retry what fails while the broker recovers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def tail(path: Path, n: int = 4000) -> str:
@@ -350,6 +363,9 @@ model = {models['clf']}
         return [TopicPartition(t, p) for t in self.inputs.values() for p in range(self.partitions)]
 
     def committed(self) -> dict[tuple[str, int], int]:
+        return _retry(self._committed)
+
+    def _committed(self) -> dict[tuple[str, int], int]:
         c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group, "enable.auto.commit": False,
                       "isolation.level": "read_committed"})
         try:
@@ -358,6 +374,9 @@ model = {models['clf']}
             c.close()
 
     def end_offsets(self, topics: Iterable[str] | None = None) -> dict[tuple[str, int], int]:
+        return _retry(lambda: self._end_offsets(topics))
+
+    def _end_offsets(self, topics: Iterable[str] | None) -> dict[tuple[str, int], int]:
         c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.prefix}-probe"})
         try:
             tps = self._tps() if topics is None else [TopicPartition(t, 0) for t in topics]

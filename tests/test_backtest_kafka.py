@@ -261,4 +261,4 @@ def test_demo_through_kafka(kafka_bootstrap: str, capsys: pytest.CaptureFixture[
     args = ["demo", "--events", "4000", "--metrics-port", "0", "--bootstrap-servers", kafka_bootstrap, "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "Kafka demo on" in printed and "against the simulator's ground truth" in printed
+    assert "Kafka demo run of" in printed and "against the simulator's ground truth" in printed

@@ -31,7 +31,13 @@ def click(user: str, item: str, ts: int, category: str | None = None, n: int = 0
 
 def purchase(user: str, item: str, ts: int, category: str | None = None) -> Purchase:
     return Purchase(
-        event_id=f"p{ts}", ts=ts, order_id=f"o{ts}", user_id=user, item_id=item, quantity=1, unit_price=1.0,
+        event_id=f"p{ts}",
+        ts=ts,
+        order_id=f"o{ts}",
+        user_id=user,
+        item_id=item,
+        quantity=1,
+        unit_price=1.0,
         category=category,
     )
 
@@ -141,21 +147,27 @@ def test_a_new_item_is_recommended_once_it_has_traffic() -> None:
     assert ids(rec.predict(click("y", "old0", later + 10)))[0] == "fresh"
 
 
-def test_model_ranks_items_co_clicked_with_what_the_user_clicks() -> None:
-    rec = learner(k=3, popular_candidates=4, negatives=1)
+def test_model_ranks_what_goes_with_what_the_user_clicks() -> None:
+    rec = learner(k=3, popular_candidates=4)
+    rng = np.random.default_rng(0)
     events = []
     ts = T0
-    # Pairs always clicked together, by many users; "pop" items clicked by everyone.
-    for u in range(300):
-        pair = u % 3
-        for item in (f"x{pair}", f"y{pair}", "pop1", "pop2", "pop3", "pop4"):
+    # Ten groups of three items; each user browses one group, in random order.
+    for u in range(600):
+        group = u % 10
+        for item in rng.permutation([f"x{group}", f"y{group}", f"z{group}"]):
             ts += 10
-            events.append(click(f"u{u}", item, ts))
+            events.append(click(f"u{u}", str(item), ts))
     feed(rec, events)
-    feed(rec, [click("me", "x1", ts + 10)])
-    out = rec.predict(click("me", "pop1", ts + 20))
+    feed(rec, [click("me", "x7", ts + 10)])
+    out = rec.predict(click("me", "y7", ts + 20))
     assert out is not None and out.source == "model"
-    assert "y1" in ids(out)
+    # The rest of its group first (the item just clicked excluded, the one before not).
+    assert set(ids(out)[:2]) == {"x7", "z7"}
+    # A user the model knows: a group fan clicking elsewhere still gets their group.
+    feed(rec, [click("fan", item, ts + 30 + i) for i, item in enumerate(["x3", "y3", "z3"] * 3)])
+    out = rec.predict(click("fan", "x5", ts + 100))
+    assert out is not None and {"y3", "z3"} & set(ids(out))
 
 
 # -- quality ---------------------------------------------------------------------------------
@@ -174,8 +186,9 @@ def test_hit_rate_beats_the_popularity_baseline(tastes: list[Click | Purchase]) 
 
 def test_only_lists_served_within_the_hit_window_are_evaluated() -> None:
     rec = learner(k=2, popular_candidates=3, hit_window_s=60.0)
-    feed(rec, [click("u", "a", T0), click("v", "b", T0 + 1), click("w", "c", T0 + 2)])
-    feed(rec, [click("u", "b", T0 + 30_000)])  # within a minute of u's last list
+    feed(rec, [click("v", "b", T0), click("w", "c", T0 + 1), click("x", "b", T0 + 2)])
+    feed(rec, [click("u", "a", T0 + 10)])  # served the popularity list [b, c]
+    feed(rec, [click("u", "b", T0 + 30_000)])  # within a minute of it: a hit
     assert rec.evaluation.n_evaluated == 1
     feed(rec, [click("u", "c", T0 + 200_000)])  # too late to be a reaction to it
     assert rec.evaluation.n_evaluated == 1

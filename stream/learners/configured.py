@@ -83,6 +83,7 @@ class CustomSpec(msgspec.Struct, tag="custom", tag_field="kind", forbid_unknown_
     #: When the label arrives in another topic: that topic and the id joining the two.
     #: A record is told to be a label by its topic's contract type; when neither topic
     #: is a contract stream, by carrying the ``label`` field (input records must not).
+    #: Records of both topics need ``ts`` (event time, epoch ms) and the ``join_on`` id.
     label_topic: str | None = None
     join_on: str | None = None
     #: How long (event time) a prediction waits for its label before it is dropped.
@@ -252,14 +253,12 @@ class ConfiguredLearner(Learner):
             if self._is_label(event):
                 joins.label(key, self._target(record), ts)
                 return
-            if scored is not None and scored[0] is event:
-                x, prediction = scored[1], scored[2]
-            else:
-                x = self.features(record)
-                prediction = self.model.predict_one(x) if self.spec.task == "regression" else (
-                    self.model.predict_proba_one(x)
-                )
-            joins.add(key, (x, prediction), ts)
+            if scored is None or scored[0] is not event:
+                self.predict(event)  # predict failed or was skipped: score it now, as it would have been
+                scored = self._scored
+                self._scored = None
+            assert scored is not None
+            joins.add(key, (scored[1], scored[2]), ts)
             return
         y = self._target(record)
         if scored is not None and scored[0] is event:

@@ -294,6 +294,8 @@ def _price_slope(model: Any, category: str | None, competitor: bool) -> float | 
     return slope * _LOG_SCALE
 
 
+#: Price events between sweeps of items past their TTL.
+_SWEEP_EVERY = 4096
 #: Probabilities are clipped like stream.evaluation does, so the errors compare.
 _EPS = 1e-15
 
@@ -322,6 +324,7 @@ class PricingLearner(Learner):
         )
         #: View outcomes known (learned or sampled out).
         self._outcomes = 0
+        self._prices_seen = 0
         # Negatives are sampled (and weighted up) only if the model takes sample weights.
         self._negative_rate = spec.negative_sampling if accepts_sample_weight(model) else 1.0
         self._rng = random.Random(spec.seed)
@@ -341,7 +344,7 @@ class PricingLearner(Learner):
         if cls is Price:
             self._apply(event)
             quote = self.quote(event.item_id, event.ts)
-            if quote is not None:
+            if quote is not None and quote.bound_by != "warm_up":
                 self.uplift.score("margin_uplift", quote.recommended_expected_margin - quote.expected_margin)
             return quote
         return None
@@ -362,6 +365,10 @@ class PricingLearner(Learner):
                 self._apply(event)
             self._applied = None
             self.joins.advance(event.ts)
+            self._prices_seen += 1
+            if self._prices_seen % _SWEEP_EVERY == 0 and self._items.ttl_ms is not None:
+                # The TTL otherwise applies only to items priced again.
+                self._items.expire(event.ts)
 
     def label_stats(self) -> Mapping[str, int]:
         return self.joins.stats()
@@ -551,4 +558,3 @@ class PricingLearner(Learner):
 
     def _model_switched(self, switch: Any) -> None:
         self.model_version += 1
-

@@ -54,6 +54,7 @@ import inspect
 import math
 import random
 from collections.abc import Mapping
+from operator import itemgetter
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -368,13 +369,20 @@ class _BatchMFWeights(_RankerWeights):
         g_list.extend(max(min(loss.gradient(0.0, x), clip), -clip) for x in p[1:])
         g = np.array(g_list)
         l2 = self._l2
-        grad_u = g @ v + (b * l2) * pu
-        grad_v = np.outer(g, pu) + l2 * v
         uo, io = self._u_opt, self._i_opt
-        pu -= uo.lr.get(uo.n_iterations) * grad_u
+        lr_u, lr_i = uo.lr.get(uo.n_iterations), io.lr.get(io.n_iterations)
         uo.n_iterations += b
-        vectors[rows] = v - io.lr.get(io.n_iterations) * grad_v
         io.n_iterations += b
+        # Both gradients from the weights before the step:
+        #   pu <- pu - lr_u (sum_j g_j v_j + b l2 pu),  v_j <- v_j - lr_i (g_j pu + l2 v_j)
+        step_u = g @ v
+        new_v = np.outer(g * -lr_i, pu)
+        new_v += v * (1.0 - lr_i * l2)
+        vectors[rows] = new_v
+        if l2:
+            pu *= 1.0 - lr_u * b * l2
+        step_u *= lr_u
+        pu -= step_u
         if self._biased:
             ubo, ibo = m.u_bias_optimizer, m.i_bias_optimizer
             m.u_biases[user] = bu - ubo.lr.get(ubo.n_iterations) * (float(g.sum()) + b * m.l2_bias * bu)
@@ -532,7 +540,7 @@ class _Item:
     def __init__(self) -> None:
         self.row = -1
         self.category: str | None = None
-        #: Row of a co-clicked item -> weighted co-click count (space-saving when full).
+        #: Row of a co-clicked item -> weighted co-click count (the largest, see ``_bump``).
         self.neighbors: dict[int, float] = {}
 
 
@@ -567,6 +575,7 @@ class RecommendationLearner(Learner):
         self._items: BoundedDict[str, _Item] = BoundedDict(
             n, int(spec.item_ttl_s * 1000) if spec.item_ttl_s is not None else None, on_evict=self._item_evicted
         )
+        self._item_ttl = spec.item_ttl_s is not None
         self._row_of: dict[str, int] = {}
         self._item_at: list[str | None] = [None] * n
         self._item_state: list[_Item | None] = [None] * n
@@ -696,15 +705,18 @@ class RecommendationLearner(Learner):
     def _touch_item(self, item: str, ts: int) -> _Item:
         row = self._row_of.get(item)
         if row is not None:
-            it = self._items.get(item, ts)  # None if its TTL ran out: forgotten, starts afresh
+            # With a TTL, None if it ran out: the item is forgotten and starts afresh.
+            it = self._items.get(item, ts) if self._item_ttl else self._item_state[row]
             if it is not None:
                 self._items.put(item, it, ts)
                 return it
         it = _Item()
         # Put first: at capacity this forgets the least recent item, freeing its row.
         self._items.put(item, it, ts)
-        row = self._free_rows.pop() if self._free_rows else self._next_row
-        if row == self._next_row:
+        if self._free_rows:
+            row = self._free_rows.pop()
+        else:
+            row = self._next_row
             self._next_row += 1
         it.row = row
         self._row_of[item] = row
@@ -721,6 +733,8 @@ class RecommendationLearner(Learner):
         if exponent > _MAX_EXPONENT:
             self._rescale(ts)
             exponent = 0.0
+        elif exponent < -_MAX_EXPONENT:
+            exponent = -_MAX_EXPONENT  # far out of order: next to nothing, but a positive count
         pop = self._popularity
         score = float(pop[row]) + weight * math.exp(exponent)
         pop[row] = score
@@ -859,16 +873,19 @@ class RecommendationLearner(Learner):
         rows.extend(self._popular.keys)
         candidates = np.fromiter(rows, dtype=np.intp, count=len(rows))
         weights = self.weights
-        if context and weights.n_factors and self.spec.context_weight:
+        gamma = self.spec.context_weight
+        if context and gamma and weights.n_factors:
             # A new user's vector says little yet; what they are looking at now does.
-            user_vector = user_vector + weights.vectors.take(context, axis=0).sum(axis=0) * (
-                self.spec.context_weight / len(context)
-            )
+            query = weights.vectors.take(context, axis=0).sum(axis=0)
+            query *= gamma / len(context)
+            query += user_vector
+            user_vector = query
         scores = weights.scores(user_vector, candidates)
         prior = self.spec.popularity_prior
         if prior:
             scores += self._prior.take(candidates)
-        order = np.argsort(scores)[::-1]
+        order = np.argsort(scores).tolist()
+        ranked = scores.tolist()
         ids: list[str] = []
         best: list[float] = []
         seen = {clicked}
@@ -878,14 +895,15 @@ class RecommendationLearner(Learner):
         # the model's plus prior * log(decayed count at ts), comparable over time.
         shift = prior * (ts - self._t0) / self._tau_ms if prior and self._t0 is not None else 0.0
         # Best first, skipping repeats, the clicked item and rows freed since noted.
-        for r, s in zip(candidates[order].tolist(), scores[order].tolist(), strict=True):
+        for i in reversed(order):
+            r = rows[i]
             if r in seen:
                 continue
             seen.add(r)
             other = item_at[r]
             if other is not None:
                 ids.append(other)
-                best.append(s - shift)
+                best.append(ranked[i] - shift)
                 if len(ids) == k:
                     break
         return ids, best
@@ -915,13 +933,14 @@ class RecommendationLearner(Learner):
 
 
 def _bump(neighbors: dict[int, float], key: int, weight: float, cap: int) -> None:
-    """Space-saving count: a newcomer to a full table replaces the smallest count and
-    inherits it, so items that keep being co-clicked get in and stay in."""
+    """Count a co-click. A full table keeps its ``cap // 2`` largest counts: one sort
+    per ``cap // 2`` newcomers instead of a scan for the smallest on each."""
     count = neighbors.get(key)
     if count is not None:
         neighbors[key] = count + weight
-    elif len(neighbors) < cap:
-        neighbors[key] = weight
-    else:
-        smallest = min(neighbors, key=neighbors.__getitem__)
-        neighbors[key] = neighbors.pop(smallest) + weight
+        return
+    if len(neighbors) >= cap:
+        kept = sorted(neighbors.items(), key=itemgetter(1), reverse=True)[: max(1, cap // 2)]
+        neighbors.clear()
+        neighbors.update(kept)
+    neighbors[key] = weight

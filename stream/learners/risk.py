@@ -224,15 +224,16 @@ def _scaled(nums: tuple[float | None, ...]) -> dict[str, float]:
 
 
 class _User:
-    """A buyer's recent history: purchase times, devices, usual amount, payment method."""
+    """A buyer's recent history: order times, devices, usual (log) amount."""
 
-    __slots__ = ("devices", "mean_log_amount", "n", "times")
+    __slots__ = ("devices", "last_order", "mean_log_amount", "n", "times")
 
     def __init__(self, max_recent: int) -> None:
         self.times: deque[int] = deque(maxlen=max_recent)
         self.devices: list[str] = []
         self.n = 0
         self.mean_log_amount = 0.0
+        self.last_order = ""
 
 
 class _Order:
@@ -408,7 +409,10 @@ class RiskLearner(Learner):
         user = self._users.get(event.user_id, ts)
         if user is None:
             user = _User(self.spec.max_recent)
-        user.times.append(ts)
+        if event.order_id != user.last_order:
+            # Velocity counts orders: the lines of one order are not a burst.
+            user.times.append(ts)
+            user.last_order = event.order_id
         user.n += 1
         log_amount = math.log(event.quantity * event.unit_price)
         # A plain mean over the first purchases, then an exponential one (habits change).
@@ -460,11 +464,12 @@ class RiskLearner(Learner):
             model.learn_one(x, False)
         self.n_labels += 1
         self.n_learned += 1
-        if self.source == "anomaly" and self.n_labels >= self.spec.min_labels and (
-            self.n_frauds >= self.spec.min_fraud_labels
-        ):
+        spec = self.spec
+        if self.source == "anomaly" and self.n_labels >= spec.min_labels and self.n_frauds >= spec.min_fraud_labels:
             self.source = "model"
-            self.detector = None  # no longer scored nor learned: its memory goes
+            # No longer scored nor learned: its memory goes.
+            self.detector = None
+            self._reference = np.zeros(0)
 
     def _model_error(self, model: Any, x: Any, y: Any) -> float:
         """The error a drift-switch candidate is scored with, on the calibrated probability
