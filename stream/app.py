@@ -64,6 +64,7 @@ from stream.state import (
     StateError,
     StoredRecord,
     describe_offsets,
+    missing_state,
 )
 
 __all__ = ["Application", "FatalError", "build_learners", "instance_id", "lease_topic", "transactional_id"]
@@ -443,6 +444,14 @@ class Application:
                             extra={"learner": template.name})
                 out.append(copy.deepcopy(template))
                 continue
+            missing = missing_state(learner, template)
+            if missing:
+                raise StateError(
+                    f"learner `{template.name}` in the checkpoint lacks state this build's "
+                    f"{type(template).__name__} has ({', '.join(missing[:8])}): its class changed since the "
+                    "checkpoint was written. Give the class a `__setstate__` that fills the new attributes "
+                    "in, or run the version that wrote the checkpoint."
+                )
             if getattr(learner, "spec", None) != getattr(template, "spec", None):
                 log.warning("learner configuration changed since the checkpoint; the checkpointed learner is kept",
                             extra={"learner": template.name})

@@ -43,6 +43,7 @@ from stream.state import (
     build,
     describe_offsets,
     holdout_error,
+    missing_state,
     read_any,
     swap_model,
 )
@@ -214,13 +215,16 @@ def _validate(config: Config, base: Checkpoint, current: Any, candidate: Any) ->
     new = holdout_error(candidate, base.holdout, config)
     if cur is None or new is None:
         return True, f"not validated: learner `{current.name}` offers no way to score its predictions"
-    (cur_err, n), (new_err, _) = cur, new
-    if n == 0 or math.isnan(cur_err) or math.isnan(new_err):
-        return True, f"not validated: no labelled holdout records for learner `{current.name}`"
+    if new.failed > cur.failed:
+        return False, (f"REFUSED: the candidate raised on {new.failed} of the holdout records "
+                       f"(the current model on {cur.failed})")
+    if cur.n == 0 or new.n == 0 or math.isnan(cur.mean) or math.isnan(new.mean):
+        failed = f"; the current learner raised on {cur.failed} records" if cur.failed else ""
+        return True, f"not validated: no scored holdout records for learner `{current.name}`{failed}"
     margin = config.checkpoints.max_degradation
-    ok = new_err <= cur_err + margin * abs(cur_err) + 1e-12
+    ok = new.mean <= cur.mean + margin * abs(cur.mean) + 1e-12
     verdict = "accepted" if ok else f"REFUSED (worse by more than {margin:.0%})"
-    return ok, (f"holdout of {n} records, mean error: current {cur_err:.6g}, candidate {new_err:.6g}: {verdict}")
+    return ok, f"holdout of {cur.n} records, mean error: current {cur.mean:.6g}, candidate {new.mean:.6g}: {verdict}"
 
 
 def _apply(
@@ -236,6 +240,16 @@ def _apply(
     from stream.app import build_learners
 
     learners = copy.deepcopy(base.learners) if base is not None else build_learners(config)
+    templates = {lr.name: lr for lr in build_learners(config)}
+    for learner in learners:
+        template = templates.get(learner.name)
+        missing = missing_state(learner, template) if template is not None else []
+        if missing:
+            raise StateError(
+                f"learner `{learner.name}` in checkpoint v{base.info.seq if base else '?'} lacks state this build's "
+                f"{type(template).__name__} has ({', '.join(missing[:8])}): the service would refuse it; "
+                "run the version that wrote it, or give the class a `__setstate__`"
+            )
     by_name = {lr.name: lr for lr in learners}
     refused = False
     for name, model in models.items():

@@ -59,6 +59,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointStore",
     "CorruptCheckpoint",
+    "HoldoutScore",
     "IncompatibleCheckpoint",
     "LocalStorage",
     "Offsets",
@@ -66,6 +67,7 @@ __all__ = [
     "Storage",
     "StoredRecord",
     "holdout_error",
+    "missing_state",
     "swap_model",
 ]
 
@@ -646,6 +648,17 @@ def checkpoint_dir(config: Any) -> Path:
 # --------------------------------------------------------------------------- model swap and validation
 
 
+def missing_state(restored: Any, template: Any) -> list[str]:
+    """Attributes a freshly built learner has and a restored one lacks: its class gained
+    state since the checkpoint was written (without a ``__setstate__`` giving it a
+    default), so the restored object would fail at its first use of it."""
+    fresh = getattr(template, "__dict__", None)
+    old = getattr(restored, "__dict__", None)
+    if fresh is None or old is None or type(restored) is not type(template):
+        return [] if type(restored) is type(template) else [f"<class {type(template).__name__}>"]
+    return sorted(set(fresh) - set(old))
+
+
 def swap_model(learner: Learner, model: Any) -> None:
     """Make ``learner`` serve ``model`` (warm start, rollback) and bump its model version."""
     before = learner.model_version
@@ -674,8 +687,23 @@ class _ErrorMean:
 
 
 class _NullSink:
+    """Swallows outputs; counts dead letters (records the learner failed on)."""
+
+    def __init__(self) -> None:
+        self.failed = 0
+
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any = None) -> None:
-        pass
+        if headers is not None:
+            self.failed += 1
+
+
+@dataclass(frozen=True)
+class HoldoutScore:
+    """Mean per-prediction error over ``n`` scored records; ``failed`` records made the learner raise."""
+
+    mean: float
+    n: int
+    failed: int
 
 
 _EPS = 1e-15
@@ -694,7 +722,7 @@ def _spec_error(spec: Any, prediction: Any, record: Mapping[str, Any]) -> float 
     return 0.0 if prediction.get("label") == y else 1.0
 
 
-def holdout_error(learner: Learner, records: Iterable[StoredRecord], config: Any) -> tuple[float, int] | None:
+def holdout_error(learner: Learner, records: Iterable[StoredRecord], config: Any) -> HoldoutScore | None:
     """Mean prequential error (predict, score, learn) of a copy of ``learner``
     over ``records``; None when the learner offers no way to score itself.
 
@@ -707,24 +735,21 @@ def holdout_error(learner: Learner, records: Iterable[StoredRecord], config: Any
 
     lr = copy.deepcopy(learner)
     acc = _ErrorMean()
+    sink = _NullSink()
+    pipe = Pipeline(
+        [lr], sink, contract_topics=config.input_topics(), dead_letter_topic="-",
+        max_value_bytes=config.processing.max_value_bytes,
+    )
     evaluation = getattr(lr, "evaluation", None)
     if evaluation is not None and hasattr(evaluation, "drift"):
         evaluation.drift = acc
-        pipe = Pipeline(
-            [lr], _NullSink(), contract_topics=config.input_topics(), dead_letter_topic="-",
-            max_value_bytes=config.processing.max_value_bytes,
-        )
         for r in records:
             if r.topic() in pipe.routes:
                 pipe.process(r)
-        return (acc.total / acc.n, acc.n) if acc.n else (math.nan, 0)
+        return HoldoutScore(acc.total / acc.n if acc.n else math.nan, acc.n, sink.failed)
     spec = getattr(lr, "spec", None)
     if spec is None or not hasattr(spec, "label") or not hasattr(spec, "task"):
         return None
-    pipe = Pipeline(
-        [lr], _NullSink(), contract_topics=config.input_topics(), dead_letter_topic="-",
-        max_value_bytes=config.processing.max_value_bytes,
-    )
     from stream.learners.configured import _as_dict
 
     for r in records:
@@ -733,14 +758,18 @@ def holdout_error(learner: Learner, records: Iterable[StoredRecord], config: Any
             continue
         try:
             event = route.decode(r.value())  # type: ignore[arg-type]
+        except Exception:  # undecodable records are dead-lettered live; they do not count here
+            continue
+        try:
             prediction = lr.predict(event)
             err = _spec_error(spec, prediction, _as_dict(event))
             lr.learn(event)
-        except Exception:  # bad records are dead-lettered live; here they just do not count
+        except Exception:
+            sink.failed += 1
             continue
         if err is not None:
             acc.update(err)
-    return (acc.total / acc.n, acc.n) if acc.n else (math.nan, 0)
+    return HoldoutScore(acc.total / acc.n if acc.n else math.nan, acc.n, sink.failed)
 
 
 def describe_offsets(offsets: Mapping[tuple[str, int], int], limit: int = 6) -> str:

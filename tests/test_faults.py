@@ -215,10 +215,10 @@ def test_broker_hard_restart_mid_stream(
     assert supervised[-1].stop() == 0
     lines = [ln for r in supervised for ln in r.lines()]
     assert any(ln.get("code") == "_ALL_BROKERS_DOWN" for ln in lines), "the pipeline saw the broker go away"
-    # The open transaction could not survive the outage: it was aborted and the state restored,
-    # or the producer was fenced (the broker timed the transaction out) and the process exited
-    # non-zero for its supervisor to restart it.
-    assert any(ln.get("msg") == "transaction aborted; restoring" for ln in lines) or len(supervised) > 1
+    # The open transaction could not survive the outage. Whichever way it ended (aborted; the
+    # lease lost with the session; the producer fenced when the broker timed the transaction
+    # out, exit 1 and a restart), the state was restored from a checkpoint afterwards.
+    assert any(ln.get("msg") == "restored from checkpoint" for ln in lines), "recovered from a checkpoint"
     s.assert_model_equals_oracle(s.restored_checkpoint().learners)
     s.assert_exactly_once_outputs()
 
@@ -229,7 +229,7 @@ def test_broker_paused_longer_than_the_session_timeout(
     """SIGSTOP the broker for longer than session.timeout.ms (6 s): the lease member's
     session expires; the pipeline re-takes the lease, restores and goes on (at-least-once)."""
     s = new(scenarios, kafka_broker.bootstrap_servers, topic_prefix, tmp_path)
-    s.feed(make_events(4000, seed=8, bad_every=103), chunk=100, interval_s=0.1)
+    s.feed(make_events(4000, seed=8, bad_every=103), chunk=100, interval_s=0.3)  # still feeding after the pause
     run = s.start()
     _wait(lambda: run.has("partitions assigned"), 30, "the pipeline to become active")
     time.sleep(1.0)

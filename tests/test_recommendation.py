@@ -14,6 +14,7 @@ from stream.config import ConfigError, parse_config
 from stream.events import Click, Purchase
 from stream.learners import build_learner
 from stream.learners.recommendation import RecommendationLearner, Recommendations, RecommendationSpec
+from stream.pipeline import Pipeline
 
 TOPICS = {"clicks": "clicks", "purchases": "purchases", "prices": "prices", "fraud_labels": "fraud-labels"}
 T0 = 1_700_000_000_000
@@ -309,8 +310,7 @@ def test_pickle_round_trip_predicts_the_same(tastes: list[Click | Purchase]) -> 
     assert encoded(feed(copy, rest)) == encoded(feed(rec, rest))
     assert copy.evaluation.get("hit_rate", "cumulative") == rec.evaluation.get("hit_rate", "cumulative")
     # The restored model's item vectors are again the rows ranking reads.
-    item, row = next(iter(copy._row_of.items()))
-    assert np.shares_memory(copy.model.i_latents[item], copy.weights.vectors)
+    assert all(np.shares_memory(copy.model.i_latents[i], copy.weights.table[r]) for i, r in copy._row_of.items())
 
 
 def iter_quality(rec: RecommendationLearner) -> Iterator[str]:
@@ -320,6 +320,65 @@ def iter_quality(rec: RecommendationLearner) -> Iterator[str]:
 def test_quality_metrics_are_exposed() -> None:
     rec = learner()
     assert set(iter_quality(rec)) == {"hit_rate", "baseline_hit_rate"}
+
+
+# -- in the pipeline ------------------------------------------------------------------------
+
+
+class _Record:
+    def __init__(self, topic: str, offset: int, event: Click | Purchase) -> None:
+        self._topic, self._offset, self._event = topic, offset, event
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self._event.ts)
+
+    def key(self) -> bytes:
+        return self._event.user_id.encode()
+
+    def value(self) -> bytes:
+        return msgspec.json.encode(self._event)
+
+    def headers(self) -> None:
+        return None
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, bytes | None]] = []
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: object = None) -> None:
+        self.records.append((topic, key, value))
+
+
+def test_published_through_the_pipeline(tastes: list[Click | Purchase]) -> None:
+    rec, sink = learner(), _Sink()
+    pipeline = Pipeline(
+        [rec],
+        sink,
+        contract_topics={"clicks": "clicks", "purchases": "purchases"},
+        dead_letter_topic="dead-letters",
+        clock=lambda: 0.0,
+    )
+    events = tastes[:2_000]
+    for offset, e in enumerate(events):
+        pipeline.process(_Record("clicks" if type(e) is Click else "purchases", offset, e))
+    clicks = sum(1 for e in events if type(e) is Click)
+    assert len(sink.records) == clicks and {t for t, _, _ in sink.records} == {"recommendations"}
+    value = sink.records[-1][2]
+    assert value is not None
+    out = msgspec.json.decode(value)
+    assert out["learner"] == "reco" and out["prediction"]["source"] in ("model", "popularity")
+    assert set(out["prediction"]["items"][0]) == {"item_id", "score"}
+    assert rec.n_learned == len(events)
 
 
 # -- configuration ----------------------------------------------------------------------------

@@ -248,7 +248,14 @@ def test_user_features_from_history() -> None:
 def test_lines_of_one_order_are_not_a_burst() -> None:
     learner = build()
     first = order(1, "u", 0)
-    run(learner, [first, msgspec.structs.replace(first, event_id="p1b", item_id="j"), order(2, "u", 60_000)])
+    second_line = msgspec.structs.replace(first, event_id="p1b", item_id="j")
+    run(learner, [first])
+    assert learner._features(second_line) == learner._features(first)  # still the user's first purchase
+    run(learner, [second_line, order(2, "u", 60_000, device_id="new")])
+    line = msgspec.structs.replace(order(2, "u", 60_000, device_id="new"), event_id="p2b", item_id="j")
+    values = dict(zip(NUMERIC, learner._features(line)[0], strict=True))
+    # The second line of order 2 sees the history before order 2: one order in the hour, a new device.
+    assert values["purchases_1h"] == pytest.approx(math.log1p(1)) and values["new_device"] == 1.0
     nums, _, _ = learner._features(order(3, "u", 120_000))
     assert dict(zip(NUMERIC, nums, strict=True))["purchases_1h"] == pytest.approx(math.log1p(2))
 

@@ -273,15 +273,15 @@ def test_swap_model_bumps_the_version_and_holdout_scores_learners(tmp_path: Path
     reg, _ = trained(cfg, 500)
     holdout = records(events(300, seed=9))
     good = holdout_error(reg, holdout, cfg)
-    assert good is not None and good[1] == 300 and good[0] < 0.5
+    assert good is not None and good.n == 300 and good.mean < 0.5 and good.failed == 0
     candidate = copy.deepcopy(reg)
     fresh = build_learners(cfg)[0].model
     swap_model(candidate, fresh)
     assert candidate.model is fresh and candidate.model_version == reg.model_version + 1
     bad = holdout_error(candidate, holdout, cfg)
-    assert bad is not None and bad[0] > good[0] * 1.5
+    assert bad is not None and bad.mean > good.mean * 1.5
     nothing = holdout_error(reg, records(events(3), topic="elsewhere"), cfg)
-    assert nothing is not None and nothing[1] == 0
+    assert nothing is not None and nothing.n == 0
 
 
 def test_fault_spec_parsing() -> None:
@@ -413,3 +413,28 @@ def test_encode_is_stable(tmp_path: Path) -> None:
     ck = decode(info.name, data)
     payload = data[len(data) - ck.info.payload_length :]
     assert encode(ck.info, payload) == data
+
+
+def test_a_learner_whose_class_gained_state_is_refused(tmp_path: Path,
+                                                       deployed: tuple[Path, Config, CheckpointStore],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint from before a learner class gained an attribute would fail at the
+    first use of it: the start and the model commands refuse it with the reason."""
+    from stream.app import Application
+    from stream.state import StateError, missing_state
+
+    cfg_path, cfg, store = deployed
+    old = trained(cfg, 10)
+    for learner in old:
+        del learner.__dict__["evaluation"]  # as if pickled by a version without it
+    assert missing_state(old[0], build_learners(cfg)[0]) == ["evaluation"]
+    app = Application(cfg)
+    with pytest.raises(StateError, match=r"learner `reg` in the checkpoint lacks state.*evaluation.*__setstate__"):
+        app._adopt(old)
+    assert [lr.name for lr in app._adopt(trained(cfg, 10))] == ["reg", "clf"]
+
+    store.write(old, {("a", 0): 700, ("b", 0): 700}, reason="periodic")
+    fresh = tmp_path / "fresh.pkl"
+    fresh.write_bytes(pickle.dumps(build_learners(cfg)[0].model))
+    assert _cli("model", "import", "--config", str(cfg_path), str(fresh), "--learner", "reg", "--offline") == 4
+    assert "lacks state" in capsys.readouterr().err

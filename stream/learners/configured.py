@@ -202,7 +202,7 @@ class ConfiguredLearner(Learner):
         self.joins: LabelJoin[Any, tuple[dict[str, float], Any]] | None = None
         self._input_type: type | None = None
         self._label_type: type | None = None
-        if self.label_topic is not None:
+        if self.label_topic is not None and spec.join_on is not None:
             self._excluded |= {spec.join_on}
             contract = {topic: EVENT_TYPES[stream] for stream, topic in topics.items() if stream in EVENT_TYPES}
             self._input_type = contract.get(self.input_topic)

@@ -19,21 +19,22 @@ half-life ``reference_half_life_s``), the competitor gap, the stock, the time
 of day and the category (with a per-category price slope, since elasticity
 differs by category). A view's label is known only later (``stream.labels``):
 positive when a purchase of the item by the same user follows within
-``label_window_s`` of event time, negative when that window closes.
+``label_window_s`` of event time, negative when that window closes. Only
+``negative_sampling`` of the negatives are learned, weighted up to stay
+unbiased: most views do not convert, and learning is most of a view's cost.
 
 The recommendation scores a grid of ``grid_points`` candidate prices between
 the guardrails, vectorised: with a logistic model (alone or after a
 ``StandardScaler``) every price feature is affine in log(price), so
 ``logit p(c) = logit p(current) + slope * log(c / current)`` where the slope
 is read from the model's weights; any other model is scored per grid point
-with ``predict_proba_one``. Guardrails, in the name ``bound_by`` gives the
-one that stopped the recommendation from going further (None: an interior
-optimum):
+with ``predict_proba_one``. The guardrails, each named in ``bound_by`` when it
+stopped the recommendation from going further (None: an interior optimum):
 
 * ``max_change``: at most ``max_change`` (a fraction) away from the current price;
 * ``min_margin``: ``(price - cost) / price >= min_margin`` (when the cost is known);
 * ``floor`` / ``ceiling``: within ``[floor_ratio, ceiling_ratio] x`` the reference price;
-* ``warm_up``: the model learned from fewer than ``min_outcomes`` views: the
+* ``warm_up``: fewer than ``min_outcomes`` view outcomes are known yet: the
   current price is recommended.
 
 When the guardrails conflict, the step limit wins (prices never jump) and the
@@ -132,7 +133,7 @@ class PricingSpec(msgspec.Struct, tag="pricing", tag_field="kind", forbid_unknow
     #: Given to every (nested) model that takes a ``seed`` and has none.
     seed: int = 42
     #: A view is positive if the same user buys the item within this much event time.
-    label_window_s: PositiveFloat = 1_800.0
+    label_window_s: PositiveFloat = 600.0
     #: Views waiting for their outcome, at most (the oldest are dropped, counted ``evicted``).
     max_pending: PositiveInt = 200_000
     #: Items whose price state is kept (least recently priced forgotten first) ...
@@ -320,7 +321,13 @@ class PricingLearner(Learner):
         )
         self._tau_ms = spec.reference_half_life_s * 1000 / math.log(2)
         self.joins: LabelJoin[tuple[str, str], _View] = LabelJoin(
-            int(spec.label_window_s * 1000), spec.max_pending, on_label=self._converted, on_expire=self._not_converted
+            int(spec.label_window_s * 1000),
+            spec.max_pending,
+            on_label=self._converted,
+            on_expire=self._not_converted,
+            # Nearly every view expires: remembering them all to tell a late purchase from an
+            # unrelated one would cost more memory than the views waiting.
+            remember=10_000,
         )
         #: View outcomes known (learned or sampled out).
         self._outcomes = 0
@@ -382,6 +389,7 @@ class PricingLearner(Learner):
             self.model.current = model
         else:
             self.model = model
+        self._negative_rate = self.spec.negative_sampling if accepts_sample_weight(model) else 1.0
         self.model_version += 1
 
     # -- quotes ---------------------------------------------------------------------------

@@ -14,10 +14,12 @@ The catalog is never scored as a whole. Each click ranks a bounded candidate
 set: the globally popular items, the items co-clicked with the clicked item
 and with the user's recent items, and the popular items of the user's recent
 categories. The item weights of the River model are mirrored row by row in
-one matrix, so ranking is one matrix-vector product. A user the model does
-not know yet gets the popularity list (cold start); a new item becomes a
-candidate as soon as it gets traffic. Popularity decays on event time
-(half-life ``popularity_half_life_s``), so it follows trends.
+one matrix, so ranking is one matrix-vector product: the user's vector (plus
+what they are looking at now, while they are new) against the items' vectors,
+plus a log-popularity prior. A user the model does not know yet gets the
+popularity list (cold start); a new item becomes a candidate as soon as it
+gets traffic. Popularity decays on event time (half-life
+``popularity_half_life_s``), so it follows trends.
 
 Quality is measured as users see it: on each click, was the clicked item in
 the list last served to that user (at most ``hit_window_s`` earlier)? That is
@@ -29,6 +31,7 @@ Every per-user and per-item structure is bounded (``max_users`` and
 ``user_ttl_s``, ``max_items`` and ``item_ttl_s``, ``max_categories``,
 ``max_neighbors``, ``recent_items``), and a forgotten user or item is dropped
 from the model too, so memory stays flat however many distinct users pass.
+Measured quality and cost: ``docs/learners-recommendation.md``.
 
 >>> from stream.events import Click
 >>> learner = RecommendationSpec(k=2).build("reco", {"clicks": "clicks", "purchases": "purchases"})
@@ -113,7 +116,7 @@ class RecommendationSpec(
     #: model: sample weight, or repeated ``learn_one`` for models without one).
     purchase_weight: PositiveFloat = 3.0
     #: Negatives per positive, drawn from the recent positives (popularity).
-    negatives: NonNegativeInt = 2
+    negatives: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     #: Recent positives the negatives are drawn from.
     negative_pool: PositiveInt = 10_000
     #: Seeds negative sampling, and every (nested) model spec taking a ``seed`` that has none.
@@ -144,14 +147,16 @@ class RecommendationSpec(
     #: Candidates ranked per click, at most ...
     candidates: PositiveInt = 100
     #: ... of which the most popular items (also where the popularity list comes from).
-    popular_candidates: PositiveInt = 30
+    popular_candidates: PositiveInt = 20
     #: Popularity counts halve over this much event time.
     popularity_half_life_s: PositiveFloat = 3_600.0
     #: Events learned from a user before the model ranks for them (popularity before).
     min_user_events: PositiveInt = 1
     #: Ranking query: the user's vector plus this times the mean vector of the item
-    #: just clicked and the user's recent items (what the user is looking at now).
-    context_weight: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    #: just clicked and the user's recent items (what the user is looking at now) ...
+    context_weight: Annotated[float, msgspec.Meta(ge=0)] = 0.5
+    #: ... while the user has fewer events than this; then their own vector is trained.
+    context_events: PositiveInt = 20
     #: Added to the model's score: this times the log of the item's decayed count. The
     #: negatives are drawn by popularity, so the model learns affinity beyond it.
     popularity_prior: Annotated[float, msgspec.Meta(ge=0)] = 0.1
@@ -170,13 +175,17 @@ class RecommendationSpec(
         if self.candidates < self.popular_candidates:
             raise ValueError("`candidates` must be at least `popular_candidates`")
         try:
-            ConceptDrift(self.drift_detector, **dict(self.drift_params))
+            self.drift()
         except TypeError as exc:
             raise ValueError(f"drift_params: {exc}") from None
         _weights_for(build_model(_seeded(self.model, self.seed), "model"), 1, self.update)
 
     def build(self, name: str, topics: Mapping[str, str]) -> RecommendationLearner:
         return RecommendationLearner(name, self, topics)
+
+    def drift(self) -> ConceptDrift:
+        params: dict[str, Any] = dict(self.drift_params)
+        return ConceptDrift(self.drift_detector, **params)
 
 
 # -- the model and the item matrix ----------------------------------------------------
@@ -224,8 +233,10 @@ def _drop_key(obj: Any, key: Any, prefix: str) -> None:
 
 
 class _Weights:
-    """The River model, and its item weights mirrored in ``vectors``/``biases``
-    (one row per remembered item) so a candidate set is scored in one product.
+    """The River model, and its item weights mirrored row by row (one row per
+    remembered item) in ``table = [vectors | offset]``, where ``offset`` is the
+    item's bias plus the learner's popularity prior: a candidate set is scored
+    by one gather and one product with ``[user vector, 1]``.
 
     Subclasses say how the model is keyed; ``learn`` goes sample by sample
     through River's ``learn_one`` and copies the items' weights afterwards."""
@@ -234,8 +245,19 @@ class _Weights:
         self.model = model
         self.n_factors = n_factors
         self.has_biases = has_biases
-        self.vectors = np.zeros((n_rows, n_factors))
+        self.table = np.zeros((n_rows, n_factors + 1))
+        self.vectors = self.table[:, :n_factors]
         self.biases = np.zeros(n_rows)
+        self.priors = np.zeros(n_rows)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["vectors"]  # a view of ``table``: pickle would copy it
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.vectors = self.table[:, : self.n_factors]
 
     # Keyed access to the model, per kind of model.
     def _learn_one(self, user: str, item: str, weight: float, positive: bool) -> None:
@@ -260,28 +282,35 @@ class _Weights:
 
     def remove_item(self, item: str, row: int) -> None:
         self._forget_item(item)
-        self.vectors[row] = 0.0
+        self.table[row] = 0.0
         self.biases[row] = 0.0
+        self.priors[row] = 0.0
 
     def relink(self, rows: Mapping[str, int]) -> None:
-        """After unpickling (rows are copied, not shared, by pickle)."""
+        """Called after unpickling, with the rows of the remembered items."""
+
+    def set_prior(self, row: int, prior: float) -> None:
+        self.priors[row] = prior
+        self.table[row, self.n_factors] = prior + self.biases.item(row) if self.has_biases else prior
+
+    def shift_priors(self, delta: float, rows: np.ndarray) -> None:
+        self.priors[rows] += delta
+        self.table[rows, self.n_factors] += delta
 
     def learn(self, user: str, items: list[str], rows: list[int], weight: float) -> None:
         """Learn the positive ``items[0]`` and the negatives ``items[1:]``."""
+        table, f = self.table, self.n_factors
         for j, (item, row) in enumerate(zip(items, rows, strict=True)):
             self._learn_one(user, item, weight, j == 0)
             vec, bias = self._item_weights(item)
             if vec is not None:
-                self.vectors[row] = vec
+                table[row, :f] = vec
             self.biases[row] = bias
+            table[row, f] = bias + self.priors[row]
 
-    def scores(self, user_vector: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        if self.n_factors:
-            scores = self.vectors.take(candidates, axis=0) @ user_vector
-            if self.has_biases:
-                scores += self.biases.take(candidates)
-            return scores
-        return self.biases.take(candidates)
+    def scores(self, query: np.ndarray, candidates: list[int]) -> np.ndarray:
+        """``query`` is ``[user vector, 1]``: latent affinity + bias + prior per candidate."""
+        return self.table.take(candidates, axis=0) @ query
 
 
 class _RankerWeights(_Weights):
@@ -332,6 +361,9 @@ class _BatchMFWeights(_RankerWeights):
         self._l2 = m.l2_latent if self._biased else m.l2
         self._u_opt = m.u_latent_optimizer if self._biased else m.u_optimizer
         self._i_opt = m.i_latent_optimizer if self._biased else m.i_optimizer
+        self._squared = type(m.loss) is optim.losses.Squared and m.clip_gradient >= _NO_CLIP
+        #: Targets of a positive and its negatives, by batch size.
+        self._targets = [np.array([1.0] + [0.0] * (b - 1)) for b in range(_MAX_BATCH + 1)]
 
     def add_item(self, item: str, row: int) -> None:
         # The model's own initializer draws the vector (seeded, in event order).
@@ -339,7 +371,8 @@ class _BatchMFWeights(_RankerWeights):
         self.vectors[row] = m.i_latents[item]
         m.i_latents[item] = self.vectors[row]
         if self._biased:
-            self.biases[row] = m.i_biases[item]
+            self.biases[row] = bias = m.i_biases[item]
+            self.table[row, self.n_factors] = bias + self.priors[row]
 
     def relink(self, rows: Mapping[str, int]) -> None:
         latents, vectors = self.model.i_latents, self.vectors
@@ -352,8 +385,8 @@ class _BatchMFWeights(_RankerWeights):
         m = self.model
         b = len(rows)
         pu = m.u_latents[user]
-        vectors = self.vectors
-        v = vectors.take(rows, axis=0)
+        # From the contiguous table: ``take`` on the strided ``vectors`` copies it whole first.
+        v = self.table.take(rows, axis=0)[:, : self.n_factors]
         pred = v @ pu
         if self._biased:
             m.global_mean.update(1.0, weight)
@@ -364,32 +397,44 @@ class _BatchMFWeights(_RankerWeights):
             pred += bi
             pred += m.global_mean.get() + bu
         loss, clip = m.loss, m.clip_gradient
-        p = pred.tolist()
-        g_list = [weight * max(min(loss.gradient(1.0, p[0]), clip), -clip)]
-        g_list.extend(max(min(loss.gradient(0.0, x), clip), -clip) for x in p[1:])
-        g = np.array(g_list)
-        l2 = self._l2
         uo, io = self._u_opt, self._i_opt
         lr_u, lr_i = uo.lr.get(uo.n_iterations), io.lr.get(io.n_iterations)
         uo.n_iterations += b
         io.n_iterations += b
-        # Both gradients from the weights before the step:
+        if self._squared:
+            # River's Squared gradient is 2 (y_pred - y), it clips nothing: g holds
+            # y_pred - y, the 2 goes into the steps below.
+            g = pred - self._targets[b]
+            scale = 2.0
+        else:
+            p = pred.tolist()
+            g_list = [max(min(loss.gradient(1.0, p[0]), clip), -clip)]
+            g_list.extend(max(min(loss.gradient(0.0, x), clip), -clip) for x in p[1:])
+            g = np.array(g_list)
+            scale = 1.0
+        if weight != 1.0:
+            g[0] *= weight
+        l2 = self._l2
+        # Both gradients from the weights before the step (g_j = scale * g[j]):
         #   pu <- pu - lr_u (sum_j g_j v_j + b l2 pu),  v_j <- v_j - lr_i (g_j pu + l2 v_j)
         step_u = g @ v
-        new_v = np.outer(g * -lr_i, pu)
-        new_v += v * (1.0 - lr_i * l2)
-        vectors[rows] = new_v
+        new_v = np.multiply.outer(g * (-scale * lr_i), pu)
         if l2:
+            new_v += v * (1.0 - lr_i * l2)
             pu *= 1.0 - lr_u * b * l2
-        step_u *= lr_u
+        else:
+            new_v += v
+        self.vectors[rows] = new_v
+        step_u *= scale * lr_u
         pu -= step_u
         if self._biased:
             ubo, ibo = m.u_bias_optimizer, m.i_bias_optimizer
-            m.u_biases[user] = bu - ubo.lr.get(ubo.n_iterations) * (float(g.sum()) + b * m.l2_bias * bu)
+            m.u_biases[user] = bu - ubo.lr.get(ubo.n_iterations) * (scale * float(g.sum()) + b * m.l2_bias * bu)
             ubo.n_iterations += b
-            bi -= ibo.lr.get(ibo.n_iterations) * (g + m.l2_bias * bi)
+            bi -= ibo.lr.get(ibo.n_iterations) * (scale * g + m.l2_bias * bi)
             ibo.n_iterations += b
             self.biases[rows] = bi
+            self.table[rows, self.n_factors] = bi + self.priors.take(rows)
             i_biases = m.i_biases
             for item, value in zip(items, bi.tolist(), strict=True):
                 i_biases[item] = value
@@ -434,6 +479,10 @@ class _FMWeights(_Weights):
 
 
 _NO_FACTORS = np.zeros(0)
+#: River's default ``clip_gradient``, large enough to never clip a squared loss here.
+_NO_CLIP = 1e12
+#: A positive and at most this many negatives per batch step.
+_MAX_BATCH = 1 + 64
 
 
 def _weights_for(model: Any, n_rows: int, update: str) -> _Weights:
@@ -450,6 +499,7 @@ def _weights_for(model: Any, n_rows: int, update: str) -> _Weights:
 
 
 def _sgd_mf(model: Any) -> bool:
+    optimizers: tuple[Any, ...]
     if type(model) is reco.FunkMF:
         optimizers = (model.u_optimizer, model.i_optimizer)
     elif type(model) is reco.BiasedMF:
@@ -564,7 +614,7 @@ class RecommendationLearner(Learner):
         self.evaluation = Evaluation.for_means(
             spec.evaluation_window,
             ("hit_rate", "baseline_hit_rate"),
-            drift=ConceptDrift(spec.drift_detector, **dict(spec.drift_params)),
+            drift=spec.drift(),
         )
         self._rng = random.Random(spec.seed)
         self._users: BoundedDict[str, _User] = BoundedDict(
@@ -584,8 +634,6 @@ class RecommendationLearner(Learner):
         # Forward-decayed popularity, weight * exp((ts - t0) / tau): comparable across
         # items at any time without touching them; rescaled when the exponent grows.
         self._popularity = np.zeros(n)
-        #: popularity_prior * log(forward-decayed count), per row; freed rows 0 (never served).
-        self._prior = np.zeros(n)
         self._tau_ms = spec.popularity_half_life_s * 1000 / math.log(2)
         self._t0: int | None = None
         self._popular = _Top(spec.popular_candidates)
@@ -595,11 +643,22 @@ class RecommendationLearner(Learner):
         self._negatives: list[str] = []
         self._negatives_next = 0
         self._hit_window_ms = int(spec.hit_window_s * 1000)
+        #: Ranking query, ``[user vector (+ context), 1]``, and its head.
+        self._query = np.ones(self.weights.n_factors + 1)
+        self._query_head = self._query[: self.weights.n_factors]
+        #: ``context_weight / n`` n times, by number n of context items.
+        self._context_weights = [np.full(n, spec.context_weight / max(n, 1)) for n in range(spec.recent_items + 2)]
         #: The click ``predict`` just served and its user's state, for ``learn``.
         self._pending: tuple[Any, _User] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_query_head"]  # a view of ``_query``: pickle would copy it
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._query_head = self._query[: self.weights.n_factors]
         self.weights.relink(self._row_of)
 
     @property
@@ -736,9 +795,11 @@ class RecommendationLearner(Learner):
         elif exponent < -_MAX_EXPONENT:
             exponent = -_MAX_EXPONENT  # far out of order: next to nothing, but a positive count
         pop = self._popularity
-        score = float(pop[row]) + weight * math.exp(exponent)
+        score = pop.item(row) + weight * math.exp(exponent)
         pop[row] = score
-        self._prior[row] = self.spec.popularity_prior * math.log(score)
+        prior = self.spec.popularity_prior
+        if prior:
+            self.weights.set_prior(row, prior * math.log(score))
         return score
 
     def _rescale(self, ts: int) -> None:
@@ -746,8 +807,9 @@ class RecommendationLearner(Learner):
         factor = math.exp(-(ts - self._t0) / self._tau_ms)
         self._t0 = ts
         self._popularity *= factor
-        live = self._popularity > 0
-        self._prior[live] += self.spec.popularity_prior * math.log(factor)
+        if self.spec.popularity_prior:
+            live = np.flatnonzero(self._popularity > 0)
+            self.weights.shift_priors(self.spec.popularity_prior * math.log(factor), live)
         self._popular.rescale(factor)
         for top in self._category_top.values():
             top.rescale(factor)
@@ -769,12 +831,23 @@ class RecommendationLearner(Learner):
         row_of, item_state = self._row_of, self._item_state
         cap = self.spec.max_neighbors
         row = it.row
+        mine = it.neighbors
         for other in recent:
             other_row = row_of.get(other)
             if other_row is None or other_row == row:
                 continue
-            _bump(it.neighbors, other_row, weight, cap)
-            _bump(item_state[other_row].neighbors, row, weight, cap)  # type: ignore[union-attr]
+            theirs = item_state[other_row].neighbors  # type: ignore[union-attr]
+            # Mostly pairs already counted: bump in place, _bump only for newcomers.
+            count = mine.get(other_row)
+            if count is None:
+                _bump(mine, other_row, weight, cap)
+            else:
+                mine[other_row] = count + weight
+            count = theirs.get(row)
+            if count is None:
+                _bump(theirs, row, weight, cap)
+            else:
+                theirs[row] = count + weight
 
     def _user_evicted(self, user: str, state: _User, reason: str) -> None:
         self.weights.forget_user(user)
@@ -806,7 +879,6 @@ class RecommendationLearner(Learner):
         self._item_at[row] = None
         self._item_state[row] = None
         self._popularity[row] = 0.0
-        self._prior[row] = 0.0
         self._free_rows.append(row)
 
     # -- ranking ----------------------------------------------------------------------------
@@ -860,30 +932,28 @@ class RecommendationLearner(Learner):
             if other_row >= 0 and other_row != clicked:
                 rows.extend(item_state[other_row].neighbors)  # type: ignore[union-attr]
                 context.append(other_row)
-        categories = state.categories
-        if category and category not in categories:
-            categories = [*categories, category]
-        for c in reversed(categories):
-            top = self._category_top.get(c)
-            if top is not None:
-                rows.extend(top.keys)
         budget = self.spec.candidates - len(self._popular.keys)
+        if len(rows) < budget:
+            categories = state.categories
+            if category and category not in categories:
+                categories = [*categories, category]
+            for c in reversed(categories):
+                top = self._category_top.get(c)
+                if top is not None:
+                    rows.extend(top.keys)
         if len(rows) > budget:
             del rows[budget:]
         rows.extend(self._popular.keys)
-        candidates = np.fromiter(rows, dtype=np.intp, count=len(rows))
         weights = self.weights
-        gamma = self.spec.context_weight
-        if context and gamma and weights.n_factors:
+        query, head = self._query, self._query_head
+        if context and state.events < self.spec.context_events and self.spec.context_weight and weights.n_factors:
             # A new user's vector says little yet; what they are looking at now does.
-            query = weights.vectors.take(context, axis=0).sum(axis=0)
-            query *= gamma / len(context)
-            query += user_vector
-            user_vector = query
-        scores = weights.scores(user_vector, candidates)
+            mean = self._context_weights[len(context)] @ weights.table.take(context, axis=0)
+            np.add(mean[: weights.n_factors], user_vector, out=head)
+        else:
+            head[:] = user_vector
+        scores = weights.scores(query, rows)
         prior = self.spec.popularity_prior
-        if prior:
-            scores += self._prior.take(candidates)
         order = np.argsort(scores).tolist()
         ranked = scores.tolist()
         ids: list[str] = []

@@ -224,9 +224,10 @@ def _scaled(nums: tuple[float | None, ...]) -> dict[str, float]:
 
 
 class _User:
-    """A buyer's recent history: order times, devices, usual (log) amount."""
+    """A buyer's recent history: order times, devices, usual (log) amount, and the
+    history features of the current order (every line of an order gets the same)."""
 
-    __slots__ = ("devices", "last_order", "mean_log_amount", "n", "times")
+    __slots__ = ("devices", "last_order", "mean_log_amount", "n", "order_history", "times")
 
     def __init__(self, max_recent: int) -> None:
         self.times: deque[int] = deque(maxlen=max_recent)
@@ -234,6 +235,9 @@ class _User:
         self.n = 0
         self.mean_log_amount = 0.0
         self.last_order = ""
+        #: (first purchase, orders in the last hour, in the last day, new device, usual log
+        #: amount or None) as seen by the first line of ``last_order``.
+        self.order_history: tuple[float, float, float, float, float | None] | None = None
 
 
 class _Order:
@@ -321,7 +325,7 @@ class RiskLearner(Learner):
         self.joins.add(event.order_id, _Order(f, p), event.ts)
         self._swept += 1
         if self._swept >= 4096:
-            # The TTL of users nobody buys as again would otherwise only apply when pushed out.
+            # The TTL of users who never buy again would otherwise apply only when they are pushed out.
             self._swept = 0
             self._users.expire(event.ts)
 
@@ -355,11 +359,10 @@ class RiskLearner(Learner):
         score = self.detector.score_one(_scaled(nums))
         ref = self._reference
         n = min(self._n_reference, len(ref))
+        u = 0.5
         if n:
             recent = ref[:n]
-            u = (np.count_nonzero(recent < score) + 0.5 * np.count_nonzero(recent == score)) / n
-        else:
-            u = 0.5
+            u = float(np.count_nonzero(recent < score) + 0.5 * np.count_nonzero(recent == score)) / n
         ref[self._n_reference % len(ref)] = score
         self._n_reference += 1
         return float(u**self._exponent)
@@ -369,22 +372,12 @@ class RiskLearner(Learner):
         amount = event.quantity * event.unit_price
         log_amount = math.log(amount)
         user = self._users.get(event.user_id, ts)
-        if user is None or user.n == 0:
-            first, vs_usual, n_1h, n_1d, new_device = 1.0, 0.0, 0.0, 0.0, 0.0
+        history = self._history(user, event) if user is not None else None
+        if history is None:
+            first, n_1h, n_1d, new_device, vs_usual = 1.0, 0.0, 0.0, 0.0, 0.0
         else:
-            first = 0.0
-            vs_usual = min(max(log_amount - user.mean_log_amount, -5.0), 5.0)
-            n_1h = n_1d = 0
-            hour, day = ts - _HOUR_MS, ts - _DAY_MS
-            for t in reversed(user.times):
-                if t < day:
-                    break
-                n_1d += 1
-                if t >= hour:
-                    n_1h += 1
-            n_1h, n_1d = math.log1p(n_1h), math.log1p(n_1d)
-            device = event.device_id
-            new_device = 1.0 if device is not None and device not in user.devices else 0.0
+            first, n_1h, n_1d, new_device, usual = history
+            vs_usual = 0.0 if usual is None else min(max(log_amount - usual, -5.0), 5.0)
         country, shipping = event.country, event.shipping_country
         abroad = None if country is None or shipping is None else float(country != shipping)
         age = event.account_age_days
@@ -401,6 +394,25 @@ class RiskLearner(Learner):
         )  # fmt: skip
         return nums, payment, event.category
 
+    def _history(self, user: _User, event: Purchase) -> tuple[float, float, float, float, float | None] | None:
+        """The user's history features before this order (None: no purchase seen)."""
+        if event.order_id == user.last_order:
+            return user.order_history
+        if user.n == 0:
+            return None
+        ts = event.ts
+        n_1h = n_1d = 0
+        hour, day = ts - _HOUR_MS, ts - _DAY_MS
+        for t in reversed(user.times):
+            if t < day:
+                break
+            n_1d += 1
+            if t >= hour:
+                n_1h += 1
+        device = event.device_id
+        new_device = 1.0 if device is not None and device not in user.devices else 0.0
+        return 0.0, math.log1p(n_1h), math.log1p(n_1d), new_device, user.mean_log_amount
+
     # -- state and labels -----------------------------------------------------------------
 
     def _remember(self, event: Purchase) -> None:
@@ -410,7 +422,8 @@ class RiskLearner(Learner):
         if user is None:
             user = _User(self.spec.max_recent)
         if event.order_id != user.last_order:
-            # Velocity counts orders: the lines of one order are not a burst.
+            # Velocity counts orders, and every line of an order sees the history before it.
+            user.order_history = self._history(user, event)
             user.times.append(ts)
             user.last_order = event.order_id
         user.n += 1
