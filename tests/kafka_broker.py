@@ -122,8 +122,13 @@ def free_port(host: str = HOST) -> int:
 
 
 def random_cluster_id() -> str:
-    """A KRaft cluster id: base64url of 16 random bytes, without padding (22 chars)."""
-    return base64.urlsafe_b64encode(secrets.token_bytes(16)).decode("ascii").rstrip("=")
+    """A KRaft cluster id: base64url of 16 random bytes, without padding (22 chars).
+
+    Never starting with ``-``: StorageTool would parse it as an option."""
+    while True:
+        cid = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode("ascii").rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def single_node_properties(
