@@ -22,6 +22,8 @@ RUN pip install --no-deps --force-reinstall . \
 
 # Relative paths in commands (--config configs/default.toml) resolve here.
 COPY configs ./configs
+# Checkpoints live here (a volume in compose); the named volume inherits this owner.
+RUN mkdir -p /app/var && chown stream /app/var
 
 USER stream
 # Prometheus /metrics (`stream run --metrics-port`, [metrics] port).
