@@ -361,7 +361,8 @@ def synthetic(n: int, users: int, items: int, seed: int = 3) -> list[SimEvent]:
         elif i % 25 == 0:
             doc = {"event_id": f"p{i}", "ts": ts, "order_id": f"o{i}", "user_id": user, "item_id": f"i{it}",
                    "quantity": 1, "unit_price": 10.0 + it % 7, "category": f"c{cats[it]}", "payment_method": "card",
-                   "country": "US", "shipping_country": "US", "account_age_days": 100.0, "device_id": f"d{i % 97}"}  # fmt: skip
+                   "country": "US", "shipping_country": "US", "account_age_days": 100.0,
+                   "device_id": f"d{i % 97}"}  # fmt: skip
             out.append(("purchases", user.encode(), json.dumps(doc).encode(), ts))
         else:
             doc = {"event_id": f"c{i}", "ts": ts, "user_id": user, "item_id": f"i{it}", "category": f"c{cats[it]}",
@@ -456,7 +457,8 @@ SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint")
 def machine() -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError):
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
@@ -498,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "latency" not in skip:
                 rate = 0.5 * fig.get("kafka_events_per_s", 5_000)
                 fig |= bench_latency(bootstrap, rate, args.latency_seconds, tmp)
-                log(f"4 latency at {rate:,.0f}/s: p50 {fig['latency_p50_ms']:.1f} ms, p99 {fig['latency_p99_ms']:.1f} ms")
+                p50, p99 = fig["latency_p50_ms"], fig["latency_p99_ms"]
+                log(f"4 latency at {rate:,.0f}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
         if "growth" not in skip:
             fig |= bench_growth(args.max_users, args.max_items)
         if "checkpoint" not in skip:
