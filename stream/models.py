@@ -33,7 +33,7 @@ from typing import Any
 import river
 from river import base, compose
 
-__all__ = ["ModelSpecError", "build_model"]
+__all__ = ["ModelSpecError", "build_model", "with_seed"]
 
 _PATH = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*\.[A-Z][A-Za-z0-9_]*$")
 
@@ -111,3 +111,34 @@ def build_model(spec: dict[str, Any] | list[dict[str, Any]], where: str = "model
     if not isinstance(model, base.Base):
         raise ModelSpecError(f"{where}: `{spec['class']}` is not a River estimator")
     return model
+
+
+def _accepts_seed(path: Any) -> bool:
+    try:
+        return "seed" in inspect.signature(_resolve_class(path, "model")).parameters
+    except (ModelSpecError, TypeError, ValueError):
+        return False  # build_model reports a bad class
+
+
+def with_seed(spec: Any, seed: int) -> Any:
+    """``spec`` with ``seed`` given to every (nested) model that takes one and has
+    none, so models are reproducible without repeating the seed in config.
+
+    >>> with_seed({"class": "forest.ARFClassifier"}, 7)
+    {'class': 'forest.ARFClassifier', 'params': {'seed': 7}}
+    >>> with_seed([{"class": "preprocessing.StandardScaler"}], 7)
+    [{'class': 'preprocessing.StandardScaler', 'params': {}}]
+    """
+    if isinstance(spec, list):
+        return [with_seed(s, seed) for s in spec]
+    if not isinstance(spec, dict) or "class" not in spec:
+        return spec
+    params = spec.get("params")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return spec  # build_model reports it
+    params = {k: with_seed(v, seed) for k, v in params.items()}
+    if "seed" not in params and _accepts_seed(spec["class"]):
+        params["seed"] = seed
+    return {**spec, "params": params}

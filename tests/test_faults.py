@@ -17,7 +17,6 @@ Every test first asserts that its fault really happened (exit code -9 and the
 from __future__ import annotations
 
 import os
-
 import random
 import signal
 import time

@@ -43,7 +43,6 @@ True
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections.abc import Mapping
@@ -57,9 +56,9 @@ from stream.evaluation import Evaluation
 from stream.events import EVENT_TYPES
 from stream.labels import LabelJoin
 from stream.learners.base import Learner
-from stream.models import build_model
+from stream.models import build_model, with_seed
 
-__all__ = ["ConfiguredLearner", "CustomSpec", "accepts_sample_weight", "with_seed"]
+__all__ = ["ConfiguredLearner", "CustomSpec", "accepts_sample_weight"]
 
 Task = Literal["binary", "multiclass", "regression"]
 _IDS = frozenset({"event_id", "ts", "user_id", "item_id", "order_id", "session_id", "device_id"})
@@ -120,17 +119,6 @@ def _as_dict(event: Any) -> Mapping[str, Any]:
     return event if isinstance(event, Mapping) else msgspec.structs.asdict(event)
 
 
-def _accepts_seed(path: Any) -> bool:
-    if not isinstance(path, str) or "." not in path:
-        return False
-    module, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(f"river.{module}"), name)
-        return "seed" in inspect.signature(cls).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return False  # build_model reports it
-
-
 def accepts_sample_weight(model: Any) -> bool:
     """Whether ``learn_one`` of the final estimator (of a pipeline, of an
     ``AdaptiveModel``) takes a sample weight ``w``.
@@ -152,30 +140,6 @@ def accepts_sample_weight(model: Any) -> bool:
         return "w" in inspect.signature(model.learn_one).parameters
     except (TypeError, ValueError):
         return False
-
-
-def with_seed(spec: Any, seed: int) -> Any:
-    """``spec`` with ``seed`` given to every (nested) model that takes one and has
-    none, so models are reproducible without repeating the seed in config.
-
-    >>> with_seed({"class": "forest.ARFClassifier"}, 7)
-    {'class': 'forest.ARFClassifier', 'params': {'seed': 7}}
-    >>> with_seed([{"class": "preprocessing.StandardScaler"}], 7)
-    [{'class': 'preprocessing.StandardScaler', 'params': {}}]
-    """
-    if isinstance(spec, list):
-        return [with_seed(s, seed) for s in spec]
-    if not isinstance(spec, dict) or "class" not in spec:
-        return spec
-    params = spec.get("params")
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        return spec  # build_model reports it
-    params = {k: with_seed(v, seed) for k, v in params.items()}
-    if "seed" not in params and _accepts_seed(spec["class"]):
-        params["seed"] = seed
-    return {**spec, "params": params}
 
 
 class ConfiguredLearner(Learner):

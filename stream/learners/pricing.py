@@ -87,8 +87,8 @@ from stream.evaluation import Evaluation
 from stream.events import Click, Price, Purchase
 from stream.labels import LabelJoin
 from stream.learners.base import Learner
-from stream.learners.configured import accepts_sample_weight, with_seed
-from stream.models import build_model
+from stream.learners.configured import accepts_sample_weight
+from stream.models import build_model, with_seed
 
 __all__ = ["PriceQuote", "PricingLearner", "PricingSpec"]
 

@@ -52,8 +52,6 @@ Measured quality and cost: ``docs/learners-recommendation.md``.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 import random
 from collections.abc import Mapping
@@ -69,7 +67,7 @@ from stream.drift import ConceptDrift, Detector
 from stream.evaluation import Evaluation
 from stream.events import Click, Purchase
 from stream.learners.base import Learner
-from stream.models import build_model
+from stream.models import build_model, with_seed
 
 __all__ = ["RecommendationLearner", "RecommendationSpec", "Recommendations", "ScoredItem"]
 
@@ -178,7 +176,7 @@ class RecommendationSpec(
             self.drift()
         except TypeError as exc:
             raise ValueError(f"drift_params: {exc}") from None
-        _weights_for(build_model(_seeded(self.model, self.seed), "model"), 1, self.update)
+        _weights_for(build_model(with_seed(self.model, self.seed), "model"), 1, self.update)
 
     def build(self, name: str, topics: Mapping[str, str]) -> RecommendationLearner:
         return RecommendationLearner(name, self, topics)
@@ -189,33 +187,6 @@ class RecommendationSpec(
 
 
 # -- the model and the item matrix ----------------------------------------------------
-
-
-def _accepts_seed(path: Any) -> bool:
-    if not isinstance(path, str) or "." not in path:
-        return False
-    module, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(f"river.{module}"), name)
-        return "seed" in inspect.signature(cls).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return False  # not a River class: build_model says so
-
-
-def _seeded(spec: Any, seed: int) -> Any:
-    """``spec`` with ``seed`` given to every (nested) model that takes one and has
-    none, so initialisation is reproducible without repeating the seed in config."""
-    if isinstance(spec, list):
-        return [_seeded(s, seed) for s in spec]
-    if not isinstance(spec, dict) or "class" not in spec:
-        return spec
-    params = spec.get("params", {})
-    if not isinstance(params, dict):
-        return spec
-    params = {k: _seeded(v, seed) for k, v in params.items()}
-    if "seed" not in params and _accepts_seed(spec["class"]):
-        params["seed"] = seed
-    return {**spec, "params": params}
 
 
 def _drop_key(obj: Any, key: Any, prefix: str) -> None:
@@ -610,7 +581,7 @@ class RecommendationLearner(Learner):
         self.spec = spec
         self.k = spec.k
         n = spec.max_items
-        self.weights = _weights_for(build_model(_seeded(spec.model, spec.seed)), n, spec.update)
+        self.weights = _weights_for(build_model(with_seed(spec.model, spec.seed)), n, spec.update)
         self.evaluation = Evaluation.for_means(
             spec.evaluation_window,
             ("hit_rate", "baseline_hit_rate"),

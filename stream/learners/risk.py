@@ -75,8 +75,8 @@ from stream.evaluation import Evaluation
 from stream.events import FraudLabel, Purchase
 from stream.labels import LabelJoin
 from stream.learners.base import Learner
-from stream.learners.configured import accepts_sample_weight, with_seed
-from stream.models import build_model
+from stream.learners.configured import accepts_sample_weight
+from stream.models import build_model, with_seed
 
 __all__ = ["RiskLearner", "RiskScore", "RiskSpec"]
 
