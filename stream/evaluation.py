@@ -34,8 +34,8 @@ class _Windowed:
     __slots__ = ("cumulative", "rolling")
 
     def __init__(self, metric: type[metrics.base.Metric], window: int) -> None:
-        self.cumulative = metric()
-        self.rolling = utils.Rolling(metric, window_size=window)
+        self.cumulative: Any = metric()
+        self.rolling: Any = utils.Rolling(metric, window_size=window)
 
     def update(self, y_true: Any, y_pred: Any) -> None:
         self.cumulative.update(y_true, y_pred)
@@ -50,8 +50,8 @@ class _Mean:
     def __init__(self, window: int) -> None:
         from river import stats
 
-        self.cumulative = stats.Mean()
-        self.rolling = utils.Rolling(stats.Mean, window_size=window)
+        self.cumulative: Any = stats.Mean()
+        self.rolling: Any = utils.Rolling(stats.Mean, window_size=window)
 
     def update(self, value: float) -> None:
         self.cumulative.update(value)

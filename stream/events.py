@@ -18,6 +18,7 @@ stream.events.InvalidEvent: validate: Object missing required field `item_id`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated, Generic, TypeVar
 
 import msgspec
@@ -138,9 +139,9 @@ class Decoder(Generic[E]):
     __slots__ = ("_decode", "event_type", "max_bytes")
 
     def __init__(self, event_type: type[E], max_bytes: int = 64 * 1024) -> None:
-        self.event_type = event_type
+        self.event_type: type[E] = event_type
         self.max_bytes = max_bytes
-        self._decode = msgspec.json.Decoder(event_type).decode
+        self._decode: Callable[[bytes], E] = msgspec.json.Decoder(event_type).decode
 
     def decode(self, value: bytes | None) -> E:
         if value is None:

@@ -28,7 +28,7 @@ import inspect
 import pkgutil
 import re
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import river
 from river import base, compose
@@ -110,7 +110,7 @@ def build_model(spec: dict[str, Any] | list[dict[str, Any]], where: str = "model
     model = _build_one(spec, where)
     if not isinstance(model, base.Base):
         raise ModelSpecError(f"{where}: `{spec['class']}` is not a River estimator")
-    return model
+    return cast(base.Estimator, model)
 
 
 def _accepts_seed(path: Any) -> bool:
