@@ -79,6 +79,10 @@ _MEMBERSHIP_LOST = frozenset(
     {KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.FENCED_INSTANCE_ID}
 )
 
+#: Transactional errors meaning a newer producer took this instance's transactional.id:
+#: another instance is active now.
+_PRODUCER_FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+
 #: Exit codes of ``run``: refusing the state found (missing or incompatible checkpoints), fatal Kafka error.
 EXIT_STATE = 3
 EXIT_FATAL = 1
@@ -118,6 +122,10 @@ class _Abort(Exception):
     def __init__(self, reason: str, code: int | None = None) -> None:
         super().__init__(reason)
         self.code = code
+
+
+class _Fenced(Exception):
+    """A newer instance took the transactional id: this one is a zombie and must stand down."""
 
 
 class _Stopped(Exception):
@@ -170,6 +178,7 @@ class Application:
         # Per activation.
         self._fatal: str | None = None
         self._lease_held = False
+        self._lease_failed: KafkaError | None = None
         self._lost_at = -1e9
         self._session_timeout_s = float(config.kafka.consumer.get("session.timeout.ms", 45_000)) / 1000
         self._active = False
@@ -237,21 +246,53 @@ class Application:
         observed = getattr(self.observer, "consumer_properties", None)
         # The observer may ask for librdkafka statistics (stats_cb): consumer lag per partition.
         self.consumer = Consumer(consumer_config(cfg, error_cb=self._client_error, **(observed() if observed else {})))
-        self.lease = Consumer(
-            consumer_config(cfg, error_cb=self._client_error, **{"group.instance.id": self.instance_id})
-        )
-        self._subscribe_lease()
+        self._join_lease()
         if not self.exactly_once:
             # At-least-once keeps one producer for the process; exactly-once makes one per activation.
             self.producer = Producer(producer_config(cfg, error_cb=self._client_error))
             self.sink = KafkaSink(self.producer)
 
-    def _subscribe_lease(self) -> None:
-        assert self.lease is not None
+    def _join_lease(self) -> None:
+        self.lease = Consumer(
+            consumer_config(self.config, error_cb=self._client_error, **{"group.instance.id": self.instance_id})
+        )
         self.lease.subscribe(
             [self.lease_topic], on_assign=self._on_lease_assign, on_revoke=self._on_lease_revoke,
             on_lost=self._on_lease_lost,
         )
+
+    def _poll_lease(self, timeout: float) -> None:
+        """Serve the lease member's rebalance callbacks. The lease topic carries no
+        records, so whatever poll returns is an error."""
+        assert self.lease is not None
+        msg = self.lease.poll(timeout)
+        if msg is not None and (err := msg.error()) is not None:
+            if _is_fatal(err):
+                self._lease_failed = err
+            else:
+                self._warn(f"lease:{err.name()}", "lease member error", code=err.name(), reason=err.str())
+        if self._lease_failed is not None:
+            # Here, not where the failure is seen: that may be inside the client's own callback.
+            self._rejoin_lease(self._lease_failed)
+
+    def _rejoin_lease(self, err: KafkaError) -> None:
+        """A fatal error leaves the lease member unusable. The usual one: the broker was
+        unreachable past the session timeout, the client rejoined under the same static
+        ``group.instance.id``, and the broker fenced the old member, which is this very
+        client. A new client rejoins under the same id; the group hands the lease to it
+        (or to another instance) as usual. Whatever this instance held is gone."""
+        assert self.lease is not None
+        if self._active:
+            self._lost(f"lease member failed: {err.name()}")
+        log.warning("lease member failed; rejoining the group with a new client",
+                    extra={"code": err.name(), "reason": err.str(), "instance_id": self.instance_id})
+        self._lease_failed = None
+        self._lease_held = False
+        try:
+            self.lease.close()
+        except KafkaException as exc:
+            log.warning("closing the failed lease member failed", extra={"reason": str(exc)})
+        self._join_lease()
 
     def _ensure_lease_topic(self) -> None:
         admin = AdminClient(admin_config(self.config))
@@ -278,6 +319,10 @@ class Application:
                 return
             except _Abort as exc:
                 self._abort(str(exc), exc.code)
+            except _Fenced as exc:
+                # Its open transaction can never commit; the broker aborts it for the new owner.
+                self._in_txn = False
+                self._lost(f"producer fenced by a newer instance ({exc})")
             except DeliveryFailed as exc:
                 if not self.exactly_once:
                     raise  # at-least-once: exit without committing; a restart redoes the batch
@@ -293,7 +338,7 @@ class Application:
                 log.info("standby: waiting for the lease",
                          extra={"lease_topic": self.lease_topic, "instance_id": self.instance_id})
                 announced = True
-            self.lease.poll(0.2)
+            self._poll_lease(0.2)
 
     def _holds_lease(self) -> bool:
         if self._lease_held:
@@ -329,7 +374,7 @@ class Application:
         try:
             # Still a member of this generation here: the commit is accepted, and the next owner starts right after it.
             committed = self.commit(budget_s=self.config.processing.shutdown_timeout_s, final=True)
-        except (_Abort, DeliveryFailed, KafkaException) as exc:
+        except (_Abort, _Fenced, DeliveryFailed, KafkaException) as exc:
             log.warning("hand-over commit failed; the next owner resumes from the last commit",
                         extra={"reason": str(exc)})
         self._deactivate(committed=committed)
@@ -534,7 +579,7 @@ class Application:
         consume = self.consumer.consume
         process = self.pipeline.process
         sink_poll = self.sink.poll
-        lease_poll = self.lease.poll
+        lease_poll = self._poll_lease
         p = self.config.processing
         batch_size, timeout, interval = p.batch_size, p.poll_timeout_s, p.commit_interval_s
         keep_recent = self.config.checkpoints.holdout_events
@@ -697,6 +742,10 @@ class Application:
         if err.code() == KafkaError._NO_OFFSET:
             self._uncommitted = False
             return True
+        if _is_fatal(err):
+            self._lease_failed = err  # the next lease poll replaces the client
+            self._lost(f"offset commit failed: {err.name()}")
+            return False
         if err.code() in _MEMBERSHIP_LOST:
             self._lost(f"offset commit rejected: {err.name()}")
             return False
@@ -750,6 +799,8 @@ class Application:
                 return call()
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
+                if err.code() in _PRODUCER_FENCED:
+                    raise _Fenced(f"{what}: {err.name()}") from exc
                 if err.fatal():
                     raise FatalError(f"{what}: {err.name()}: {err.str()}") from exc
                 if err.txn_requires_abort():
@@ -801,6 +852,8 @@ class Application:
                 return True
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
+                if err.code() in _PRODUCER_FENCED:
+                    raise _Fenced(f"abort_transaction: {err.name()}") from exc
                 if err.fatal() or not (err.retriable() or err.txn_requires_abort()):
                     raise FatalError(f"abort_transaction: {err.name()}: {err.str()}") from exc
                 self._warn("txn:abort", "abort_transaction failed; retrying", code=err.name())
@@ -892,7 +945,7 @@ class Application:
         if self._active and clean:
             try:
                 committed = self.commit(budget_s=budget, final=True)
-            except (_Abort, FatalError, DeliveryFailed, KafkaException) as exc:
+            except (_Abort, _Fenced, FatalError, DeliveryFailed, KafkaException) as exc:
                 log.warning("final commit failed; a restart resumes from the last commit", extra={"reason": str(exc)})
         if self._active:
             self._deactivate(committed=committed)
@@ -909,6 +962,11 @@ class Application:
             extra={"committed": committed, "restores": self.restores, "aborts": self.aborts,
                    "checkpoints": self.checkpoints, "relearned": self.replayed},
         )
+
+
+def _is_fatal(err: KafkaError) -> bool:
+    # A consumer reports its fatal error as a consumer error with code _FATAL.
+    return err.fatal() or err.code() == KafkaError._FATAL
 
 
 def _tps(offsets: Offsets) -> list[TopicPartition]:
