@@ -43,19 +43,66 @@ class _Windowed:
 
 
 class _Mean:
-    """A running mean, cumulative and rolling (for ratios such as hit-rate)."""
+    """A running mean, cumulative and over the last ``window`` values (for ratios
+    such as hit-rate). A ring buffer with a running sum: O(1) per value, where
+    ``utils.Rolling(stats.Mean)`` reverts a River statistic through a deque.
+
+    >>> m = _Mean(window=2)
+    >>> for v in (1.0, 0.0, 0.0):
+    ...     m.update(v)
+    >>> round(m.cumulative.get(), 3), m.rolling.get()
+    (0.333, 0.0)
+    """
 
     __slots__ = ("cumulative", "rolling")
 
     def __init__(self, window: int) -> None:
-        from river import stats
-
-        self.cumulative: Any = stats.Mean()
-        self.rolling: Any = utils.Rolling(stats.Mean, window_size=window)
+        self.cumulative = _RunningMean()
+        self.rolling = _RingMean(window)
 
     def update(self, value: float) -> None:
         self.cumulative.update(value)
         self.rolling.update(value)
+
+
+class _RunningMean:
+    __slots__ = ("n", "total")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total = 0.0
+
+    def update(self, value: float) -> None:
+        self.n += 1
+        self.total += value
+
+    def get(self) -> float:
+        return self.total / self.n if self.n else 0.0
+
+
+class _RingMean:
+    __slots__ = ("i", "n", "total", "values")
+
+    def __init__(self, window: int) -> None:
+        self.values = [0.0] * window
+        self.i = 0
+        self.n = 0
+        self.total = 0.0
+
+    def update(self, value: float) -> None:
+        values, i = self.values, self.i
+        self.total += value - values[i]
+        values[i] = value
+        i += 1
+        if i == len(values):
+            i = 0
+            self.total = math.fsum(values)  # once per window: no rounding drift from the running sum
+        self.i = i
+        if self.n < len(values):
+            self.n += 1
+
+    def get(self) -> float:
+        return self.total / self.n if self.n else 0.0
 
 
 class Evaluation:

@@ -111,7 +111,7 @@ class FraudLabel(_Event, frozen=True, gc=False):
 
 
 Event = Click | Purchase | Price | FraudLabel
-E = TypeVar("E", Click, Purchase, Price, FraudLabel)
+E = TypeVar("E", bound=Click | Purchase | Price | FraudLabel)
 
 #: Event type by its logical stream name (the ``[topics]`` keys in config).
 EVENT_TYPES: dict[str, type[Event]] = {

@@ -17,6 +17,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from stream.config import Config, redact
+from stream.pipeline import Headers
 
 __all__ = [
     "DeliveryFailed",
@@ -164,9 +165,7 @@ class KafkaSink:
         else:
             self.failed.append(err)
 
-    def produce(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None = None
-    ) -> None:
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> None:
         while True:
             try:
                 self._produce(topic, value, key, headers=headers, on_delivery=self._on_delivery)

@@ -253,16 +253,16 @@ def _apply(
     by_name = {lr.name: lr for lr in learners}
     refused = False
     for name, model in models.items():
-        learner = by_name.get(name)
-        if learner is None:
+        target = by_name.get(name)
+        if target is None:
             raise StateError(f"no learner `{name}` is configured (learners: {', '.join(by_name)})")
-        current = copy.deepcopy(learner)
-        swap_model(learner, copy.deepcopy(model))
+        current = copy.deepcopy(target)
+        swap_model(target, copy.deepcopy(model))
         if base is not None and config.checkpoints.validate:
-            ok, message = _validate(config, base, current, learner)
+            ok, message = _validate(config, base, current, target)
             print(f"{name}: {message}")
             refused = refused or not ok
-        print(f"{name}: model_version {current.model_version} -> {learner.model_version}")
+        print(f"{name}: model_version {current.model_version} -> {target.model_version}")
     if refused and not args.force:
         print("stream: candidate refused by holdout validation (use --force to install it anyway)", file=sys.stderr)
         return EXIT_REFUSED

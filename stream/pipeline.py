@@ -35,10 +35,12 @@ class Record(Protocol):
     def headers(self) -> list[tuple[str, bytes]] | None: ...
 
 
+#: Kafka record headers as confluent-kafka's ``produce`` takes them.
+Headers = list[tuple[str, str | bytes | None]]
+
+
 class Sink(Protocol):
-    def produce(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None = None
-    ) -> None: ...
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> None: ...
 
 
 class SourceRef(msgspec.Struct, array_like=False):
@@ -58,9 +60,9 @@ class Output(msgspec.Struct):
     predicted_at: int
 
 
-def dead_letter_headers(record: Record, stage: str, error: str, learner: str | None = None) -> list[tuple[str, bytes]]:
+def dead_letter_headers(record: Record, stage: str, error: str, learner: str | None = None) -> Headers:
     _, ts = record.timestamp()
-    headers = [
+    headers: Headers = [
         ("stream.source.topic", str(record.topic()).encode()),
         ("stream.source.partition", str(record.partition()).encode()),
         ("stream.source.offset", str(record.offset()).encode()),
@@ -174,8 +176,8 @@ class Pipeline:
             except Exception as exc:
                 failure = failure or ("learn", learner.name, exc)
         if failure is not None:
-            stage, name, exc = failure
-            self.dead_letter(record, stage, f"{type(exc).__name__}: {exc}", name)
+            stage, name, error = failure
+            self.dead_letter(record, stage, f"{type(error).__name__}: {error}", name)
         elif self.observer is not None:
             self.observer.processed(topic, record, event)
 

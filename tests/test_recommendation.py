@@ -313,6 +313,18 @@ def test_pickle_round_trip_predicts_the_same(tastes: list[Click | Purchase]) -> 
     assert all(np.shares_memory(copy.model.i_latents[i], copy.weights.table[r]) for i, r in copy._row_of.items())
 
 
+def test_checkpoint_holds_the_used_rows_not_the_capacity(tastes: list[Click | Purchase]) -> None:
+    """The row arrays are sized for ``max_items``; a pickle carries only the rows in use."""
+    rec = learner(max_items=100_000)
+    feed(rec, tastes[:3_000])
+    blob = pickle.dumps(rec)
+    assert len(blob) < rec.weights.table.nbytes / 10
+    copy = pickle.loads(blob)
+    assert copy.weights.table.shape == rec.weights.table.shape and len(copy._item_at) == 100_000
+    assert np.array_equal(copy.weights.table, rec.weights.table)
+    assert np.array_equal(copy._popularity, rec._popularity)
+
+
 def iter_quality(rec: RecommendationLearner) -> Iterator[str]:
     return (metric for metric, _, _ in rec.quality())
 

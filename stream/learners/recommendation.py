@@ -52,6 +52,8 @@ Measured quality and cost: ``docs/learners-recommendation.md``.
 
 from __future__ import annotations
 
+import collections
+import copy
 import math
 import random
 from collections.abc import Mapping
@@ -224,9 +226,19 @@ class _Weights:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["vectors"]  # a view of ``table``: pickle would copy it
+        # The arrays are sized for ``max_items``; rows past the last non-zero one
+        # are zeros: a checkpoint stores the used rows and the full size.
+        used = np.flatnonzero(self.table.any(axis=1) | (self.biases != 0) | (self.priors != 0))
+        n = int(used[-1]) + 1 if len(used) else 0
+        state["n_rows"] = len(self.table)
+        for name in ("table", "biases", "priors"):
+            state[name] = state[name][:n].copy()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        n_rows = state.pop("n_rows")
+        for name in ("table", "biases", "priors"):
+            state[name] = _padded(state[name], n_rows)
         self.__dict__.update(state)
         self.vectors = self.table[:, : self.n_factors]
 
@@ -312,6 +324,28 @@ class _RankerWeights(_Weights):
 
     def _forget_item(self, item: str) -> None:
         _drop_key(self.model, item, "i_")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if self.n_factors:
+            # One matrix per latent table instead of one pickled array per user and
+            # item: ~200k small pickles were most of a large checkpoint's time.
+            model = copy.copy(self.model)  # shallow: only the two attributes are swapped
+            state["model"] = model
+            for name in ("u_latents", "i_latents"):
+                latents = getattr(self.model, name)
+                keys = list(latents)
+                matrix = np.stack(list(latents.values())) if keys else np.zeros((0, self.n_factors))
+                state[name] = (latents.default_factory, keys, matrix)
+                setattr(model, name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        packed = [(name, state.pop(name)) for name in ("u_latents", "i_latents") if name in state]
+        super().__setstate__(state)
+        for name, (factory, keys, matrix) in packed:
+            # Rows of one block (kept alive while any is used); i_latents are relinked to ``vectors``.
+            setattr(self.model, name, collections.defaultdict(factory, zip(keys, matrix, strict=True)))
 
 
 class _BatchMFWeights(_RankerWeights):
@@ -554,6 +588,13 @@ class _User:
         self.served_ts: int | None = None
         self.events = 0
 
+    # A tuple, not the default slots dict: there are up to ``max_users`` of these in a checkpoint.
+    def __getstate__(self) -> tuple[Any, ...]:
+        return self.recent, self.categories, self.served, self.baseline, self.served_ts, self.events
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.recent, self.categories, self.served, self.baseline, self.served_ts, self.events = state
+
 
 class _Item:
     __slots__ = ("category", "neighbors", "row")
@@ -563,6 +604,12 @@ class _Item:
         self.category: str | None = None
         #: Row of a co-clicked item -> weighted co-click count (the largest, see ``_bump``).
         self.neighbors: dict[int, float] = {}
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return self.row, self.category, self.neighbors
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.row, self.category, self.neighbors = state
 
 
 #: Forward-decayed counts are rescaled once their exponent passes this (e^30 ~ 1e13).
@@ -625,9 +672,18 @@ class RecommendationLearner(Learner):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_query_head"]  # a view of ``_query``: pickle would copy it
+        # Row-indexed structures are sized for ``max_items``; rows from ``_next_row`` on were never used.
+        n = self._next_row
+        state["_popularity"] = self._popularity[:n].copy()
+        state["_item_at"] = self._item_at[:n]
+        state["_item_state"] = self._item_state[:n]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        n_rows = state["spec"].max_items
+        state["_popularity"] = _padded(state["_popularity"], n_rows)
+        for name in ("_item_at", "_item_state"):
+            state[name] = state[name] + [None] * (n_rows - len(state[name]))
         self.__dict__.update(state)
         self._query_head = self._query[: self.weights.n_factors]
         self.weights.relink(self._row_of)
@@ -971,6 +1027,13 @@ class RecommendationLearner(Learner):
             "negative_pool": len(self._negatives),
             "max_neighbors": max((len(it.neighbors) for _, it in self._items.items()), default=0),
         }
+
+
+def _padded(a: np.ndarray, n: int) -> np.ndarray:
+    """``a`` with zero rows appended up to ``n`` rows."""
+    full = np.zeros((n, *a.shape[1:]), dtype=a.dtype)
+    full[: len(a)] = a
+    return full
 
 
 def _bump(neighbors: dict[int, float], key: int, weight: float, cap: int) -> None:
