@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import json
 import logging
 import os
 import re
@@ -37,7 +38,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
@@ -191,6 +192,7 @@ class Application:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._holdout_seed: list[StoredRecord] = []
+        self._background: _Background | None = None
         self._recent: collections.deque[list[Message]] = collections.deque()
         self._recent_n = 0
 
@@ -552,6 +554,7 @@ class Application:
                 raise _Stopped
 
     def _deactivate(self, committed: bool) -> None:
+        self._reap_checkpoint(wait=True)
         if self.exactly_once and self._in_txn and self.producer is not None:
             with contextlib.suppress(KafkaException):
                 self.producer.abort_transaction(self.config.processing.shutdown_timeout_s)
@@ -723,7 +726,8 @@ class Application:
         if faults.ARMED:
             faults.hit("after_produce_before_commit")
         offsets = self._positions()
-        written = self._maybe_checkpoint(offsets, final)
+        self._reap_checkpoint(wait=False)
+        written = self._maybe_checkpoint(offsets, final, background=not final)
         try:
             result = self.lease.commit(offsets=_tps(self._to_commit(offsets)), asynchronous=False)
         except KafkaException as exc:
@@ -874,8 +878,14 @@ class Application:
 
     # -- checkpoints -------------------------------------------------------------
 
-    def _maybe_checkpoint(self, offsets: Offsets, final: bool) -> CheckpointInfo | None:
+    def _maybe_checkpoint(self, offsets: Offsets, final: bool, background: bool = False) -> CheckpointInfo | None:
         if not (self._checkpoint_due() or (final and self._since_checkpoint > 0)):
+            return None
+        if background and self.config.checkpoints.background and hasattr(os, "fork") and not faults.ARMED:
+            # Committing before the child has written stays correct, as when a write fails:
+            # a restart restores an older checkpoint and relearns up to the committed offsets.
+            if self._background is None:
+                self._fork_checkpoint(offsets)
             return None
         try:
             info = self._write_checkpoint(offsets, "final" if final else "periodic")
@@ -888,7 +898,61 @@ class Application:
             faults.hit("after_checkpoint_before_commit")
         return info
 
+    def _fork_checkpoint(self, offsets: Offsets) -> None:
+        """Write a checkpoint from a forked child: the fork is a copy-on-write snapshot of
+        the learners at these offsets (as Redis' BGSAVE), so the loop pauses for the fork
+        only, not for pickling a model that grows with the users. The child touches no
+        Kafka client, lock or log; it reports on a pipe and leaves with ``os._exit``."""
+        holdout = self._holdout()
+        read_fd, write_fd = os.pipe()
+        started = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            _checkpoint_child(self.store, self.learners, offsets, holdout, write_fd)
+        os.close(write_fd)
+        self._background = _Background(pid, read_fd, offsets, time.perf_counter() - started)
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+
+    def _reap_checkpoint(self, wait: bool) -> None:
+        """Collect the child's report once it has exited (``wait``: block until then)."""
+        bg = self._background
+        if bg is None:
+            return
+        try:
+            pid, status = os.waitpid(bg.pid, 0 if wait else os.WNOHANG)
+        except ChildProcessError:
+            pid, status = bg.pid, -1
+        if pid == 0:
+            return
+        self._background = None
+        with os.fdopen(bg.fd, "rb") as report:
+            raw = report.read()
+        try:
+            doc = json.loads(raw) if raw else {}
+        except ValueError:
+            doc = {}
+        if status != 0 or "name" not in doc:
+            self._warn("checkpoint", "background checkpoint failed; offsets are still committed",
+                       reason=str(doc.get("error", f"child exit status {status}")))
+            return
+        self.checkpoints += 1
+        log.info(
+            "checkpoint written",
+            extra={
+                "checkpoint": doc["name"], "seq": doc["seq"], "reason": "periodic", "bytes": doc["bytes"],
+                "seconds": doc["seconds"], "pause_seconds": round(bg.pause_s, 4), "background": True,
+                "offsets": describe_offsets(bg.offsets),
+            },
+        )
+        saved = getattr(self.observer, "checkpoint_saved", None)
+        if saved is not None:
+            saved(doc["created_at"])
+        self._prune_keeping(doc["name"])
+
     def _write_checkpoint(self, offsets: Offsets, reason: str) -> CheckpointInfo:
+        self._reap_checkpoint(wait=True)  # one writer at a time: sequence numbers stay in order
         started = time.perf_counter()
         info = self.store.write(self.learners, offsets, reason=reason, holdout=self._holdout())
         self._since_checkpoint = 0
@@ -914,8 +978,11 @@ class Application:
         return (self._holdout_seed + fresh)[-n:]
 
     def _prune(self, just_committed: CheckpointInfo) -> None:
+        self._prune_keeping(just_committed.name)
+
+    def _prune_keeping(self, name: str) -> None:
         try:
-            self.store.prune(self.config.checkpoints.keep, protect=[just_committed.name])
+            self.store.prune(self.config.checkpoints.keep, protect=[name])
         except OSError as exc:
             self._warn("prune", "could not prune old checkpoints", reason=repr(exc))
 
@@ -962,6 +1029,35 @@ class Application:
             extra={"committed": committed, "restores": self.restores, "aborts": self.aborts,
                    "checkpoints": self.checkpoints, "relearned": self.replayed},
         )
+
+
+class _Background(NamedTuple):
+    """A checkpoint being written by a forked child."""
+
+    pid: int
+    fd: int  # read end of the child's report pipe
+    offsets: Offsets
+    pause_s: float  # what the fork cost the loop
+
+
+def _checkpoint_child(
+    store: CheckpointStore, learners: Sequence[Learner], offsets: Offsets, holdout: list[StoredRecord], fd: int
+) -> NoReturn:
+    """In the forked child: write the checkpoint, report it on ``fd``, and leave with
+    ``os._exit`` (no atexit handlers, no flushing of the parent's buffers or clients)."""
+    code = 1
+    try:
+        started = time.perf_counter()
+        info = store.write(learners, offsets, reason="periodic", holdout=holdout)
+        report = {"name": info.name, "seq": info.seq, "bytes": info.payload_length, "created_at": info.created_at,
+                  "seconds": round(time.perf_counter() - started, 4)}  # fmt: skip
+        code = 0
+    except BaseException as exc:  # the child must reach os._exit whatever happens
+        report = {"error": repr(exc)[:500]}
+    finally:
+        with contextlib.suppress(BaseException):
+            os.write(fd, json.dumps(report).encode())
+        os._exit(code)
 
 
 def _is_fatal(err: KafkaError) -> bool:

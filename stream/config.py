@@ -91,6 +91,10 @@ class CheckpointsConfig(_Section):
     every_events: PositiveInt = 10_000
     #: ... or this many seconds (whichever comes first), and always on lease hand-over and shutdown.
     every_seconds: PositiveFloat = 60.0
+    #: At-least-once periodic checkpoints are written by a forked child from a copy-on-write
+    #: snapshot (as Redis' BGSAVE): the loop pauses for the fork, not for pickling the model.
+    #: Final, hand-over and exactly-once checkpoints are always written in the loop.
+    background: bool = True
     #: Recent checkpoints kept (>= 2: the newest may be ahead of the committed offsets).
     keep: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 5
     #: Committed offsets but no usable checkpoint: refuse to start ("fail"), or
