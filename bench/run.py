@@ -10,7 +10,8 @@ because absolute times on shared machines are noisy:
 3. kafka     ``stream run`` on one core, from start to the last committed offset, with
              the inputs preloaded; ratio to (1); and raw confluent-kafka consumption
 4. latency   events produced at half the measured maximum rate: p50/p99/p99.9 from
-             produced to prediction received
+             produced to prediction received; and, in the same run, one plain
+             produce -> consume hop of the inputs (the broker's share)
 5. growth    events/s and resident memory as distinct users and the catalog grow
 6. checkpoint time and size of a checkpoint, and time to restore, as the model grows
 
@@ -293,12 +294,16 @@ def bench_latency(bootstrap: str, rate: float, duration_s: float, tmp: Path) -> 
                             stdout=subprocess.DEVNULL, stderr=logf)  # fmt: skip
     sent: dict[bytes, float] = {}
     latencies: list[float] = []
+    raw: list[float] = []
+    inputs = sorted(set(topics.values()))
+    by_topic: dict[str, list[float]] = {}
     stop = threading.Event()
 
     def receive() -> None:
         c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{prefix}-reader", "auto.offset.reset": "latest",
                       "fetch.wait.max.ms": 5, "fetch.min.bytes": 1})  # fmt: skip
-        c.subscribe(outputs)
+        # The inputs too: one plain produce -> consume hop, side by side with the pipeline's two hops.
+        c.subscribe(outputs + inputs)
         while not stop.is_set():
             for m in c.consume(500, 0.1):
                 if m.error() is None:
@@ -306,7 +311,9 @@ def bench_latency(bootstrap: str, rate: float, duration_s: float, tmp: Path) -> 
                     doc = json.loads(m.value())
                     t = sent.get(doc["event_id"].encode())
                     if t is not None:
-                        latencies.append((now - t) * 1000)
+                        ms = (now - t) * 1000
+                        (raw if m.topic() in inputs else latencies).append(ms)
+                        by_topic.setdefault(m.topic(), []).append(ms)
         c.close()
 
     try:
@@ -333,10 +340,17 @@ def bench_latency(bootstrap: str, rate: float, duration_s: float, tmp: Path) -> 
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         logf.close()
+        keep = os.environ.get("BENCH_KEEP_LOGS")
+        if keep:
+            shutil.copy(tmp / "lat.log", Path(keep) / "latency-run.log")
     lat = np.array(latencies)
     pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
     return {"latency_rate_events_per_s": rate, "latency_samples": len(lat), "latency_p50_ms": pct(50),
-            "latency_p99_ms": pct(99), "latency_p999_ms": pct(99.9)}  # fmt: skip
+            "latency_p99_ms": pct(99), "latency_p999_ms": pct(99.9),
+            "raw_hop_latency_p50_ms": float(np.percentile(raw, 50)) if raw else float("nan"),
+            "raw_hop_latency_p99_ms": float(np.percentile(raw, 99)) if raw else float("nan"),
+            "latency_p50_ms_by_topic": {t: float(np.percentile(v, 50)) for t, v in sorted(by_topic.items())},
+            }  # fmt: skip
 
 
 # --------------------------------------------------------------------------- 5. growth, 6. checkpoint
@@ -500,7 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rate = 0.5 * fig.get("kafka_events_per_s", 5_000)
                 fig |= bench_latency(bootstrap, rate, args.latency_seconds, tmp)
                 p50, p99 = fig["latency_p50_ms"], fig["latency_p99_ms"]
-                log(f"4 latency at {rate:,.0f}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+                log(f"4 latency at {rate:,.0f}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms; one plain Kafka hop: "
+                    f"p50 {fig['raw_hop_latency_p50_ms']:.1f} ms, p99 {fig['raw_hop_latency_p99_ms']:.1f} ms")
         if "growth" not in skip:
             fig |= bench_growth(args.max_users, args.max_items)
         if "checkpoint" not in skip:

@@ -88,7 +88,7 @@ class CheckpointsConfig(_Section):
     #: Directory (local or a mount shared by the instances); checkpoints go in ``<dir>/<group_id>/``.
     dir: str = "var/checkpoints"
     #: A checkpoint is written at the first commit after this many events ...
-    every_events: PositiveInt = 10_000
+    every_events: PositiveInt = 100_000
     #: ... or this many seconds (whichever comes first), and always on lease hand-over and shutdown.
     every_seconds: PositiveFloat = 60.0
     #: At-least-once periodic checkpoints are written by a forked child from a copy-on-write
