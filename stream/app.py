@@ -591,7 +591,9 @@ class Application:
         # Time inside the process is measured per batch, not per record (amortised).
         on_batch = getattr(self.observer, "batch_processed", None)
         while not self._stop.is_set() and self._active:
-            batch = consume(batch_size, timeout)
+            # What is already fetched, without waiting for a full batch (the latency of a
+            # consume(n, timeout) that waits for n); if nothing is, block for the first record.
+            batch = consume(batch_size, 0) or consume(1, timeout)
             if batch:
                 started = time.perf_counter()
                 if self._catchup or faults.ARMED:

@@ -56,8 +56,10 @@ class TopicsConfig(_Section):
 
 class ProcessingConfig(_Section):
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
-    #: Records per ``consume()`` call.
+    #: At most this many records per batch: whatever the client has already fetched, never
+    #: waiting for a full batch (busy: large batches; quiet: each record as it comes).
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
+    #: How long an idle loop blocks waiting for the next record.
     poll_timeout_s: PositiveFloat = 0.2
     #: Outputs are flushed and offsets committed at least this often.
     commit_interval_s: PositiveFloat = 1.0
