@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 
 from stream.config import Config, load_config
+from stream.evaluation import RunningMean
 from stream.progress import Progress
 from stream.replay import RecordedMessage
 from stream.simulate import GroundTruth, SimConfig, Simulation
@@ -73,22 +74,6 @@ def simulated_records(sim: Simulation, topics: Mapping[str, str]) -> Iterator[Re
 # --------------------------------------------------------------------------- scoring
 
 
-class _Mean:
-    __slots__ = ("n", "total")
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.total = 0.0
-
-    def add(self, value: float) -> None:
-        self.n += 1
-        self.total += value
-
-    @property
-    def mean(self) -> float | None:
-        return self.total / self.n if self.n else None
-
-
 def _get(event: Any, name: str) -> Any:
     return event.get(name) if isinstance(event, Mapping) else getattr(event, name, None)
 
@@ -105,12 +90,12 @@ class TruthScorer:
         self.truth = truth
         self._decode = msgspec.json.Decoder().decode
         self._last: bytes | None = None
-        self.hits: dict[str, _Mean] = {}
-        self.hit_baseline: dict[str, _Mean] = {}
-        self.hits_after_shift: dict[str, _Mean] = {}
-        self.regret: dict[str, _Mean] = {}
-        self.regret_baseline: dict[str, _Mean] = {}
-        self.regret_after_change: dict[str, _Mean] = {}
+        self.hits: dict[str, RunningMean] = {}
+        self.hit_baseline: dict[str, RunningMean] = {}
+        self.hits_after_shift: dict[str, RunningMean] = {}
+        self.regret: dict[str, RunningMean] = {}
+        self.regret_baseline: dict[str, RunningMean] = {}
+        self.regret_after_change: dict[str, RunningMean] = {}
         self.fraud_scores: dict[str, dict[str, float]] = {}
         self.blocked: dict[str, list[int]] = {}  # learner -> [true pos, flagged, frauds scored]
 
@@ -155,23 +140,25 @@ class TruthScorer:
             ids = [i.get("item_id") if isinstance(i, Mapping) else i for i in items]
             hit = truth.taste_hit_rate(user, [i for i in ids if isinstance(i, str)], ts) if user else None
             if hit is not None:
-                self.hits.setdefault(name, _Mean()).add(hit)
+                self.hits.setdefault(name, RunningMean()).update(hit)
                 # What recommending by global popularity would score: the chance a
                 # popular item falls in the user's top categories.
                 tops = truth.top_categories(user, ts)
                 base = sum(float(truth.category_weights[truth.categories.index(c)]) for c in tops)
-                self.hit_baseline.setdefault(name, _Mean()).add(base / float(truth.category_weights.sum()))
+                self.hit_baseline.setdefault(name, RunningMean()).update(base / float(truth.category_weights.sum()))
                 if self._since("taste_shift", ts):
-                    self.hits_after_shift.setdefault(name, _Mean()).add(hit)
+                    self.hits_after_shift.setdefault(name, RunningMean()).update(hit)
         price = prediction.get("recommended_price")
         item = _get(event, "item_id")
         if isinstance(price, (int, float)) and price > 0 and isinstance(item, str) and truth.category_of(item):
-            self.regret.setdefault(name, _Mean()).add(truth.pricing_regret(item, float(price), ts))
+            self.regret.setdefault(name, RunningMean()).update(truth.pricing_regret(item, float(price), ts))
             current = _get(event, "unit_price") or _get(event, "price")
             if isinstance(current, (int, float)) and current > 0:
-                self.regret_baseline.setdefault(name, _Mean()).add(truth.pricing_regret(item, float(current), ts))
+                regret = truth.pricing_regret(item, float(current), ts)
+                self.regret_baseline.setdefault(name, RunningMean()).update(regret)
             if self._since("elasticity_change", ts):
-                self.regret_after_change.setdefault(name, _Mean()).add(truth.pricing_regret(item, float(price), ts))
+                regret = truth.pricing_regret(item, float(price), ts)
+                self.regret_after_change.setdefault(name, RunningMean()).update(regret)
         p = prediction.get("fraud_probability")
         order = _get(event, "order_id")
         if isinstance(p, (int, float)) and isinstance(order, str):

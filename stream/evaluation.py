@@ -23,7 +23,7 @@ from typing import Any
 
 from river import metrics, utils
 
-__all__ = ["Evaluation"]
+__all__ = ["Evaluation", "RunningMean"]
 
 _EPS = 1e-15
 
@@ -57,7 +57,7 @@ class _Mean:
     __slots__ = ("cumulative", "rolling")
 
     def __init__(self, window: int) -> None:
-        self.cumulative = _RunningMean()
+        self.cumulative = RunningMean()
         self.rolling = _RingMean(window)
 
     def update(self, value: float) -> None:
@@ -65,7 +65,9 @@ class _Mean:
         self.rolling.update(value)
 
 
-class _RunningMean:
+class RunningMean:
+    """A plain cumulative mean (River's ``stats.Mean`` is a Welford update per value)."""
+
     __slots__ = ("n", "total")
 
     def __init__(self) -> None:
@@ -78,6 +80,11 @@ class _RunningMean:
 
     def get(self) -> float:
         return self.total / self.n if self.n else 0.0
+
+    @property
+    def mean(self) -> float | None:
+        """None before the first value."""
+        return self.total / self.n if self.n else None
 
 
 class _RingMean:
