@@ -721,6 +721,7 @@ class Application:
     def _commit_offsets(self, budget_s: float | None, final: bool) -> bool:
         """At-least-once: flush outputs, checkpoint when due, commit the positions."""
         assert self.lease is not None
+        self._reap_checkpoint(wait=False)  # a background checkpoint is reported even when idle
         if not self._pending(final):
             return True
         if not self._drain(budget_s):
@@ -728,7 +729,6 @@ class Application:
         if faults.ARMED:
             faults.hit("after_produce_before_commit")
         offsets = self._positions()
-        self._reap_checkpoint(wait=False)
         written = self._maybe_checkpoint(offsets, final, background=not final)
         try:
             result = self.lease.commit(offsets=_tps(self._to_commit(offsets)), asynchronous=False)
