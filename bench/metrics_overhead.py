@@ -22,34 +22,11 @@ from stream.config import parse_config
 from stream.learners import build_learner
 from stream.metrics import LATENCY_BUCKETS, PipelineMetrics, new_registry
 from stream.pipeline import Pipeline
+from stream.replay import RecordedMessage
 
 
-class Rec:
-    __slots__ = ("_o", "_t", "_v")
-
-    def __init__(self, topic: str, value: bytes, offset: int) -> None:
-        self._t, self._v, self._o = topic, value, offset
-
-    def topic(self) -> str:
-        return self._t
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._o
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, 0)
-
-    def key(self) -> bytes:
-        return b"u1"
-
-    def value(self) -> bytes:
-        return self._v
-
-    def headers(self) -> None:
-        return None
+def rec(topic: str, value: bytes, offset: int) -> RecordedMessage:
+    return RecordedMessage(topic, 0, offset, (1, 0), b"u1", value)
 
 
 class ListSink:
@@ -101,12 +78,12 @@ CONFIG = {
 }
 
 
-def records(n: int) -> list[Rec]:
+def records(n: int) -> list[RecordedMessage]:
     rng = random.Random(0)
     now = int(time.time() * 1000)
     enc = msgspec.json.Encoder().encode
     return [
-        Rec(
+        rec(
             "purchases",
             enc(
                 {
@@ -127,7 +104,7 @@ def records(n: int) -> list[Rec]:
     ]
 
 
-def run(observer_kind: str, recs: list[Rec]) -> float:
+def run(observer_kind: str, recs: list[RecordedMessage]) -> float:
     cfg = parse_config(CONFIG)
     learners = [build_learner(n, s, cfg.input_topics()) for n, s in cfg.learners.items()]
     observer: Any = None

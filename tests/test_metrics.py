@@ -33,6 +33,7 @@ from stream.evaluation import Evaluation
 from stream.learners import Learner, build_learner
 from stream.metrics import LATENCY_BUCKETS, PipelineMetrics, new_registry, serve_metrics
 from stream.pipeline import Pipeline
+from stream.replay import RecordedMessage
 
 NOW = 1_800_000_000.0  # the observer's clock, epoch seconds
 WINDOW = 50  # rolling quality window
@@ -40,32 +41,9 @@ TOPIC = "scores"
 CLICKS = "t-clicks"
 
 
-class Rec:
-    """A consumed record (the pipeline's ``Record`` protocol)."""
-
-    def __init__(self, topic: str, value: bytes, offset: int, key: bytes = b"u") -> None:
-        self._topic, self._value, self._offset, self._key = topic, value, offset, key
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, int(NOW * 1000))
-
-    def key(self) -> bytes:
-        return self._key
-
-    def value(self) -> bytes:
-        return self._value
-
-    def headers(self) -> None:
-        return None
+def rec(topic: str, value: bytes, offset: int, key: bytes = b"u") -> RecordedMessage:
+    """A consumed record (the pipeline's ``Record`` protocol), stamped now."""
+    return RecordedMessage(topic, 0, offset, (1, int(NOW * 1000)), key, value)
 
 
 class ListSink:
@@ -132,10 +110,10 @@ def roc_auc_mann_whitney(pairs: list[tuple[float, bool]]) -> float:
 # -- the stream ------------------------------------------------------------------------
 
 
-def make_stream(seed: int = 11) -> tuple[list[Rec], dict[str, Any]]:
+def make_stream(seed: int = 11) -> tuple[list[RecordedMessage], dict[str, Any]]:
     """Records of two topics, and what the test expects from them, computed here."""
     rng = random.Random(seed)
-    records: list[Rec] = []
+    records: list[RecordedMessage] = []
     expect: dict[str, Any] = {
         "outcomes": Counter(),
         "pairs": [],
@@ -167,7 +145,7 @@ def make_stream(seed: int = 11) -> tuple[list[Rec], dict[str, Any]]:
             value = json.dumps(doc).encode()
         else:
             value = json.dumps(doc).encode()
-        records.append(Rec(TOPIC, value, i, key=f"user-{i}".encode()))
+        records.append(rec(TOPIC, value, i, key=f"user-{i}".encode()))
         expect["outcomes"][(TOPIC, "ok" if kind == "ok" else f"dead_letter_{kind}")] += 1
         if kind in ("ok", "learn"):  # predicted (and published) before learn failed
             expect["published"]["fixed"] += 1
@@ -189,7 +167,7 @@ def make_stream(seed: int = 11) -> tuple[list[Rec], dict[str, Any]]:
         }
         if kind == "validate":
             del doc["item_id"]
-        records.append(Rec(CLICKS, json.dumps(doc).encode(), i))
+        records.append(rec(CLICKS, json.dumps(doc).encode(), i))
         expect["outcomes"][(CLICKS, "ok" if kind == "ok" else "dead_letter_validate")] += 1
         if kind == "ok":
             expect["published"]["click_price"] += 1
@@ -418,7 +396,7 @@ def test_data_drift_shows_a_shift_then_settles() -> None:
     for i in range(1, 2501):
         price = rng.uniform(5, 50) if i <= 1500 else rng.uniform(30, 75)  # shifts after 1500
         doc = {"event_id": f"c{i}", "ts": 1, "user_id": "u", "item_id": "i", "price": price}
-        pipeline.process(Rec(CLICKS, json.dumps(doc).encode(), i))
+        pipeline.process(rec(CLICKS, json.dumps(doc).encode(), i))
         if i == 999:
             assert not any(n == "stream_data_drift_score" for n, _ in samples(registry)), "windows not full yet"
         if i % 250 == 0 and i >= 1000:
@@ -434,7 +412,7 @@ def test_feature_labels_are_bounded() -> None:
     registry, metrics, pipeline = build(max_features=3)
     for i in range(200):
         doc = {"event_id": str(i), "ts": 1, "x": 1.0, "y": True, f"f{i}": float(i), "order_id": 5}
-        pipeline.process(Rec(TOPIC, json.dumps(doc).encode(), i))
+        pipeline.process(rec(TOPIC, json.dumps(doc).encode(), i))
     features = {dict(labels)["feature"] for name, labels in samples(registry) if name == "stream_data_drift_score"}
     assert len(metrics._features[TOPIC].windows) == 3 and features <= {"x", "f0", "f1"}
 
@@ -474,7 +452,7 @@ def test_injected_concept_drift_is_detected_and_exported() -> None:
         x = rng.gauss(0, 2)
         y = (x > 0) if i < 1500 else (x <= 0)
         doc = {"event_id": str(i), "ts": 1_000_000 + i, "x": x, "y": y}
-        pipeline.process(Rec(TOPIC, json.dumps(doc).encode(), i))
+        pipeline.process(rec(TOPIC, json.dumps(doc).encode(), i))
     got = samples(registry)
     assert value(got, "stream_concept_drift_detections_total", learner="fixed", direction="worse") >= 1
     last = value(got, "stream_concept_drift_last_detection_timestamp_seconds", learner="fixed")
@@ -507,7 +485,7 @@ def test_drift_switch_of_a_configured_learner_is_exported() -> None:
     for i in range(4000):
         a, b = rng.uniform(-1, 1), rng.uniform(-1, 1)
         y = (a + b > 0) if i < 2000 else (a - b > 0)
-        pipeline.process(Rec(TOPIC, json.dumps({"event_id": str(i), "ts": i, "a": a, "b": b, "y": y}).encode(), i))
+        pipeline.process(rec(TOPIC, json.dumps({"event_id": str(i), "ts": i, "a": a, "b": b, "y": y}).encode(), i))
     got = samples(registry)
     assert value(got, "stream_model_switches_total", learner="clf", reason="drift") == 1
     assert value(got, "stream_model_switches_total", learner="clf", reason="rollback") == 0

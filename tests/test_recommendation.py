@@ -15,6 +15,7 @@ from stream.events import Click, Purchase
 from stream.learners import build_learner
 from stream.learners.recommendation import RecommendationLearner, Recommendations, RecommendationSpec
 from stream.pipeline import Pipeline
+from stream.replay import RecordedMessage
 
 TOPICS = {"clicks": "clicks", "purchases": "purchases", "prices": "prices", "fraud_labels": "fraud-labels"}
 T0 = 1_700_000_000_000
@@ -337,30 +338,8 @@ def test_quality_metrics_are_exposed() -> None:
 # -- in the pipeline ------------------------------------------------------------------------
 
 
-class _Record:
-    def __init__(self, topic: str, offset: int, event: Click | Purchase) -> None:
-        self._topic, self._offset, self._event = topic, offset, event
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, self._event.ts)
-
-    def key(self) -> bytes:
-        return self._event.user_id.encode()
-
-    def value(self) -> bytes:
-        return msgspec.json.encode(self._event)
-
-    def headers(self) -> None:
-        return None
+def _record(topic: str, offset: int, event: Click | Purchase) -> RecordedMessage:
+    return RecordedMessage(topic, 0, offset, (1, event.ts), event.user_id.encode(), msgspec.json.encode(event))
 
 
 class _Sink:
@@ -382,7 +361,7 @@ def test_published_through_the_pipeline(tastes: list[Click | Purchase]) -> None:
     )
     events = tastes[:2_000]
     for offset, e in enumerate(events):
-        pipeline.process(_Record("clicks" if type(e) is Click else "purchases", offset, e))
+        pipeline.process(_record("clicks" if type(e) is Click else "purchases", offset, e))
     clicks = sum(1 for e in events if type(e) is Click)
     assert len(sink.records) == clicks and {t for t, _, _ in sink.records} == {"recommendations"}
     value = sink.records[-1][2]
