@@ -98,6 +98,13 @@ class Run:
     def has(self, msg: str) -> bool:
         return any(line.get("msg") == msg for line in self.lines())
 
+    def count(self, msg: str) -> int:
+        return sum(line.get("msg") == msg for line in self.lines())
+
+    def last_of(self, *msgs: str) -> str | None:
+        """The latest of ``msgs`` logged so far (None when none was)."""
+        return next((m for line in reversed(self.lines()) if (m := line.get("msg")) in msgs), None)
+
 
 def _retry(call: Callable[[], T], timeout: float = 60.0) -> T:
     """The checkers run right after broker faults: retry what fails while the broker recovers."""
