@@ -6,6 +6,7 @@ or value is reported with its path (``$.kafka.bootstrap_server``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -419,6 +420,15 @@ def known_secrets() -> frozenset[str]:
     return frozenset(_KNOWN_SECRETS)
 
 
+@functools.lru_cache(maxsize=16)
+def _patterns(secrets: frozenset[str]) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The forms of ``secrets`` searched for (as is, and as JSON prints them: log lines are JSON)
+    and the 8-character pieces of the longer ones."""
+    forms = {f for s in secrets if len(s) >= _MIN_SCRUB for f in (s, json.dumps(s)[1:-1])}
+    grams = frozenset(f[i : i + _NGRAM] for f in forms if len(f) >= _NGRAM for i in range(len(f) - _NGRAM + 1))
+    return tuple(sorted(forms, key=len, reverse=True)), grams
+
+
 def scrub(text: str, secrets: Iterable[str] | None = None) -> str:
     """``text`` with every secret (default: ``known_secrets()``) replaced by ``***``: whole
     values, and for values of at least 8 characters any 8 or more consecutive characters of
@@ -427,22 +437,21 @@ def scrub(text: str, secrets: Iterable[str] | None = None) -> str:
     >>> scrub('bad config "x clientSecret=s3cr3t-v4lue"', {"id=a clientSecret=s3cr3t-v4lue"})
     'bad config "x***"'
     """
-    values = sorted({s for s in (known_secrets() if secrets is None else secrets) if len(s) >= _MIN_SCRUB}, key=len)
-    if not values or not text:
+    if not text:
+        return text
+    forms, grams = _patterns(known_secrets() if secrets is None else frozenset(secrets))
+    if not forms:
         return text
     hidden = bytearray(len(text))
-    for value in reversed(values):
-        # As is, and as JSON would print it (quotes, backslashes, non-ASCII escaped): log lines are JSON.
-        for form in {value, json.dumps(value)[1:-1]}:
-            start = text.find(form)
-            while start >= 0:
-                hidden[start : start + len(form)] = b"\x01" * len(form)
-                start = text.find(form, start + 1)
-            if len(form) >= _NGRAM:
-                grams = {form[i : i + _NGRAM] for i in range(len(form) - _NGRAM + 1)}
-                for i in range(len(text) - _NGRAM + 1):
-                    if text[i : i + _NGRAM] in grams:
-                        hidden[i : i + _NGRAM] = b"\x01" * _NGRAM
+    for form in forms:
+        start = text.find(form)
+        while start >= 0:
+            hidden[start : start + len(form)] = b"\x01" * len(form)
+            start = text.find(form, start + 1)
+    if grams:
+        for i in range(len(text) - _NGRAM + 1):
+            if text[i : i + _NGRAM] in grams:
+                hidden[i : i + _NGRAM] = b"\x01" * _NGRAM
     if not any(hidden):
         return text
     out: list[str] = []
