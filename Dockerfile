@@ -20,7 +20,8 @@ COPY stream ./stream
 RUN pip install --no-deps --force-reinstall . \
     && useradd --system --uid 10001 --no-create-home stream
 
-# Relative paths in commands (--config configs/default.toml) resolve here.
+# Relative paths in commands (--config configs/default.toml) resolve here. configs/default.toml is a
+# link to stream/default.toml (copied above; also packaged, the default when --config is omitted).
 COPY configs ./configs
 # Checkpoints live here (a volume in compose); the named volume inherits this owner.
 RUN mkdir -p /app/var && chown stream /app/var

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import river
+from confluent_kafka import KafkaException
 
 from stream import __version__
-from stream.config import Config, ConfigError, load_config
+from stream.config import Config, ConfigError, load_config, scrub
 from stream.logs import setup_logging
 
 __all__ = ["main"]
@@ -20,17 +23,27 @@ log = logging.getLogger("stream.cli")
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _config(args: argparse.Namespace) -> Config:
+CONFIG_HELP = "TOML configuration (default: the packaged default.toml, as configs/default.toml)"
+
+
+def _config(args: argparse.Namespace, *, learners: bool = False) -> Config:
+    """The configuration of ``args`` (``--config``, else the packaged default); with
+    ``learners``, one without any learner is an error: the command would do nothing."""
     overrides = {
         "kafka.bootstrap_servers": getattr(args, "bootstrap_servers", None),
         "kafka.group_id": getattr(args, "group_id", None),
         "metrics.port": getattr(args, "metrics_port", None),
+        "metrics.host": getattr(args, "metrics_host", None),
     }
-    return load_config(args.config, overrides=overrides)
+    config = load_config(args.config, overrides=overrides)
+    if learners and not config.learners:
+        where = args.config if args.config is not None else "the packaged default.toml"
+        raise ConfigError(f"{where}: no learners configured (no [learners.NAME] table): nothing to run")
+    return config
 
 
-def _add_kafka_args(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
-    p.add_argument("--config", required=config_required, metavar="FILE", help="TOML configuration (see configs/)")
+def _add_kafka_args(p: argparse.ArgumentParser, *, config_required: bool = False) -> None:
+    p.add_argument("--config", required=config_required, metavar="FILE", help=CONFIG_HELP)
     p.add_argument(
         "--bootstrap-servers", metavar="H:P", help="Kafka brokers (overrides config and STREAM_BOOTSTRAP_SERVERS)"
     )
@@ -40,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stream.app import Application
     from stream.metrics import serve_metrics
 
-    config = _config(args)
+    config = _config(args, learners=True)
     observer = serve_metrics(config)
     app = Application(config, observer=observer)
     app.install_signal_handlers()
@@ -74,7 +87,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_backtest(args: argparse.Namespace) -> int:
     from stream.replay import backtest_command
 
-    return backtest_command(args, _config(args))
+    return backtest_command(args, _config(args, learners=True))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -131,7 +144,7 @@ def _add_replay_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
                         description="Run the learners of --config through the same pipeline as `stream run` on a "
                         "recording (per-partition order, partitions merged by timestamp) and report.")  # fmt: skip
     bt.add_argument("recording", metavar="DIR", help="recording directory")
-    bt.add_argument("--config", required=True, metavar="FILE", help="TOML configuration (see configs/)")
+    bt.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     bt.add_argument("--out", metavar="OUTDIR", help="write outputs/<topic>.jsonl, report.txt, report.json, quality.png")
     bt.add_argument("--topic-map", action="append", metavar="REC=CONF", help="read a recorded topic as another")
     bt.add_argument("--no-chart", dest="chart", action="store_false", help="no quality chart (PNG)")
@@ -163,14 +176,15 @@ def _add_replay_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     sim.set_defaults(handler=cmd_simulate)
 
     demo = sub.add_parser("demo", help="simulator -> learners -> metrics in one process, scored against the truth",
-                          description="Simulate events, run the learners of configs/default.toml on them (no broker, "
+                          description="Simulate events, run the learners of the default config on them (no broker, "
                           "or through Kafka with --bootstrap-servers), serve /metrics meanwhile and report "
                           "quality and drift detection against the simulator's ground truth.")  # fmt: skip
     demo.add_argument("--events", type=int, default=100_000, metavar="N", help="events to simulate (default 100000)")
     demo.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
     demo.add_argument("--metrics-port", type=int, metavar="N", help="Prometheus /metrics port (default from config)")
+    demo.add_argument("--metrics-host", metavar="ADDR", help="address /metrics listens on (default from config)")
     demo.add_argument("--bootstrap-servers", metavar="H:P", help="go through this Kafka cluster (fresh topics)")
-    demo.add_argument("--config", metavar="FILE", help="configuration (default configs/default.toml)")
+    demo.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     demo.add_argument("--keep-topics", action="store_true", help="with --bootstrap-servers: keep the demo topics")
     no_progress(demo)
     demo.set_defaults(handler=cmd_demo)
@@ -190,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_kafka_args(run)
     run.add_argument("--metrics-port", type=int, metavar="N", help="Prometheus /metrics port (0 disables)")
+    run.add_argument("--metrics-host", metavar="ADDR", help="address /metrics listens on (default 0.0.0.0: all)")
     run.add_argument("--group-id", metavar="G", help="consumer group id (overrides config)")
     run.set_defaults(handler=cmd_run)
 
@@ -208,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def kafka_error_text(exc: BaseException) -> str:
+    """A librdkafka error (typically a configuration librdkafka rejects) safe to print: quoted
+    text that is not a property name (``Invalid value "..." for configuration property "x.y"``)
+    and every secret of the loaded configurations are replaced by ``***``."""
+    err: Any = exc.args[0] if exc.args else None
+    text = f"{err.name()}: {err.str()}" if hasattr(err, "str") and hasattr(err, "name") else str(exc)
+
+    def quoted(m: re.Match[str]) -> str:
+        return m[0] if re.fullmatch(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+", m[1]) else '"***"'
+
+    return scrub(re.sub(r'"([^"]*)"', quoted, text))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -216,7 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as exc:
-        print(f"stream: configuration error: {exc}", file=sys.stderr)
+        print(f"stream: configuration error: {scrub(str(exc))}", file=sys.stderr)
+        return 2
+    except KafkaException as exc:
+        # Raised where a client is created with properties librdkafka rejects (unknown, invalid).
+        print(f"stream: kafka client configuration error: {kafka_error_text(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -6,8 +6,13 @@ or value is reported with its path (``$.kafka.bootstrap_server``).
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import re
 import tomllib
+from collections.abc import Iterable
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,12 +20,155 @@ import msgspec
 
 from stream.learners import LearnerSpec
 
-__all__ = ["Config", "ConfigError", "load_config", "redact"]
+__all__ = [
+    "PUBLIC_CLIENT_PROPERTIES",
+    "Config",
+    "ConfigError",
+    "default_config_text",
+    "known_secrets",
+    "load_config",
+    "redact",
+    "scrub",
+]
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 ClientValue = str | int | float | bool
-_SECRET_WORDS = ("password", "secret", "jaas", "token", "key.pem", "credentials")
+
+#: The packaged default configuration (``stream/default.toml``; ``configs/default.toml`` links to it).
+DEFAULT_CONFIG = "default.toml"
+#: ``--config`` value naming the packaged default configuration explicitly.
+DEFAULT_CONFIG_NAME = "default"
+
+#: librdkafka properties known not to be secret: logged in clear. Every other property (including
+#: misspelled and unknown ones) is logged as ``***``. Usernames and client ids are identities, not
+#: secrets: they are shown, so an authentication failure can be traced to the principal it used.
+PUBLIC_CLIENT_PROPERTIES = frozenset(
+    (
+        "bootstrap.servers",
+        "metadata.broker.list",
+        "client.id",
+        "client.rack",
+        "client.dns.lookup",
+        "broker.address.family",
+        "group.id",
+        "group.instance.id",
+        "group.protocol",
+        "group.protocol.type",
+        "group.remote.assignor",
+        "partition.assignment.strategy",
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "max.poll.interval.ms",
+        "coordinator.query.interval.ms",
+        "enable.auto.commit",
+        "auto.commit.interval.ms",
+        "enable.auto.offset.store",
+        "auto.offset.reset",
+        "isolation.level",
+        "enable.partition.eof",
+        "check.crcs",
+        "allow.auto.create.topics",
+        "fetch.wait.max.ms",
+        "fetch.min.bytes",
+        "fetch.max.bytes",
+        "max.partition.fetch.bytes",
+        "fetch.message.max.bytes",
+        "fetch.error.backoff.ms",
+        "fetch.queue.backoff.ms",
+        "queued.min.messages",
+        "queued.max.messages.kbytes",
+        "security.protocol",
+        "sasl.mechanism",
+        "sasl.mechanisms",
+        "sasl.username",
+        "sasl.kerberos.service.name",
+        "sasl.kerberos.principal",
+        "sasl.kerberos.kinit.cmd",
+        "sasl.kerberos.min.time.before.relogin",
+        "sasl.oauthbearer.method",
+        "sasl.oauthbearer.client.id",
+        "sasl.oauthbearer.scope",
+        "sasl.oauthbearer.extensions",
+        "sasl.oauthbearer.token.endpoint.url",
+        "enable.sasl.oauthbearer.unsecure.jwt",
+        "ssl.ca.location",
+        "ssl.certificate.location",
+        "ssl.key.location",
+        "ssl.crl.location",
+        "ssl.keystore.location",
+        "ssl.endpoint.identification.algorithm",
+        "enable.ssl.certificate.verification",
+        "ssl.cipher.suites",
+        "ssl.curves.list",
+        "ssl.sigalgs.list",
+        "ssl.providers",
+        "ssl.engine.location",
+        "https.ca.location",
+        "acks",
+        "request.required.acks",
+        "linger.ms",
+        "queue.buffering.max.ms",
+        "batch.num.messages",
+        "batch.size",
+        "compression.type",
+        "compression.codec",
+        "compression.level",
+        "enable.idempotence",
+        "enable.gapless.guarantee",
+        "max.in.flight",
+        "max.in.flight.requests.per.connection",
+        "message.max.bytes",
+        "message.copy.max.bytes",
+        "receive.message.max.bytes",
+        "message.timeout.ms",
+        "delivery.timeout.ms",
+        "request.timeout.ms",
+        "socket.timeout.ms",
+        "socket.connection.setup.timeout.ms",
+        "socket.keepalive.enable",
+        "socket.nagle.disable",
+        "socket.send.buffer.bytes",
+        "socket.receive.buffer.bytes",
+        "socket.max.fails",
+        "connections.max.idle.ms",
+        "queue.buffering.max.messages",
+        "queue.buffering.max.kbytes",
+        "queue.buffering.backpressure.threshold",
+        "retries",
+        "message.send.max.retries",
+        "retry.backoff.ms",
+        "retry.backoff.max.ms",
+        "reconnect.backoff.ms",
+        "reconnect.backoff.max.ms",
+        "partitioner",
+        "sticky.partitioning.linger.ms",
+        "transactional.id",
+        "transaction.timeout.ms",
+        "statistics.interval.ms",
+        "topic.metadata.refresh.interval.ms",
+        "topic.metadata.refresh.fast.interval.ms",
+        "topic.metadata.refresh.sparse",
+        "topic.metadata.propagation.max.ms",
+        "metadata.max.age.ms",
+        "metadata.recovery.strategy",
+        "api.version.request",
+        "api.version.request.timeout.ms",
+        "api.version.fallback.ms",
+        "broker.version.fallback",
+        "log_level",
+        "log.queue",
+        "log.thread.name",
+        "log.connection.close",
+        "enable.random.seed",
+        "debug",
+    )
+)
+#: Shorter secret values are not searched for in messages (they would match ordinary words).
+_MIN_SCRUB = 4
+#: Secrets at least this long are also caught when a message quotes only part of them.
+_NGRAM = 8
+_KNOWN_SECRETS: set[str] = set()
 
 
 class ConfigError(ValueError):
@@ -72,6 +220,18 @@ class ProcessingConfig(_Section):
 class MetricsConfig(_Section):
     #: HTTP port of ``/metrics``; 0 disables the endpoint.
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9100
+    #: Address ``/metrics`` listens on: every interface by default (containers, a Prometheus on
+    #: another host); ``127.0.0.1`` for a local Prometheus or a sidecar, ``::`` for IPv6.
+    host: str = "0.0.0.0"
+    #: TLS: a PEM certificate (chain) and its private key; both or neither. Empty: plain HTTP.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: HTTP basic auth: the username (an identity, not a secret; ``STREAM_METRICS_USERNAME``
+    #: overrides it). The password is never read from this file: ``basic_auth_password_file``
+    #: names a file holding it, else the ``STREAM_METRICS_PASSWORD`` environment variable.
+    #: Empty username and no password: no authentication.
+    basic_auth_username: str = ""
+    basic_auth_password_file: str = ""
     #: Rolling window (labelled events) for the windowed quality metrics.
     rolling_window: PositiveInt = 10_000
     #: How often librdkafka reports statistics, from which consumer lag is read.
@@ -140,13 +300,20 @@ class Config(_Section):
         return {"clicks": t.clicks, "purchases": t.purchases, "prices": t.prices, "fraud_labels": t.fraud_labels}
 
 
+def _safe(message: str) -> str:
+    """A msgspec validation message without the values it quotes (``Invalid enum value 'x'``):
+    a secret put under the wrong key must not be echoed. Paths and field names stay."""
+    return scrub(re.sub(r"'(?:[^'\\]|\\.)*'", "'***'", message))
+
+
 def _parse_learner(name: str, data: Any, source: str) -> LearnerSpec:
     # Converted one by one so an error names the learner, not `$.learners[...]`.
     where = f"$.learners.{name}"
     try:
         spec: LearnerSpec = msgspec.convert(data, LearnerSpec, strict=True)  # type: ignore[arg-type]
     except msgspec.ValidationError as exc:
-        message = str(exc).replace("`$", f"`{where}")
+        # Learner specs hold no secrets: values stay in the message (a misspelled kind is shown).
+        message = scrub(str(exc)).replace("`$", f"`{where}")
         if "`$" not in str(exc):
             message = f"{message} - at `{where}`"
         raise ConfigError(f"{source}: {message}") from None
@@ -157,7 +324,20 @@ def _parse_learner(name: str, data: Any, source: str) -> LearnerSpec:
     return spec
 
 
+def _remember_secrets(data: dict[str, Any]) -> None:
+    """Note the values of the non-public client properties, before validation (so even a
+    rejected configuration's secrets are scrubbed from what is printed afterwards)."""
+    kafka = data.get("kafka")
+    if not isinstance(kafka, dict):
+        return
+    for section in ("common", "consumer", "producer"):
+        props = kafka.get(section)
+        if isinstance(props, dict):
+            _KNOWN_SECRETS.update(secret_values(props))
+
+
 def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    _remember_secrets(data)
     learners = data.get("learners", {})
     if not isinstance(learners, dict):
         raise ConfigError(f"{source}: Expected `object`, got `{type(learners).__name__}` - at `$.learners`")
@@ -165,24 +345,41 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
     try:
         config = msgspec.convert({**data, "learners": {}}, Config, strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{source}: {_safe(str(exc))}") from None
     config.learners = specs
+    m = config.metrics
+    if bool(m.tls_cert_file) != bool(m.tls_key_file):
+        raise ConfigError(f"{source}: `$.metrics.tls_cert_file` and `$.metrics.tls_key_file` go together")
     return config
 
 
+def default_config_text() -> str:
+    """The packaged default configuration (``stream/default.toml``), wherever stream is installed."""
+    return resources.files("stream").joinpath(DEFAULT_CONFIG).read_text(encoding="utf-8")
+
+
 def load_config(path: str | Path | None, *, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a TOML file (or the defaults when ``path`` is None), apply the
-    ``STREAM_BOOTSTRAP_SERVERS`` environment variable and command-line
+    """Read a TOML file (or the packaged default configuration when ``path`` is None or
+    ``"default"``), apply the ``STREAM_BOOTSTRAP_SERVERS`` environment variable and command-line
     ``overrides`` (dotted keys, e.g. ``{"kafka.group_id": "g"}``), validate."""
     data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
+    if path is None or str(path) == DEFAULT_CONFIG_NAME:
+        source = "<packaged default.toml>"
+        try:
+            data = tomllib.loads(default_config_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:  # a broken installation
+            raise ConfigError(f"{source}: cannot read the packaged default configuration: {exc}") from None
+    else:
         source = str(path)
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
         except FileNotFoundError:
-            raise ConfigError(f"{source}: no such file") from None
+            raise ConfigError(f"{source}: no such file (working directory {os.getcwd()})") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{source}: is a directory, not a configuration file") from None
+        except PermissionError:
+            raise ConfigError(f"{source}: permission denied") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     env = os.environ.get("STREAM_BOOTSTRAP_SERVERS")
@@ -199,6 +396,72 @@ def load_config(path: str | Path | None, *, overrides: dict[str, Any] | None = N
     return parse_config(data, source)
 
 
-def redact(props: dict[str, ClientValue]) -> dict[str, ClientValue]:
-    """Client properties safe to log: secrets replaced by ``***``."""
-    return {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in props.items()}
+def redact(props: dict[str, Any]) -> dict[str, Any]:
+    """Client properties safe to log: only those of ``PUBLIC_CLIENT_PROPERTIES`` in clear,
+    every other value (secrets, misspelled and unknown keys, callbacks) as ``***``.
+
+    >>> redact({"sasl.username": "svc", "sasl.password": "pw", "sasl.passwd": "pw", "linger.ms": 5})
+    {'sasl.username': 'svc', 'sasl.password': '***', 'sasl.passwd': '***', 'linger.ms': 5}
+    """
+    return {k: (v if k in PUBLIC_CLIENT_PROPERTIES else "***") for k, v in props.items()}
+
+
+def secret_values(props: dict[str, Any]) -> set[str]:
+    """The values of ``props`` that ``redact`` hides, as text (callbacks and flags excluded)."""
+    return {
+        str(v)
+        for k, v in props.items()
+        if k not in PUBLIC_CLIENT_PROPERTIES and isinstance(v, str | int | float) and not isinstance(v, bool)
+    }
+
+
+def known_secrets() -> frozenset[str]:
+    """Non-public client property values of every configuration parsed in this process."""
+    return frozenset(_KNOWN_SECRETS)
+
+
+@functools.lru_cache(maxsize=16)
+def _patterns(secrets: frozenset[str]) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The forms of ``secrets`` searched for (as is, and as JSON prints them: log lines are JSON)
+    and the 8-character pieces of the longer ones."""
+    forms = {f for s in secrets if len(s) >= _MIN_SCRUB for f in (s, json.dumps(s)[1:-1])}
+    grams = frozenset(f[i : i + _NGRAM] for f in forms if len(f) >= _NGRAM for i in range(len(f) - _NGRAM + 1))
+    return tuple(sorted(forms, key=len, reverse=True)), grams
+
+
+def scrub(text: str, secrets: Iterable[str] | None = None) -> str:
+    """``text`` with every secret (default: ``known_secrets()``) replaced by ``***``: whole
+    values, and for values of at least 8 characters any 8 or more consecutive characters of
+    one (a message quoting part of a value, e.g. librdkafka's "unrecognized ... beginning at").
+
+    >>> scrub('bad config "x clientSecret=s3cr3t-v4lue"', {"id=a clientSecret=s3cr3t-v4lue"})
+    'bad config "x***"'
+    """
+    if not text:
+        return text
+    forms, grams = _patterns(known_secrets() if secrets is None else frozenset(secrets))
+    if not forms:
+        return text
+    hidden = bytearray(len(text))
+    for form in forms:
+        start = text.find(form)
+        while start >= 0:
+            hidden[start : start + len(form)] = b"\x01" * len(form)
+            start = text.find(form, start + 1)
+    if grams:
+        for i in range(len(text) - _NGRAM + 1):
+            if text[i : i + _NGRAM] in grams:
+                hidden[i : i + _NGRAM] = b"\x01" * _NGRAM
+    if not any(hidden):
+        return text
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if hidden[i]:
+            while i < len(text) and hidden[i]:
+                i += 1
+            out.append("***")
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)

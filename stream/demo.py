@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from stream.config import Config, load_config
+from stream.config import Config, ConfigError, load_config
 from stream.evaluation import RunningMean
 from stream.progress import Progress
 from stream.replay import RecordedMessage
@@ -37,7 +37,6 @@ from stream.simulate import GroundTruth, SimConfig, Simulation
 
 __all__ = [
     "TruthScorer",
-    "default_config_path",
     "isolated_config",
     "run_demo",
     "score_against_truth",
@@ -48,15 +47,6 @@ log = logging.getLogger(__name__)
 
 #: About 30-60 s on a laptop core with the default learners.
 DEFAULT_EVENTS = 100_000
-
-
-def default_config_path() -> Path | None:
-    """``configs/default.toml`` of the source tree (or of the working directory)."""
-    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        path = base / "configs" / "default.toml"
-        if path.is_file():
-            return path
-    return None
 
 
 def simulated_records(sim: Simulation, topics: Mapping[str, str]) -> Iterator[RecordedMessage]:
@@ -250,20 +240,31 @@ def run_demo(
     seed: int = 0,
     config_path: str | Path | None = None,
     metrics_port: int | None = None,
+    metrics_host: str | None = None,
     bootstrap_servers: str | None = None,
     progress: bool = True,
     keep_topics: bool = False,
     out: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo and print its report; returns the report as a dict."""
-    path = config_path if config_path is not None else default_config_path()
-    config = load_config(path, overrides={"metrics.port": metrics_port, "kafka.bootstrap_servers": bootstrap_servers})
+    path = config_path  # None: the packaged default.toml
+    config = load_config(
+        path,
+        overrides={
+            "metrics.port": metrics_port,
+            "metrics.host": metrics_host,
+            "kafka.bootstrap_servers": bootstrap_servers,
+        },
+    )
+    if not config.learners:
+        where = path if path is not None else "the packaged default.toml"
+        raise ConfigError(f"{where}: no learners configured (no [learners.NAME] table): nothing to demonstrate")
     sim = Simulation(SimConfig(seed=seed, events=events, bad_records=max(events // 20_000, 4)))
     # The ``kind`` of a learner spec is its msgspec tag.
     learners = [f"{name} ({type(spec).__struct_config__.tag})" for name, spec in config.learners.items()]
     out(
         f"stream demo: {events:,} simulated events (seed {seed}) -> {len(learners)} learners from "
-        f"{path or '<defaults>'}: {', '.join(learners) or 'none'}"
+        f"{path or 'the packaged default.toml'}: {', '.join(learners)}"
     )
     c = sim.config
     out(
@@ -311,7 +312,7 @@ def isolated_config(config: Config, *, prefix: str, group_id: str, checkpoint_di
     prefixed, its own consumer group and checkpoint directory (a demo or a test
     next to real data on the same cluster).
 
-    >>> cfg = isolated_config(load_config(default_config_path()), prefix="t1-", group_id="g1", checkpoint_dir="/tmp/c")
+    >>> cfg = isolated_config(load_config(None), prefix="t1-", group_id="g1", checkpoint_dir="/tmp/c")
     >>> cfg.topics.clicks, cfg.topics.dead_letters, cfg.kafka.group_id, cfg.checkpoints.dir
     ('t1-clicks', 't1-dead-letters', 'g1', '/tmp/c')
     >>> all(spec.output_topic.startswith("t1-") for spec in cfg.learners.values())
@@ -548,6 +549,7 @@ def demo_command(args: Any) -> int:
             seed=args.seed,
             config_path=args.config,
             metrics_port=args.metrics_port,
+            metrics_host=getattr(args, "metrics_host", None),
             bootstrap_servers=args.bootstrap_servers,
             progress=args.progress,
             keep_topics=args.keep_topics,

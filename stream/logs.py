@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from stream.config import scrub
+
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -21,7 +23,8 @@ class JsonFormatter(logging.Formatter):
         doc.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        # Defence in depth: no line carries a client secret of the configuration (stream.config.scrub).
+        return scrub(json.dumps(doc, default=str))
 
 
 def setup_logging(level: str = "INFO") -> None:

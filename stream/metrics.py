@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import river
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from stream import __version__
@@ -309,9 +309,14 @@ class PipelineMetrics:
             "statistics.interval.ms": int(self.config.stats_interval_s * 1000),
         }
 
-    def serve(self, port: int, addr: str = "0.0.0.0", registry: CollectorRegistry = DEFAULT_REGISTRY) -> int:
-        """Serve ``/metrics`` over HTTP in a daemon thread; returns the bound port (``port=0``: any free one)."""
-        server, _thread = start_http_server(port, addr=addr, registry=registry)
+    def serve(
+        self, port: int, addr: str = "0.0.0.0", registry: CollectorRegistry = DEFAULT_REGISTRY, **endpoint: Any
+    ) -> int:
+        """Serve ``/metrics`` in a daemon thread; returns the bound port (``port=0``: any free one).
+        ``endpoint``: ``certfile``, ``keyfile`` (TLS), ``auth`` (a ``BasicAuth``), see ``stream.metrics_http``."""
+        from stream.metrics_http import MetricsEndpoint, start_metrics_server
+
+        server = start_metrics_server(MetricsEndpoint(host=addr, port=port, **endpoint), registry)
         self.http_server = server
         return int(server.server_port)
 
@@ -587,7 +592,20 @@ def serve_metrics(config: Config, registry: CollectorRegistry | None = None) -> 
         registry.unregister(previous)
     metrics = PipelineMetrics(None, config.metrics)
     if config.metrics.port:
-        metrics.serve(config.metrics.port, registry=registry)
+        from stream.metrics_http import MetricsEndpoint
+
+        # Validated before binding: TLS files, credentials (a ConfigError names the key).
+        endpoint = MetricsEndpoint.from_config(config.metrics)
+        metrics.serve(endpoint.port, endpoint.host, registry, certfile=endpoint.certfile, keyfile=endpoint.keyfile,
+                      auth=endpoint.auth)  # fmt: skip
+        log.info(
+            "serving /metrics",
+            extra={
+                "url": f"{endpoint.scheme}://{endpoint.host}:{endpoint.port}/metrics",
+                "tls": endpoint.certfile is not None,
+                "basic_auth": endpoint.auth is not None,
+            },
+        )
     registry.register(metrics)
     _served[id(registry)] = metrics
     return metrics
