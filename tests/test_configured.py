@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -144,19 +143,6 @@ def test_join_needs_the_id_and_event_time() -> None:
         learner.learn({"id": "k", "a": 1.0})
     with pytest.raises(ValueError, match="label field `y`"):
         learner.learn({"id": "k", "ts": 0, "y": None})
-
-
-def test_same_events_same_outputs_and_pickle_round_trip() -> None:
-    events = joined_stream(seed=2, n=1_000)
-    kw: dict[str, Any] = {"label_topic": "labels", "join_on": "id", "label_window_s": 60,
-                          "model": {"class": "forest.ARFClassifier", "params": {"n_models": 3}}}  # fmt: skip
-    a = run(build(**kw), events)
-    assert a == run(build(**kw), events)  # the forest is seeded by the spec's seed
-    half = len(events) // 2
-    learner = build(**kw)
-    first = run(learner, events[:half])
-    assert len(learner.joins) > 0  # pending predictions travel with the pickle
-    assert first + run(pickle.loads(pickle.dumps(learner)), events[half:]) == a
 
 
 def test_evaluation_window_and_tasks() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -238,19 +237,6 @@ def test_item_state_is_bounded() -> None:
     learner = build(max_items=2)
     run(learner, [price(10.0, item="a"), price(11.0, item="b"), price(12.0, item="c")])
     assert learner.quote("a", ts=0) is None and learner.quote("c", ts=0) is not None
-
-
-def test_same_events_same_outputs_and_pickle_round_trip() -> None:
-    events = demand_stream(seed=2, n_views=3_000)
-    encode = msgspec.json.encode
-    a, b = build(min_outcomes=100), build(min_outcomes=100)
-    assert [encode(o) for o in run(a, events)] == [encode(o) for o in run(b, events)]
-    half = len(events) // 2
-    c = build(min_outcomes=100)
-    first = run(c, events[:half])
-    restored = pickle.loads(pickle.dumps(c))
-    rest = [encode(o) for o in run(restored, events[half:])]
-    assert [encode(o) for o in first] + rest == [encode(o) for o in run(build(min_outcomes=100), events)]
 
 
 # -- configuration ------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """The recommendation learner (no broker): lists served, cold start, learning,
-bounded state, quality against the popularity baseline, determinism, pickling."""
+bounded state, quality against the popularity baseline, model swaps, pickling.
+Determinism, pickle round trips, the wall clock, the output envelope and
+``model_version``: tests/test_learner_contract.py."""
 
 from __future__ import annotations
 
+import copy
 import pickle
 from collections.abc import Iterator
 
@@ -14,8 +17,7 @@ from stream.config import ConfigError, parse_config
 from stream.events import Click, Purchase
 from stream.learners import build_learner
 from stream.learners.recommendation import RecommendationLearner, Recommendations, RecommendationSpec
-from stream.pipeline import Pipeline
-from stream.replay import RecordedMessage
+from stream.state import swap_model
 
 TOPICS = {"clicks": "clicks", "purchases": "purchases", "prices": "prices", "fraud_labels": "fraud-labels"}
 T0 = 1_700_000_000_000
@@ -287,6 +289,35 @@ def test_models_are_swapped_by_config(params: dict, tastes: list[Click | Purchas
     assert feed(again, tastes[:4_000]) == outs
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        None,
+        {"class": "reco.BiasedMF", "params": {"n_factors": 8}},
+        {"class": "reco.Baseline"},
+        {"class": "facto.FMClassifier", "params": {"n_factors": 8}},
+    ],
+)
+def test_a_replaced_model_is_mirrored_into_the_ranking_rows(model: dict | None, tastes: list[Click | Purchase]) -> None:
+    """``stream model import`` / rollback: another learner's model, served from the next event on."""
+    params = {"model": model} if model else {}
+    donor = learner(seed=7, **params)
+    feed(donor, tastes[3_000:6_000])
+    rec = learner()
+    feed(rec, tastes[:3_000])
+    swap_model(rec, copy.deepcopy(donor.model))
+    assert rec.model_version == 2 and type(rec.model) is type(donor.model)
+    for item, row in rec._row_of.items():
+        vec, bias = rec.weights._item_weights(item)
+        if vec is not None:
+            assert np.array_equal(rec.weights.vectors[row], vec)
+        assert rec.weights.biases[row] == bias
+    outs = feed(rec, tastes[6_000:8_000])
+    assert any(o is not None and o.source == "model" for o in outs)
+    copy_ = pickle.loads(pickle.dumps(rec))
+    assert encoded(feed(copy_, tastes[8_000:9_000])) == encoded(feed(rec, tastes[8_000:9_000]))
+
+
 # -- reproducibility ------------------------------------------------------------------------------
 
 
@@ -294,24 +325,18 @@ def encoded(outs: list[Recommendations | None]) -> list[bytes]:
     return [msgspec.json.encode(o) for o in outs]
 
 
-def test_same_events_same_predictions_and_model(tastes: list[Click | Purchase]) -> None:
-    a, b = learner(), learner()
-    assert encoded(feed(a, tastes[:8_000])) == encoded(feed(b, tastes[:8_000]))
-    assert pickle.dumps(a.model) == pickle.dumps(b.model)
-    assert list(a.model.u_latents) == list(b.model.u_latents)
-    c = learner(seed=7)
-    assert encoded(feed(c, tastes[:8_000])) != encoded(feed(learner(), tastes[:8_000]))
+def test_the_seed_changes_what_is_served(tastes: list[Click | Purchase]) -> None:
+    """Same events, same seed, same lists: tests/test_learner_contract.py. The seed does matter."""
+    assert encoded(feed(learner(seed=7), tastes[:8_000])) != encoded(feed(learner(), tastes[:8_000]))
 
 
-def test_pickle_round_trip_predicts_the_same(tastes: list[Click | Purchase]) -> None:
+def test_a_restored_model_ranks_from_its_own_rows(tastes: list[Click | Purchase]) -> None:
+    """Restored predictions equal the original's (tests/test_learner_contract.py) because the
+    restored model's item vectors are again the rows ranking reads, not copies."""
     rec = learner()
     feed(rec, tastes[:6_000])
-    copy = pickle.loads(pickle.dumps(rec))
-    rest = tastes[6_000:9_000]
-    assert encoded(feed(copy, rest)) == encoded(feed(rec, rest))
-    assert copy.evaluation.get("hit_rate", "cumulative") == rec.evaluation.get("hit_rate", "cumulative")
-    # The restored model's item vectors are again the rows ranking reads.
-    assert all(np.shares_memory(copy.model.i_latents[i], copy.weights.table[r]) for i, r in copy._row_of.items())
+    copy_ = pickle.loads(pickle.dumps(rec))
+    assert all(np.shares_memory(copy_.model.i_latents[i], copy_.weights.table[r]) for i, r in copy_._row_of.items())
 
 
 def test_checkpoint_holds_the_used_rows_not_the_capacity(tastes: list[Click | Purchase]) -> None:
@@ -333,43 +358,6 @@ def iter_quality(rec: RecommendationLearner) -> Iterator[str]:
 def test_quality_metrics_are_exposed() -> None:
     rec = learner()
     assert set(iter_quality(rec)) == {"hit_rate", "baseline_hit_rate"}
-
-
-# -- in the pipeline ------------------------------------------------------------------------
-
-
-def _record(topic: str, offset: int, event: Click | Purchase) -> RecordedMessage:
-    return RecordedMessage(topic, 0, offset, (1, event.ts), event.user_id.encode(), msgspec.json.encode(event))
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, bytes | None, bytes | None]] = []
-
-    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: object = None) -> None:
-        self.records.append((topic, key, value))
-
-
-def test_published_through_the_pipeline(tastes: list[Click | Purchase]) -> None:
-    rec, sink = learner(), _Sink()
-    pipeline = Pipeline(
-        [rec],
-        sink,
-        contract_topics={"clicks": "clicks", "purchases": "purchases"},
-        dead_letter_topic="dead-letters",
-        clock=lambda: 0.0,
-    )
-    events = tastes[:2_000]
-    for offset, e in enumerate(events):
-        pipeline.process(_record("clicks" if type(e) is Click else "purchases", offset, e))
-    clicks = sum(1 for e in events if type(e) is Click)
-    assert len(sink.records) == clicks and {t for t, _, _ in sink.records} == {"recommendations"}
-    value = sink.records[-1][2]
-    assert value is not None
-    out = msgspec.json.decode(value)
-    assert out["learner"] == "reco" and out["prediction"]["source"] in ("model", "popularity")
-    assert set(out["prediction"]["items"][0]) == {"item_id", "score"}
-    assert rec.n_learned == len(events)
 
 
 # -- configuration ----------------------------------------------------------------------------

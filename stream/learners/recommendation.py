@@ -693,6 +693,29 @@ class RecommendationLearner(Learner):
         """The River model (its item weights are also mirrored for ranking)."""
         return self.weights.model
 
+    def replace_model(self, model: Any) -> None:
+        """Serve ``model`` (warm start, rollback): the ranking rows of the remembered
+        items are mirrored from it (drawn by its initializer for items it does not
+        know); popularity priors stay."""
+        old = self.weights
+        weights = _weights_for(model, len(old.table), self.spec.update)
+        weights.priors[:] = old.priors
+        f = weights.n_factors
+        for item, row in self._row_of.items():
+            vec, bias = weights._item_weights(item)
+            if vec is None and f:
+                weights.add_item(item, row)
+                vec, bias = weights._item_weights(item)
+            if vec is not None:
+                weights.vectors[row] = vec
+            weights.biases[row] = bias
+            weights.set_prior(row, old.priors.item(row))
+        weights.relink(self._row_of)
+        self.weights = weights
+        self._query = np.ones(f + 1)
+        self._query_head = self._query[:f]
+        self.model_version += 1
+
     # -- the Learner interface ------------------------------------------------------------
 
     def predict(self, event: Any) -> Recommendations | None:
