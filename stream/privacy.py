@@ -279,16 +279,17 @@ class Pseudonymizer:
         if not masked:
             return decode
         pseudonym = self.pseudonym
-        replace = msgspec.structs.replace
+        # The event was just decoded and nobody else holds it: its fields are set in place
+        # (a frozen struct's copy via ``replace`` costs more and validates it again).
+        force_setattr = msgspec.structs.force_setattr
 
         def decode_struct(value: bytes | None) -> Any:
             event = decode(value)
-            changes = {}
             for name in masked:
                 v = getattr(event, name)
                 if v is not None:
-                    changes[name] = pseudonym(v)
-            return replace(event, **changes)
+                    force_setattr(event, name, pseudonym(v))
+            return event
 
         return decode_struct
 
