@@ -57,6 +57,7 @@ from stream.kafka import (
 )
 from stream.learners import Learner, build_learner
 from stream.pipeline import Pipeline
+from stream.privacy import Pseudonymizer
 from stream.state import (
     CheckpointError,
     CheckpointInfo,
@@ -162,6 +163,8 @@ class Application:
         self.instance_id = instance_id(config)
         self.lease_topic = lease_topic(config)
         self.store = CheckpointStore.for_config(config, self.instance_id)
+        #: Identifier fields masked at decode ([privacy]); the key is read and checked here, at start-up.
+        self.privacy = Pseudonymizer.from_config(config)
         #: Untrained copies: a fresh start after a deactivation must not reuse stale learners.
         self._pristine = copy.deepcopy(self.learners)
         self._first_activation = True
@@ -217,6 +220,7 @@ class Application:
                 "instance_id": self.instance_id,
                 "lease_topic": self.lease_topic,
                 "checkpoints": self.store.describe(),
+                "privacy": self.privacy.describe() if self.privacy is not None else "off",
                 **describe_clients(cfg),
             },
         )
@@ -444,6 +448,7 @@ class Application:
             dead_letter_topic=cfg.topics.dead_letters,
             max_value_bytes=cfg.processing.max_value_bytes,
             observer=self.observer,
+            privacy=self.privacy,
         )
         self._catchup = {k: c for k, c in committed.items() if c is not None and c > start[k]}
         self._offsets = dict(start)
@@ -977,6 +982,10 @@ class Application:
         if not n:
             return []
         fresh = [StoredRecord.of(m) for batch in self._recent for m in batch if m.error() is None]
+        if self.privacy is not None:
+            # Checkpoints never hold raw identifiers: the holdout keeps the masked records, which
+            # validation replays as they are (the restored seed was masked when first written).
+            fresh = self.privacy.mask_records(fresh[-n:])
         return (self._holdout_seed + fresh)[-n:]
 
     def _prune(self, just_committed: CheckpointInfo) -> None:

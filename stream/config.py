@@ -285,6 +285,29 @@ class CoordinationConfig(_Section):
     transaction_timeout_ms: Annotated[int, msgspec.Meta(ge=1000)] = 60_000
 
 
+class PrivacyConfig(_Section):
+    """Identifier fields pseudonymized at decode (stream.privacy, README "Privacy"); off while none is listed."""
+
+    #: Top-level fields masked wherever they occur: in every contract that has them and in every
+    #: topic a custom learner reads (e.g. ["user_id", "device_id", "order_id"]).
+    fields: list[str] = []
+    #: More fields for one topic: a contract stream (`purchases`) or a custom learner's topic name.
+    per_topic: dict[str, list[str]] = {}
+    #: The HMAC key: read from this file when set (whitespace around it stripped) ...
+    key_file: str = ""
+    #: ... else from this environment variable. At least 32 bytes; checked at start-up, never logged.
+    key_env: str = "STREAM_PRIVACY_KEY"
+    #: Dead letters: the original bytes ("keep", to reprocess them), identifier fields masked ("mask";
+    #: a value that is not a JSON object is dropped) or the value dropped ("drop"). Keys are masked
+    #: as outputs' are, except in "keep".
+    dead_letters: Literal["keep", "mask", "drop"] = "keep"
+
+    def __post_init__(self) -> None:
+        from stream.privacy import check_privacy_config
+
+        check_privacy_config(self)
+
+
 class Config(_Section):
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     topics: TopicsConfig = msgspec.field(default_factory=TopicsConfig)
@@ -292,6 +315,7 @@ class Config(_Section):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     checkpoints: CheckpointsConfig = msgspec.field(default_factory=CheckpointsConfig)
     coordination: CoordinationConfig = msgspec.field(default_factory=CoordinationConfig)
+    privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
     learners: dict[str, LearnerSpec] = {}
 
     def input_topics(self) -> dict[str, str]:

@@ -123,6 +123,7 @@ class Pipeline:
         max_value_bytes: int = 64 * 1024,
         clock: Callable[[], float] = time.time,
         observer: Any = None,
+        privacy: Any = None,
     ) -> None:
         self.learners = list(learners)
         self.sink = sink
@@ -130,6 +131,8 @@ class Pipeline:
         self.clock = clock
         self.publish = True
         self.observer = observer
+        self.privacy = privacy
+        self._output_key = privacy.output_key if privacy is not None else None
         self._encode = msgspec.json.Encoder().encode
         self.routes: dict[str, _Route] = {}
         by_topic = {topic: EVENT_TYPES[stream] for stream, topic in contract_topics.items()}
@@ -141,6 +144,8 @@ class Pipeline:
                 if event_type is not None
                 else _generic_decoder(max_value_bytes)
             )
+            if privacy is not None:  # a stream.privacy.Pseudonymizer: identifiers masked at decode
+                decode = privacy.wrap_decoder(topic, decode, event_type)
             self.routes[topic] = _Route(decode, readers)
         if observer is not None and hasattr(observer, "attach"):
             # Metrics read the learners at scrape time and pre-create per-topic series.
@@ -191,7 +196,7 @@ class Pipeline:
             prediction=prediction,
             predicted_at=int(self.clock() * 1000),
         )
-        key = record.key()
+        key = record.key() if self._output_key is None else self._output_key(record, event)
         self.sink.produce(learner.output_topic, key if not isinstance(key, str) else key.encode(), self._encode(out))
         if self.observer is not None:
             self.observer.published(learner, event, record)
@@ -203,6 +208,8 @@ class Pipeline:
             return
         key = record.key()
         value = record.value()
+        if self.privacy is not None:
+            key, value = self.privacy.dead_letter(record.topic(), key, value)
         self.sink.produce(
             self.dead_letter_topic,
             key.encode() if isinstance(key, str) else key,

@@ -57,6 +57,7 @@ import msgspec
 from stream import __version__
 from stream.config import Config
 from stream.pipeline import Pipeline, Record
+from stream.privacy import Pseudonymizer
 from stream.progress import Progress
 
 __all__ = [
@@ -1188,6 +1189,7 @@ class _BacktestRun(DriftTracker):
             max_value_bytes=config.processing.max_value_bytes,
             clock=lambda: self.current_ts / 1000.0,
             observer=self.counter,
+            privacy=Pseudonymizer.from_config(config),
         )
         self.sample_every = max(int(sample_every), 1)
         self.timeline: list[dict[str, Any]] = []
