@@ -186,7 +186,7 @@ def test_privacy_is_off_without_fields() -> None:
         ({"fields": ["user_id", ""]}, "field names must be non-empty"),
         ({"per_topic": {"purchases": ["quantity"]}}, "`quantity` is not a string field"),
         ({"per_topic": {"clicks": ["order_id"]}}, "the clicks contract has no field `order_id`"),
-        ({"fields": ["user_id"], "dead_letters": "hide"}, "Invalid enum value 'hide'"),
+        ({"fields": ["user_id"], "dead_letters": "hide"}, "Invalid enum value"),  # the value is scrubbed
         ({"fields": ["user_id"], "key": "x"}, "unknown field `key`"),
         ({"fields": ["user_id"], "key_env": ""}, "name the key"),
     ],
