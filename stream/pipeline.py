@@ -357,7 +357,8 @@ class Pipeline:
                 self._contained(record, "observe", exc)
 
     def _publish(self, record: Record, event: Any, learner: Learner, prediction: Any) -> None:
-        event_id = event["event_id"] if isinstance(event, dict) else event.event_id
+        # Topics outside the contracts need no event_id: the envelope then carries "".
+        event_id = event.get("event_id", "") if isinstance(event, dict) else event.event_id
         out = Output(
             event_id=str(event_id),
             source=SourceRef(record.topic(), record.partition(), record.offset()),  # type: ignore[arg-type]
