@@ -231,26 +231,43 @@ class KafkaSink:
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.delivered += 1
-            return
-        if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and msg.topic() == self.dead_letter_topic:
-            raw = msg.headers() or []
-            headers: Headers = list(raw.items()) if isinstance(raw, dict) else list(raw)
-            size = record_size(msg.key(), msg.value(), headers)
+        else:
+            self.failed.append(err)
+
+    def _dead_letter_report(
+        self, key: bytes | None, value: bytes | None, headers: Headers
+    ) -> Callable[[KafkaError | None, Message], None]:
+        """Delivery report of one dead letter, which keeps what was produced: a delivery
+        report's message carries no headers, and a refused one is produced again, cut."""
+
+        def report(err: KafkaError | None, msg: Message) -> None:
+            if err is None:
+                self.delivered += 1
+                return
+            if err.code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                self.failed.append(err)
+                return
+            size = record_size(key, value, headers)
             self.budget.lower(size)
             log.warning(
                 "dead letter refused as too large; cutting it further",
                 extra={"topic": msg.topic(), "bytes": size, "budget": self.budget.max_bytes,
-                       "source": dict(headers).get("stream.source.offset")},
+                       "source_offset": dict(headers).get("stream.source.offset")},
             )  # fmt: skip
-            if not self.transactional:
-                self._redo.append((msg.key(), msg.value(), headers))
-                return
-        self.failed.append(err)
+            if self.transactional:
+                self.failed.append(err)  # the transaction must abort; reprocessing cuts it to the new budget
+            else:
+                self._redo.append((key, value, headers))
+
+        return report
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> None:
+        on_delivery: Callable[[KafkaError | None, Message], None] = self._on_delivery
+        if topic == self.dead_letter_topic:
+            on_delivery = self._dead_letter_report(key, value, headers or [])
         while True:
             try:
-                self._produce(topic, value, key, headers=headers, on_delivery=self._on_delivery)
+                self._produce(topic, value, key, headers=headers, on_delivery=on_delivery)
                 return
             except BufferError:
                 self._poll(0.05)
