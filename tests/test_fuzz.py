@@ -46,7 +46,9 @@ INPUT_TOPIC_MAX = 16 * 1024 * 1024
 TOPIC_SUFFIX = {"clicks": "clicks", "purchases": "purchases", "prices": "prices", "fraud_labels": "fraud-labels"}
 
 
-def config_text(prefix: str, bootstrap: str, group: str, ckpt: Path, partitions: int = PARTITIONS) -> str:
+def config_text(
+    prefix: str, bootstrap: str, group: str, ckpt: Path, partitions: int = PARTITIONS, guarantee: str = "at_least_once"
+) -> str:
     return f"""
 [kafka]
 bootstrap_servers = "{bootstrap}"
@@ -64,6 +66,7 @@ dead_letters = "{prefix}-dead-letters"
 partitions = {partitions}
 
 [processing]
+guarantee = "{guarantee}"
 batch_size = 200
 commit_interval_s = 0.5
 shutdown_timeout_s = 10.0
@@ -193,11 +196,14 @@ def check_dead_letter(msg: Message, bad: Bad) -> None:
         assert msg.key() == bad.key
 
 
-def test_fuzz_corpus_through_the_real_loop(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_fuzz_corpus_through_the_real_loop(
+    guarantee: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
     prefix, group = topic_prefix, f"{topic_prefix}-group"
     rng = random.Random(20_251_201)
     cfg = tmp_path / "stream.toml"
-    cfg.write_text(config_text(prefix, kafka_bootstrap, group, tmp_path / "ckpt"))
+    cfg.write_text(config_text(prefix, kafka_bootstrap, group, tmp_path / "ckpt", guarantee=guarantee))
     log = tmp_path / "stream.log"
     inputs = {stream: f"{prefix}-{suffix}" for stream, suffix in TOPIC_SUFFIX.items()}
     create_topics(kafka_bootstrap, list(inputs.values()), PARTITIONS, {"max.message.bytes": str(INPUT_TOPIC_MAX)})
@@ -260,7 +266,7 @@ def test_fuzz_corpus_through_the_real_loop(kafka_bootstrap: str, topic_prefix: s
     # Each good record exactly one output, no output for a bad one.
     assert output_sources(outs) == Counter(dict.fromkeys(good_at, 1))
     print(
-        f"\nfuzz: {len(bads)} bad records of {len(kinds)} kinds + {len(goods)} good; "
+        f"\nfuzz ({guarantee}): {len(bads)} bad records of {len(kinds)} kinds + {len(goods)} good; "
         f"{len(dead)} dead letters ({truncated} cut to fit), {len(outs)} outputs, 0 crashes; "
         f"stream run {elapsed:.1f}s"
     )
