@@ -49,14 +49,16 @@ from stream.kafka import (
     DeliveryFailed,
     KafkaSink,
     admin_config,
+    batch_size_for,
     consumer_config,
+    dead_letter_budget,
     describe_clients,
     log_error_cb,
     producer_config,
     wait_for_broker,
 )
 from stream.learners import Learner, build_learner
-from stream.pipeline import Pipeline
+from stream.pipeline import DeadLetterBudget, Pipeline
 from stream.privacy import Pseudonymizer
 from stream.state import (
     CheckpointError,
@@ -198,6 +200,10 @@ class Application:
         self._background: _Background | None = None
         self._recent: collections.deque[list[Message]] = collections.deque()
         self._recent_n = 0
+        #: Size budget of one dead letter (known at start-up, lowered if a delivery still fails as too large).
+        self._dl_budget = DeadLetterBudget()
+        #: Producer properties that keep batches of dead letters under the topic's limit.
+        self._dl_producer_props: dict[str, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -253,10 +259,16 @@ class Application:
         # The observer may ask for librdkafka statistics (stats_cb): consumer lag per partition.
         self.consumer = Consumer(consumer_config(cfg, error_cb=self._client_error, **(observed() if observed else {})))
         self._join_lease()
+        # Know the dead letters' size budget up front instead of discovering it by failing.
+        limit, topic_max = dead_letter_budget(cfg, producer_config(cfg))
+        self._dl_budget.max_bytes = limit
+        self._dl_producer_props = batch_size_for(topic_max, producer_config(cfg))
+        log.info("dead-letter size budget", extra={"topic": cfg.topics.dead_letters, "max_bytes": limit,
+                                                   "topic_max_message_bytes": topic_max, **self._dl_producer_props})
         if not self.exactly_once:
             # At-least-once keeps one producer for the process; exactly-once makes one per activation.
-            self.producer = Producer(producer_config(cfg, error_cb=self._client_error))
-            self.sink = KafkaSink(self.producer)
+            self.producer = Producer(producer_config(cfg, error_cb=self._client_error, **self._dl_producer_props))
+            self.sink = KafkaSink(self.producer, cfg.topics.dead_letters, self._dl_budget)
 
     def _join_lease(self) -> None:
         self.lease = Consumer(
@@ -449,6 +461,9 @@ class Application:
             max_value_bytes=cfg.processing.max_value_bytes,
             observer=self.observer,
             privacy=self.privacy,
+            dead_letter_budget=self._dl_budget,
+            # The client failing is the service failing: never contained to a record.
+            service_errors=(KafkaException,),
         )
         self._catchup = {k: c for k, c in committed.items() if c is not None and c > start[k]}
         self._offsets = dict(start)
@@ -875,13 +890,14 @@ class Application:
         cfg = self.config
         tid = transactional_id(cfg, self.instance_id)
         timeout_ms = cfg.coordination.transaction_timeout_ms
-        props = {"transactional.id": tid, "transaction.timeout.ms": timeout_ms, "message.timeout.ms": timeout_ms}
+        props = {"transactional.id": tid, "transaction.timeout.ms": timeout_ms, "message.timeout.ms": timeout_ms,
+                 **self._dl_producer_props}  # fmt: skip
         producer = Producer(producer_config(cfg, error_cb=self._client_error, **props))
         log.info("initialising transactions", extra={"transactional_id": tid})
         timeout_s = timeout_ms / 1000
         self._txn("init_transactions", lambda: producer.init_transactions(timeout_s), budget_s=timeout_s * 3)
         self.producer = producer
-        self.sink = KafkaSink(producer)
+        self.sink = KafkaSink(producer, cfg.topics.dead_letters, self._dl_budget, transactional=True)
 
     # -- checkpoints -------------------------------------------------------------
 
@@ -981,7 +997,11 @@ class Application:
         n = self.config.checkpoints.holdout_events
         if not n:
             return []
-        fresh = [StoredRecord.of(m) for batch in self._recent for m in batch if m.error() is None]
+        limit = self.config.processing.max_value_bytes  # oversized records are dead letters: not worth keeping
+        fresh = [
+            StoredRecord.of(m) for batch in self._recent for m in batch
+            if m.error() is None and len(m.value() or b"") <= limit
+        ]  # fmt: skip
         if self.privacy is not None:
             # Checkpoints never hold raw identifiers: the holdout keeps the masked records, which
             # validation replays as they are (the restored seed was masked when first written).

@@ -25,6 +25,8 @@ import msgspec
 
 __all__ = [
     "EVENT_TYPES",
+    "MAX_AMOUNT",
+    "MAX_TS_MS",
     "Click",
     "Decoder",
     "Event",
@@ -37,9 +39,25 @@ __all__ = [
 # Ids are bounded so one hostile record cannot blow up per-user state.
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Text = Annotated[str, msgspec.Meta(max_length=256)]
-EpochMs = Annotated[int, msgspec.Meta(ge=0)]
-Positive = Annotated[float, msgspec.Meta(gt=0)]
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+#: Upper bounds, so that no decoded number can overflow downstream (``float(ts)``,
+#: ``quantity * unit_price``, latencies, feature quantiles): every int fits in an
+#: int64 and every float stays far from ``inf``.
+#: 2200-01-01T00:00:00Z in epoch milliseconds: later event times are garbage, not events.
+MAX_TS_MS = 7_258_118_400_000
+#: Prices, costs and unit prices (any currency): 1e9 a unit.
+MAX_AMOUNT = 1e9
+#: Stock counts.
+MAX_STOCK = 10**12
+#: Account age in days (about 270 years).
+MAX_AGE_DAYS = 100_000.0
+#: What any integer of a record read without a contract must fit in (the generic decoder).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+EpochMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)]
+Positive = Annotated[float, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0, le=MAX_AMOUNT)]
+AgeDays = Annotated[float, msgspec.Meta(ge=0, le=MAX_AGE_DAYS)]
 
 
 class _Event(msgspec.Struct, frozen=True, gc=False):
@@ -80,7 +98,7 @@ class Purchase(_Event, frozen=True, gc=False):
     payment_method: Text | None = None
     country: Text | None = None
     shipping_country: Text | None = None
-    account_age_days: NonNegative | None = None
+    account_age_days: AgeDays | None = None
     device_id: Id | None = None
 
     @property
@@ -97,7 +115,7 @@ class Price(_Event, frozen=True, gc=False):
     price: Positive
     cost: NonNegative | None = None
     competitor_price: Positive | None = None
-    stock: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    stock: Annotated[int, msgspec.Meta(ge=0, le=MAX_STOCK)] | None = None
     category: Text | None = None
 
 
@@ -156,3 +174,7 @@ class Decoder(Generic[E]):
             raise InvalidEvent("decode", str(exc)) from None
         except UnicodeDecodeError as exc:
             raise InvalidEvent("decode", f"value is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+        except RecursionError:
+            raise InvalidEvent("decode", "JSON nested too deeply") from None
+        except Exception as exc:  # never let one record's bytes escape as anything but InvalidEvent
+            raise InvalidEvent("decode", f"{type(exc).__name__}: {exc}") from None

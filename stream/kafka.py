@@ -17,7 +17,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from stream.config import Config, redact
-from stream.pipeline import Headers
+from stream.pipeline import DeadLetterBudget, Headers, RecordTooLarge, fit_dead_letter, record_size
 
 __all__ = [
     "DeliveryFailed",
@@ -25,6 +25,7 @@ __all__ = [
     "admin_config",
     "consumer_config",
     "create_topics",
+    "dead_letter_budget",
     "producer_config",
     "wait_for_broker",
 ]
@@ -143,6 +144,55 @@ class DeliveryFailed(RuntimeError):
     """An output could not be delivered and retrying cannot help."""
 
 
+#: librdkafka's default ``message.max.bytes`` (the producer's largest request / record).
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+#: Head-room under the size limits for compression that expands incompressible values
+#: (lz4: at most 0.4 % plus a few bytes) and the request framing.
+SIZE_MARGIN = 0.98
+
+
+def topic_max_message_bytes(config: Config, topic: str, timeout_s: float = 10.0) -> int | None:
+    """The topic's effective ``max.message.bytes`` (its override, else the broker's default),
+    or None if it cannot be read (no such topic yet, no DescribeConfigs permission)."""
+    from confluent_kafka.admin import ConfigResource
+
+    admin = AdminClient(admin_config(config) | {"error_cb": lambda e: None})
+    try:
+        futures = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, topic)],
+                                         request_timeout=timeout_s)  # fmt: skip
+        for future in futures.values():
+            entry = future.result(timeout=timeout_s).get("max.message.bytes")
+            if entry is not None and entry.value is not None:
+                return int(entry.value)
+    except (KafkaException, ValueError, TypeError) as exc:
+        log.warning("cannot read the topic's max.message.bytes", extra={"topic": topic, "reason": str(exc)})
+    except Exception as exc:  # a timeout of the future, say: start anyway, delivery failures still cut further
+        log.warning("cannot read the topic's max.message.bytes", extra={"topic": topic, "reason": repr(exc)})
+    return None
+
+
+def dead_letter_budget(config: Config, producer_props: dict[str, Any]) -> tuple[int, int | None]:
+    """The size budget of one dead letter, known before producing any: the smaller of the
+    producer's ``message.max.bytes`` and the dead-letter topic's ``max.message.bytes``, with
+    head-room for compression and framing. Also returns the topic's limit (None if unknown)."""
+    producer_max = int(producer_props.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES))
+    topic_max = topic_max_message_bytes(config, config.topics.dead_letters)
+    limit = producer_max if topic_max is None else min(producer_max, topic_max)
+    return int(limit * SIZE_MARGIN), topic_max
+
+
+def batch_size_for(topic_max: int | None, props: dict[str, Any]) -> dict[str, Any]:
+    """librdkafka batches records of a partition up to ``batch.size`` bytes (1,000,000 by
+    default), and the broker refuses a whole batch over the topic's ``max.message.bytes``:
+    with a dead-letter topic whose limit is lower, several small dead letters batched
+    together would be refused. Returns the ``batch.size`` that prevents it, if one is needed."""
+    if topic_max is None:
+        return {}
+    current = int(props.get("batch.size", DEFAULT_MESSAGE_MAX_BYTES))
+    wanted = int(topic_max * SIZE_MARGIN) - 1024
+    return {"batch.size": max(wanted, 1024)} if wanted < current else {}
+
+
 class KafkaSink:
     """Produces outputs and dead letters asynchronously, with delivery reports.
 
@@ -150,14 +200,33 @@ class KafkaSink:
     reports until there is room, never by dropping. ``flush`` returns only
     once every record produced so far is acknowledged, which is what makes it
     safe to commit the offsets they depend on.
+
+    A record over the producer's ``message.max.bytes`` raises ``RecordTooLarge``
+    at ``produce`` (the pipeline contains it). A dead letter refused as too
+    large on delivery (the topic's limit) lowers the shared ``budget``; without
+    transactions it is produced again at once, cut to the new budget, before
+    ``flush`` returns; in a transaction the failure is raised (the transaction
+    must abort), and the records are dead-lettered again, cut, when reprocessed.
     """
 
-    def __init__(self, producer: Producer) -> None:
+    def __init__(
+        self,
+        producer: Producer,
+        dead_letter_topic: str | None = None,
+        budget: DeadLetterBudget | None = None,
+        transactional: bool = False,
+    ) -> None:
         self.producer = producer
         self._produce = producer.produce
         self._poll = producer.poll
         self.failed: list[KafkaError] = []
         self.delivered = 0
+        self.dead_letter_topic = dead_letter_topic
+        self.budget = budget if budget is not None else DeadLetterBudget()
+        self.transactional = transactional
+        self._redo: list[tuple[bytes | None, bytes | None, Headers]] = []
+        #: Dead letters produced again, cut further, after the topic refused them (for logs and tests).
+        self.recut = 0
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
@@ -165,22 +234,79 @@ class KafkaSink:
         else:
             self.failed.append(err)
 
+    def _dead_letter_report(
+        self, key: bytes | None, value: bytes | None, headers: Headers
+    ) -> Callable[[KafkaError | None, Message], None]:
+        """Delivery report of one dead letter, which keeps what was produced: a delivery
+        report's message carries no headers, and a refused one is produced again, cut."""
+
+        def report(err: KafkaError | None, msg: Message) -> None:
+            if err is None:
+                self.delivered += 1
+                return
+            if err.code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                self.failed.append(err)
+                return
+            size = record_size(key, value, headers)
+            self.budget.lower(size)
+            log.warning(
+                "dead letter refused as too large; cutting it further",
+                extra={"topic": msg.topic(), "bytes": size, "budget": self.budget.max_bytes,
+                       "source_offset": dict(headers).get("stream.source.offset")},
+            )  # fmt: skip
+            if self.transactional:
+                self.failed.append(err)  # the transaction must abort; reprocessing cuts it to the new budget
+            else:
+                self._redo.append((key, value, headers))
+
+        return report
+
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> None:
+        on_delivery: Callable[[KafkaError | None, Message], None] = self._on_delivery
+        if topic == self.dead_letter_topic:
+            on_delivery = self._dead_letter_report(key, value, headers or [])
         while True:
             try:
-                self._produce(topic, value, key, headers=headers, on_delivery=self._on_delivery)
+                self._produce(topic, value, key, headers=headers, on_delivery=on_delivery)
                 return
             except BufferError:
                 self._poll(0.05)
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise RecordTooLarge(topic, record_size(key, value, headers), err.str()) from None
+                raise
+
+    def _reproduce(self) -> None:
+        redo, self._redo = self._redo, []
+        assert self.dead_letter_topic is not None
+        for key, value, headers in redo:
+            while True:
+                limit = self.budget.max_bytes or record_size(key, value, headers) // 2
+                key, value, headers = fit_dead_letter(key, value, headers, limit)
+                try:
+                    self.produce(self.dead_letter_topic, key, value, headers)
+                    self.recut += 1
+                    break
+                except RecordTooLarge as exc:
+                    before = self.budget.max_bytes
+                    if self.budget.lower(exc.size) == before:
+                        raise DeliveryFailed(f"dead letter cannot be cut to fit: {exc}") from None
 
     def poll(self) -> None:
         self._poll(0)
+        if self._redo:
+            self._reproduce()
         if self.failed:
             self._raise_failed()
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until all outputs are acknowledged; False if ``timeout_s`` ran out."""
+        deadline = time.monotonic() + timeout_s
         remaining = self.producer.flush(timeout_s)
+        while self._redo:
+            self._reproduce()
+            remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
         if self.failed:
             self._raise_failed()
         return remaining == 0

@@ -53,7 +53,7 @@ __all__ = ["PipelineMetrics", "new_registry", "serve_metrics"]
 log = logging.getLogger(__name__)
 
 #: Pipeline stages that dead-letter a record (``stream.pipeline``, ``stream.events``).
-STAGES = ("decode", "validate", "predict", "learn")
+STAGES = ("decode", "validate", "predict", "learn", "publish", "observe")
 #: Event time to prediction: from "just now" to replays of hour-old data.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 #: Time inside the process per record: River models take microseconds to milliseconds.
