@@ -113,7 +113,7 @@ def test_t1_checkpoint_roundtrip_through_the_store(tmp_path: Path) -> None:
     assert Path(store.describe()) == tmp_path / "ckpt" / "g_1"  # the group id, made path-safe
     ck = store.load(info.name)
     assert ck.info.offsets == {("a", 0): 300, ("b", 0): 300}
-    assert ck.info.versions["river"] == river.__version__ and ck.info.versions["format"] == "1"
+    assert ck.info.versions["river"] == river.__version__ and ck.info.versions["format"] == "2"
     assert [s["n_learned"] for s in ck.info.learners] == [300, 300]
     assert [r.value() for r in ck.holdout] == [r.value() for r in records(events(5))]
     probe = {"x1": 0.3, "x2": 0.6, "y": 0.0}
@@ -168,8 +168,8 @@ def test_checkpoint_from_another_river_version_is_refused(tmp_path: Path) -> Non
     with pytest.raises(IncompatibleCheckpoint, match=r"0\.21\.0"):
         store.select(committed, {k: 0 for k in committed})
     # A newer checkpoint format is refused as well.
-    with pytest.raises(IncompatibleCheckpoint, match="format 2"):
-        decode("future.ckpt", _restamp(golden, format_version=2))
+    with pytest.raises(IncompatibleCheckpoint, match="format 3"):
+        decode("future.ckpt", _restamp(golden, format_version=3))
 
 
 # --------------------------------------------------------------------------- integrity
@@ -366,11 +366,12 @@ def test_cli_import_validates_on_the_holdout(deployed: tuple[Path, Config, Check
     # A worse model (untrained) is refused ...
     untrained = tmp_path / "untrained.pkl"
     untrained.write_bytes(pickle.dumps(build_learners(cfg)[0].model))
-    assert _cli("model", "import", "--config", str(cfg_path), str(untrained), "--learner", "reg", "--offline") == 4
+    assert _cli("model", "import", "--config", str(cfg_path), str(untrained), "--learner", "reg", "--offline",
+                "--trust-pickle") == 4
     assert "REFUSED" in capsys.readouterr().out and len(store.names()) == 2
     # ... unless forced; the import is a new checkpoint at the current offsets, model_version bumped.
     assert _cli("model", "import", "--config", str(cfg_path), str(untrained), "--learner", "reg",
-                "--offline", "--force") == 0
+                "--offline", "--force", "--trust-pickle") == 0
     ck = store.latest()
     assert ck is not None and ck.info.seq == 3 and ck.info.offsets == {("a", 0): 600, ("b", 0): 600}
     assert ck.info.origin is not None and ck.info.origin["action"] == "import"
@@ -436,5 +437,6 @@ def test_a_learner_whose_class_gained_state_is_refused(tmp_path: Path,
     store.write(old, {("a", 0): 700, ("b", 0): 700}, reason="periodic")
     fresh = tmp_path / "fresh.pkl"
     fresh.write_bytes(pickle.dumps(build_learners(cfg)[0].model))
-    assert _cli("model", "import", "--config", str(cfg_path), str(fresh), "--learner", "reg", "--offline") == 4
+    assert _cli("model", "import", "--config", str(cfg_path), str(fresh), "--learner", "reg", "--offline",
+                "--trust-pickle") == 4
     assert "lacks state" in capsys.readouterr().err
