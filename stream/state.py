@@ -998,7 +998,7 @@ def read_any(path: str | Path, keys: CheckpointKeys | None = None, *, trust_pick
     lets through a checkpoint not signed by ``keys`` (e.g. from another deployment)."""
     data = Path(path).read_bytes()
     if data[: len(MAGIC)] == MAGIC:
-        return decode(Path(path).name, data, None if trust_pickle else keys)
+        return decode(str(path), data, None if trust_pickle else keys)
     if not trust_pickle:
         raise UnauthenticatedCheckpoint(
             f"{path}: refused: not a stream checkpoint; loading it as a bare pickle would run whatever code it "
