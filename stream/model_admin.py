@@ -42,6 +42,7 @@ from stream.state import (
     StateError,
     build,
     describe_offsets,
+    encode,
     holdout_error,
     missing_state,
     read_any,
@@ -336,6 +337,35 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
     return _apply(args, config, store, base, dict(base.info.offsets), models, origin)
 
 
+# --------------------------------------------------------------------------- sign
+
+
+def cmd_sign(args: argparse.Namespace, config: Config) -> int:
+    """Sign checkpoints already in the directory with the current key (enabling a key on an
+    existing deployment, or re-signing after a rotation). Checksums are verified; nothing is
+    unpickled. The operator vouches that the files are genuine: that is what this command says."""
+    store = _store(config)
+    if store.keys is None:
+        raise StateError("no checkpoint key is configured (STREAM_CHECKPOINT_KEY or [checkpoints] key_file)")
+    unkeyed = CheckpointStore(store.storage)
+    names = [store.by_seq(args.version)] if args.version is not None else store.names()
+    signed = 0
+    for name in names:
+        info = unkeyed.verify(name)  # magic, lengths, checksums; never unpickles
+        if info.key_id == store.keys.signing_id:
+            store.verify(name)
+            print(f"v{info.seq} ({name}): already signed with key {info.key_id}")
+            continue
+        payload = store.storage.read(name, len(store.storage.read(name)) - info.payload_length)
+        store.storage.write(name, encode(info, payload, store.keys))
+        store.verify(name)
+        signed += 1
+        was = f"key {info.key_id}" if info.key_id else "unsigned"
+        print(f"v{info.seq} ({name}): signed with key {store.keys.signing_id} (was {was})")
+    print(f"signed {signed} checkpoint(s) in {store.describe()}")
+    return 0
+
+
 # --------------------------------------------------------------------------- wiring
 
 
@@ -400,3 +430,16 @@ def add_model_commands(
     p.add_argument("--learner", metavar="NAME", help="only this learner (default: all)")
     p.add_argument("--force", action="store_true", help=force_help)
     p.set_defaults(handler=wrap(cmd_rollback))
+
+    p = actions.add_parser(
+        "sign",
+        help="sign checkpoints in the directory with the current checkpoint key (you vouch for them)",
+        description="Sign the group's checkpoints with the first configured key: to enable a key on an existing "
+        "deployment, or to re-sign after a rotation. Lengths and checksums are verified, nothing is unpickled. "
+        "Only sign files you know the service wrote.",
+    )
+    common(p, offline=False)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every checkpoint of the group")
+    which.add_argument("--version", type=int, metavar="N", help="only this checkpoint version")
+    p.set_defaults(handler=wrap(cmd_sign))

@@ -713,3 +713,29 @@ def test_cli_import_and_rollback_refuse_unsigned_files_and_bare_pickles(
     assert _cli("model", "rollback", "--config", str(cfg_path), "--to", "1", "--offline", "--force") == 0
     assert store.load(store.names()[0]).info.origin["action"] == "rollback"  # type: ignore[index]
     assert KEY not in capsys.readouterr().err
+
+
+def test_cli_sign_enables_a_key_on_an_existing_deployment(
+    deployed: tuple[Path, Config, CheckpointStore], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg_path, _, old = deployed
+    assert _cli("model", "sign", "--config", str(cfg_path), "--all") == 4  # no key configured
+    assert "no checkpoint key" in capsys.readouterr().err
+    key_file = tmp_path / "checkpoint.key"
+    key_file.write_text(f"{KEY}\n")
+    cfg_path.write_text(cfg_path.read_text().replace("[checkpoints]\n", f'[checkpoints]\nkey_file = "{key_file}"\n'))
+    keyed = CheckpointStore(old.storage, keys=_keys(KEY))
+    assert keyed.latest() is None  # the unsigned checkpoints are refused once the key is on
+    marker = tmp_path / "pwned"
+    keyed.storage.write("ckpt-000000000000-0badf00d.ckpt", b"STRMCKPT" + b"\0" * 10)  # corrupt: never signed
+    assert _cli("model", "sign", "--config", str(cfg_path), "--version", "2") == 0
+    assert keyed.info(keyed.by_seq(2)).key_id == keyed.keys.signing_id  # type: ignore[union-attr]
+    assert _cli("model", "sign", "--config", str(cfg_path), "--all") == 4  # stops at the corrupt file
+    keyed.delete("ckpt-000000000000-0badf00d.ckpt")
+    assert _cli("model", "sign", "--config", str(cfg_path), "--all") == 0
+    out = capsys.readouterr().out
+    assert "v2" in out and "already signed" in out and "(was unsigned)" in out and KEY not in out
+    assert all(keyed.verify(n).key_id == keyed.keys.signing_id for n in keyed.names())  # type: ignore[union-attr]
+    ck = keyed.latest()
+    assert ck is not None and ck.info.seq == 2 and not marker.exists()
+    assert _cli("model", "rollback", "--config", str(cfg_path), "--to", "1", "--offline", "--force") == 0
