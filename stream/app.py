@@ -227,6 +227,8 @@ class Application:
                 "lease_topic": self.lease_topic,
                 "checkpoints": self.store.describe(),
                 "privacy": self.privacy.describe() if self.privacy is not None else "off",
+                # The key's id (a fingerprint), never the key; None: unauthenticated checkpoints.
+                "checkpoint_key_id": self.store.keys.signing_id if self.store.keys is not None else None,
                 **describe_clients(cfg),
             },
         )
@@ -430,7 +432,14 @@ class Application:
         low = self._low_watermarks(tps)
         selection = self.store.select(committed, low)
         for name, reason in selection.skipped:
-            log.warning("checkpoint passed over", extra={"checkpoint": name, "reason": reason})
+            if name in selection.refused:
+                # Not signed by our key: possibly planted. Never unpickled; loud, but not fatal.
+                log.error(
+                    "checkpoint passed over: not signed by the checkpoint key (possibly planted)",
+                    extra={"checkpoint": name, "reason": reason, "refused": True},
+                )
+            else:
+                log.warning("checkpoint passed over", extra={"checkpoint": name, "reason": reason})
         ckpt = selection.checkpoint
         behind = {k: c for k, c in committed.items() if c is not None and c > low[k]}
         if ckpt is None:

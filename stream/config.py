@@ -268,6 +268,11 @@ class CheckpointsConfig(_Section):
     validate: bool = True
     #: Refuse a candidate whose holdout error exceeds the current model's by more than this fraction.
     max_degradation: Annotated[float, msgspec.Meta(ge=0)] = 0.05
+    #: File holding the checkpoint key (HMAC-SHA256; at least 32 bytes, e.g. `openssl rand -hex 32`):
+    #: checkpoints are signed with it and anything unsigned is refused before unpickling. Several
+    #: whitespace-separated keys: the first signs, the others (previous keys) still verify.
+    #: The STREAM_CHECKPOINT_KEY environment variable, when set, is used instead. Empty: unauthenticated.
+    key_file: str = ""
 
 
 class CoordinationConfig(_Section):

@@ -42,6 +42,7 @@ from stream.state import (
     StateError,
     build,
     describe_offsets,
+    encode,
     holdout_error,
     missing_state,
     read_any,
@@ -140,7 +141,9 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
     rows = []
     for name, info, error in store.scan(verify=True):
         status = "ok" if error is None else f"INVALID: {error}"
-        if info is not None and info.versions.get("river") != __import__("river").__version__:
+        if info is not None and error is not None:
+            status = f"REFUSED (not signed by the checkpoint key): {error}"
+        elif info is not None and info.versions.get("river") != __import__("river").__version__:
             status = f"INCOMPATIBLE: river {info.versions.get('river')}"
         rows.append((name, info, status))
     if args.json:
@@ -159,7 +162,8 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
             continue
         mark = "*" if name == restorable else " "
         origin = f" origin={info.origin.get('action')}" if info.origin else ""
-        print(f"{mark} v{info.seq:<5} {_fmt_time(info.created_at)}  {info.reason}{origin}  {status}  "
+        signed = f"key={info.key_id}" if info.key_id else "unsigned"
+        print(f"{mark} v{info.seq:<5} {_fmt_time(info.created_at)}  {info.reason}{origin}  {signed}  {status}  "
               f"offsets: {describe_offsets(info.offsets)}")
         for s in info.learners:
             print(f"      {s['name']}: model_version={s['model_version']} n_learned={s['n_learned']} "
@@ -197,7 +201,7 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
         _, data = build(
             out.name, ckpt.info.seq, learners, ckpt.info.offsets, reason="export", holdout=ckpt.holdout,
             origin={"action": "export", "from_version": ckpt.info.seq, "group_id": ckpt.info.group_id},
-            group_id=ckpt.info.group_id,
+            group_id=ckpt.info.group_id, keys=store.keys,
         )
     LocalStorage(out.parent if str(out.parent) else ".").write(out.name, data)
     print(f"exported v{ckpt.info.seq} ({', '.join(lr.name for lr in learners)}) to {out} ({len(data)} bytes)")
@@ -275,7 +279,13 @@ def _apply(
 
 def cmd_import(args: argparse.Namespace, config: Config) -> int:
     store = _store(config)
-    source = read_any(args.path)
+    if args.trust_pickle:
+        print(
+            f"warning: --trust-pickle: {args.path} is loaded without authentication; unpickling it runs any "
+            "code it contains",
+            file=sys.stderr,
+        )
+    source = read_any(args.path, store.keys, trust_pickle=args.trust_pickle)
     if isinstance(source, Checkpoint):
         names = [args.learner] if args.learner else [lr.name for lr in source.learners if lr.name in config.learners]
         models: dict[str, Any] = {}
@@ -293,7 +303,7 @@ def cmd_import(args: argparse.Namespace, config: Config) -> int:
         if args.learner is None and len(config.learners) != 1:
             raise StateError("a pickled model replaces one learner's model: name it with --learner")
         models = {args.learner or next(iter(config.learners)): source}
-        print("note: a plain pickle carries no version stamp; it must come from River "
+        print("note: a plain pickle carries no version stamp nor signature; it must come from River "
               f"{__import__('river').__version__}", file=sys.stderr)
     base, committed = _base(args, config, store)
     if base is not None:
@@ -325,6 +335,35 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
         return EXIT_MISSING
     origin = {"action": "rollback", "to_version": args.to, "learners": sorted(models), "base_version": base.info.seq}
     return _apply(args, config, store, base, dict(base.info.offsets), models, origin)
+
+
+# --------------------------------------------------------------------------- sign
+
+
+def cmd_sign(args: argparse.Namespace, config: Config) -> int:
+    """Sign checkpoints already in the directory with the current key (enabling a key on an
+    existing deployment, or re-signing after a rotation). Checksums are verified; nothing is
+    unpickled. The operator vouches that the files are genuine: that is what this command says."""
+    store = _store(config)
+    if store.keys is None:
+        raise StateError("no checkpoint key is configured (STREAM_CHECKPOINT_KEY or [checkpoints] key_file)")
+    unkeyed = CheckpointStore(store.storage)
+    names = [store.by_seq(args.version)] if args.version is not None else store.names()
+    signed = 0
+    for name in names:
+        info = unkeyed.verify(name)  # magic, lengths, checksums; never unpickles
+        if info.key_id == store.keys.signing_id:
+            store.verify(name)
+            print(f"v{info.seq} ({name}): already signed with key {info.key_id}")
+            continue
+        payload = store.storage.read(name, len(store.storage.read(name)) - info.payload_length)
+        store.storage.write(name, encode(info, payload, store.keys))
+        store.verify(name)
+        signed += 1
+        was = f"key {info.key_id}" if info.key_id else "unsigned"
+        print(f"v{info.seq} ({name}): signed with key {store.keys.signing_id} (was {was})")
+    print(f"signed {signed} checkpoint(s) in {store.describe()}")
+    return 0
 
 
 # --------------------------------------------------------------------------- wiring
@@ -377,6 +416,12 @@ def add_model_commands(
     p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument("--at-committed", action="store_true",
                    help="with no checkpoint yet: serve from the committed offsets (default: learn from the beginning)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="the file is trusted: load a bare pickle (unpickling runs its code), or a checkpoint not "
+        "signed by this deployment's key; without it both are refused",
+    )
     p.set_defaults(handler=wrap(cmd_import))
 
     p = actions.add_parser("rollback", help="serve the model of an earlier checkpoint version again")
@@ -385,3 +430,16 @@ def add_model_commands(
     p.add_argument("--learner", metavar="NAME", help="only this learner (default: all)")
     p.add_argument("--force", action="store_true", help=force_help)
     p.set_defaults(handler=wrap(cmd_rollback))
+
+    p = actions.add_parser(
+        "sign",
+        help="sign checkpoints in the directory with the current checkpoint key (you vouch for them)",
+        description="Sign the group's checkpoints with the first configured key: to enable a key on an existing "
+        "deployment, or to re-sign after a rotation. Lengths and checksums are verified, nothing is unpickled. "
+        "Only sign files you know the service wrote.",
+    )
+    common(p, offline=False)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every checkpoint of the group")
+    which.add_argument("--version", type=int, metavar="N", help="only this checkpoint version")
+    p.set_defaults(handler=wrap(cmd_sign))

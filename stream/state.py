@@ -1,9 +1,19 @@
 """Checkpoints: the learners' whole state together with the input offsets it reflects.
 
 A checkpoint is one file, written atomically (temporary file, fsync, rename,
-fsync of the directory) and verified on every read::
+fsync of the directory) and verified on every read. Format 2::
 
-    b"STRMCKPT" | u32 header length | sha256(header) | header (JSON) | payload (pickle)
+    b"STRMCKPT" | u32 header length | sha256(header) | header (JSON) | mac (32 bytes) | payload (pickle)
+
+``mac`` is HMAC-SHA256(key, b"stream-checkpoint-v2\\0" + header): the header names
+the signing key (``"mac": {"alg": "hmac-sha256", "key_id": ...}``, a fingerprint,
+never the key) and carries the payload's length and sha256, so the MAC over the
+header authenticates the whole file. An unsigned checkpoint (no key configured)
+has ``"mac": null`` and 32 zero bytes. With a key configured (:func:`load_keys`),
+every read checks the MAC, in constant time, before anything is unpickled; an
+unsigned or mis-signed file is refused (:class:`UnauthenticatedCheckpoint`).
+Format 1 (no ``mac`` slot, the payload right after the header) is still read
+for listing, and loaded only when no key is configured.
 
 The header is readable without unpickling anything. It carries the format
 version, the payload's length and sha256, the input offsets (``topic ->
@@ -31,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -57,6 +68,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointInfo",
+    "CheckpointKeys",
     "CheckpointStore",
     "CorruptCheckpoint",
     "HoldoutScore",
@@ -66,16 +78,28 @@ __all__ = [
     "StateError",
     "Storage",
     "StoredRecord",
+    "UnauthenticatedCheckpoint",
     "holdout_error",
+    "load_keys",
     "missing_state",
     "swap_model",
 ]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Formats this build reads: 1 (unsigned, before authentication) and 2 (a MAC slot after the header).
+READABLE_FORMATS = (1, 2)
 MAGIC = b"STRMCKPT"
 _PREFIX = struct.Struct(">8sI32s")
+MAC_SIZE = 32
+_NO_MAC = bytes(MAC_SIZE)
+_MAC_DOMAIN = b"stream-checkpoint-v2\0"
+_KEY_ID_DOMAIN = b"stream-checkpoint-key-id\0"
+#: A key shorter than this (bytes) is refused at start-up.
+MIN_KEY_BYTES = 32
+#: Environment variable holding the checkpoint key(s); wins over ``[checkpoints] key_file``.
+KEY_ENV = "STREAM_CHECKPOINT_KEY"
 _MAX_HEADER = 64 * 1024 * 1024
 _NAME = re.compile(r"^ckpt-(\d{12})-([0-9a-f]{8})\.ckpt$")
 
@@ -93,6 +117,10 @@ class CorruptCheckpoint(CheckpointError):
 
 class IncompatibleCheckpoint(CheckpointError):
     """Written by another River version (or checkpoint format): its pickles cannot be trusted to load."""
+
+
+class UnauthenticatedCheckpoint(CheckpointError):
+    """A key is configured and the file is not signed by it (unsigned, another key, or altered): never unpickled."""
 
 
 class StateError(RuntimeError):
@@ -231,6 +259,107 @@ class LocalStorage:
         return n
 
 
+# --------------------------------------------------------------------------- keys
+
+
+class CheckpointKeys:
+    """The checkpoint key(s): the first signs, every one verifies (rotation: current + previous).
+
+    Keys are never shown: ``repr``, errors and headers name a key by its id, the
+    first 16 hex digits of HMAC-SHA256(key, a constant), which reveals nothing of it."""
+
+    __slots__ = ("_by_id", "ids", "source")
+
+    def __init__(self, keys: Sequence[bytes], source: str) -> None:
+        if not keys:
+            raise ValueError("no checkpoint key")
+        self.source = source
+        self._by_id: dict[str, bytes] = {}
+        for key in keys:
+            self._by_id.setdefault(self.key_id(key), key)
+        #: Key ids, the signing key first.
+        self.ids = list(self._by_id)
+
+    @staticmethod
+    def key_id(key: bytes) -> str:
+        return hmac.new(key, _KEY_ID_DOMAIN, hashlib.sha256).hexdigest()[:16]
+
+    @property
+    def signing_id(self) -> str:
+        return self.ids[0]
+
+    def sign(self, header: bytes) -> bytes:
+        return hmac.new(self._by_id[self.ids[0]], _MAC_DOMAIN + header, hashlib.sha256).digest()
+
+    def verify(self, key_id: str, header: bytes, mac: bytes) -> bool:
+        key = self._by_id.get(key_id)
+        if key is None:
+            return False
+        return hmac.compare_digest(hmac.new(key, _MAC_DOMAIN + header, hashlib.sha256).digest(), mac)
+
+    def __repr__(self) -> str:
+        return f"CheckpointKeys({len(self.ids)} key(s) from {self.source}, signing key id {self.signing_id})"
+
+    __str__ = __repr__
+
+
+def _parse_keys(raw: bytes, source: str) -> CheckpointKeys:
+    """Whitespace-separated keys (a file's lines): the first signs, the rest verify only."""
+    keys = raw.split()
+    if not keys:
+        raise _config_error(f"{source}: no checkpoint key in it")
+    for n, key in enumerate(keys, 1):
+        if len(key) < MIN_KEY_BYTES:
+            raise _config_error(
+                f"{source}: checkpoint key #{n} is {len(key)} bytes, at least {MIN_KEY_BYTES} are needed "
+                "(e.g. `openssl rand -hex 32`)"
+            )
+    return CheckpointKeys(keys, source)
+
+
+def _config_error(message: str) -> Exception:
+    from stream.config import ConfigError
+
+    return ConfigError(message)
+
+
+_warned_unauthenticated = False
+
+
+def load_keys(config: Any, *, environ: Mapping[str, str] | None = None, warn: bool = True) -> CheckpointKeys | None:
+    """The checkpoint keys: ``STREAM_CHECKPOINT_KEY`` if set, else the file named by
+    ``[checkpoints] key_file``, else None (checkpoints are then unauthenticated: a
+    warning, once per process). A key file that is missing, unreadable, empty or
+    holds a key under :data:`MIN_KEY_BYTES` is a configuration error (never quoting it)."""
+    global _warned_unauthenticated
+    env = os.environ if environ is None else environ
+    value = env.get(KEY_ENV, "")
+    if value.strip():
+        return _parse_keys(value.encode(), f"${KEY_ENV}")
+    path = getattr(getattr(config, "checkpoints", None), "key_file", "") or ""
+    if path:
+        try:
+            raw = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise _config_error(f"[checkpoints] key_file {path}: no such file") from None
+        except OSError as exc:
+            raise _config_error(f"[checkpoints] key_file {path}: cannot be read ({exc.strerror})") from None
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mode & 0o077:
+                log.warning(
+                    "checkpoint key file is readable by group or others; chmod 600 it", extra={"key_file": path}
+                )
+        return _parse_keys(raw, f"[checkpoints] key_file {path}")
+    if warn and not _warned_unauthenticated:
+        _warned_unauthenticated = True
+        log.warning(
+            "checkpoints are unauthenticated: no checkpoint key is configured, so anyone who can write the "
+            f"checkpoint directory can make this process run code; set {KEY_ENV} or [checkpoints] key_file",
+            extra={"checkpoints": str(getattr(getattr(config, "checkpoints", None), "dir", ""))},
+        )
+    return None
+
+
 # --------------------------------------------------------------------------- format
 
 
@@ -297,6 +426,9 @@ class CheckpointInfo:
     group_id: str = ""
     holdout_events: int = 0
     origin: dict[str, Any] | None = None
+    format_version: int = FORMAT_VERSION
+    #: Id of the key that signed it ("" unsigned); verified only when read with keys.
+    key_id: str = ""
 
     @property
     def total_offset(self) -> int:
@@ -307,7 +439,8 @@ class CheckpointInfo:
 
     def header(self) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
+            "mac": {"alg": "hmac-sha256", "key_id": self.key_id} if self.key_id else None,
             "seq": self.seq,
             "created_at": self.created_at,
             "reason": self.reason,
@@ -324,6 +457,7 @@ class CheckpointInfo:
 
     @classmethod
     def from_header(cls, name: str, doc: Mapping[str, Any]) -> CheckpointInfo:
+        mac = doc.get("mac")
         return cls(
             name=name,
             seq=int(doc["seq"]),
@@ -338,6 +472,8 @@ class CheckpointInfo:
             group_id=str(doc.get("group_id", "")),
             holdout_events=int(doc.get("holdout_events", 0)),
             origin=doc.get("origin"),
+            format_version=int(doc["format_version"]),
+            key_id=str(mac["key_id"]) if isinstance(mac, Mapping) else "",
         )
 
 
@@ -353,9 +489,14 @@ class Checkpoint:
         return next((lr for lr in self.learners if lr.name == name), None)
 
 
-def encode(info: CheckpointInfo, payload: bytes) -> bytes:
-    header = json.dumps(info.header(), sort_keys=True, separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, len(header), hashlib.sha256(header).digest()) + header + payload
+def encode(info: CheckpointInfo, payload: bytes, keys: CheckpointKeys | None = None) -> bytes:
+    """The file: always the current format, signed by ``keys``' signing key (unsigned without keys)."""
+    doc = info.header()
+    doc["format_version"] = FORMAT_VERSION
+    doc["mac"] = {"alg": "hmac-sha256", "key_id": keys.signing_id} if keys is not None else None
+    header = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    mac = keys.sign(header) if keys is not None else _NO_MAC
+    return _PREFIX.pack(MAGIC, len(header), hashlib.sha256(header).digest()) + header + mac + payload
 
 
 def pack_payload(learners: Sequence[Learner], holdout: Sequence[StoredRecord]) -> bytes:
@@ -375,8 +516,9 @@ def build(
     origin: dict[str, Any] | None = None,
     instance_id: str = "",
     group_id: str = "",
+    keys: CheckpointKeys | None = None,
 ) -> tuple[CheckpointInfo, bytes]:
-    """A checkpoint's header and complete file contents."""
+    """A checkpoint's header and complete file contents, signed when ``keys`` are given."""
     payload = pack_payload(learners, holdout)
     info = CheckpointInfo(
         name=name,
@@ -392,12 +534,17 @@ def build(
         group_id=group_id,
         holdout_events=len(holdout),
         origin=origin,
+        key_id=keys.signing_id if keys is not None else "",
     )
-    return info, encode(info, payload)
+    return info, encode(info, payload, keys)
 
 
-def decode_header(name: str, head: bytes) -> tuple[CheckpointInfo, int]:
-    """Parse and verify the header at the start of ``head``; returns it and the payload's start."""
+def decode_header(name: str, head: bytes, keys: CheckpointKeys | None = None) -> tuple[CheckpointInfo, int]:
+    """Parse and verify the header at the start of ``head``; returns it and the payload's start.
+
+    With ``keys``, the header's MAC is checked too (it binds the payload's length and
+    sha256): anything but a format-2 file signed by one of the keys raises
+    :class:`UnauthenticatedCheckpoint`, whatever version it claims."""
     if len(head) < _PREFIX.size:
         raise CorruptCheckpoint(f"{name}: truncated ({len(head)} bytes, shorter than the fixed prefix)")
     magic, header_len, digest = _PREFIX.unpack_from(head)
@@ -412,16 +559,45 @@ def decode_header(name: str, head: bytes) -> tuple[CheckpointInfo, int]:
         raise CorruptCheckpoint(f"{name}: header checksum mismatch")
     try:
         doc = json.loads(raw)
-        if int(doc["format_version"]) != FORMAT_VERSION:
-            raise IncompatibleCheckpoint(
-                f"{name}: checkpoint format {doc['format_version']}, this build reads format {FORMAT_VERSION}"
-            )
-        info = CheckpointInfo.from_header(name, doc)
-    except IncompatibleCheckpoint:
-        raise
+        version = int(doc["format_version"])
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptCheckpoint(f"{name}: unreadable header: {exc}") from None
-    return info, _PREFIX.size + header_len
+    if keys is not None and version != FORMAT_VERSION:
+        raise UnauthenticatedCheckpoint(
+            f"{name}: refused: not signed (checkpoint format {version}, unauthenticated) and a checkpoint key "
+            "is configured; nothing in it was loaded"
+        )
+    if version not in READABLE_FORMATS:
+        readable = ", ".join(map(str, READABLE_FORMATS))
+        raise IncompatibleCheckpoint(f"{name}: checkpoint format {version}, this build reads formats {readable}")
+    start = _PREFIX.size + header_len
+    if version >= 2:
+        mac = head[start : start + MAC_SIZE]
+        if len(mac) != MAC_SIZE:
+            raise CorruptCheckpoint(f"{name}: truncated inside the MAC")
+        start += MAC_SIZE
+        if keys is not None:
+            _authenticate(name, doc, raw, mac, keys)
+    try:
+        info = CheckpointInfo.from_header(name, doc)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptCheckpoint(f"{name}: unreadable header: {exc}") from None
+    return info, start
+
+
+def _authenticate(name: str, doc: Mapping[str, Any], header: bytes, mac: bytes, keys: CheckpointKeys) -> None:
+    spec = doc.get("mac")
+    if not isinstance(spec, Mapping):
+        raise UnauthenticatedCheckpoint(
+            f"{name}: refused: unsigned checkpoint and a checkpoint key is configured; nothing in it was loaded"
+        )
+    key_id = str(spec.get("key_id", ""))
+    if spec.get("alg") != "hmac-sha256" or not keys.verify(key_id, header, mac):
+        if key_id in keys.ids:
+            why = "its MAC does not match (altered or forged)"
+        else:
+            why = f"signed with key id {key_id[:16]!r}, not one of this process's keys ({', '.join(keys.ids)})"
+        raise UnauthenticatedCheckpoint(f"{name}: refused: bad signature: {why}; nothing in it was loaded")
 
 
 def check_versions(info: CheckpointInfo) -> None:
@@ -442,9 +618,9 @@ def check_versions(info: CheckpointInfo) -> None:
         )
 
 
-def decode(name: str, data: bytes) -> Checkpoint:
-    """Verify and unpickle a whole checkpoint file."""
-    info, start = decode_header(name, data)
+def decode(name: str, data: bytes, keys: CheckpointKeys | None = None) -> Checkpoint:
+    """Verify (with ``keys``: authenticate) and only then unpickle a whole checkpoint file."""
+    info, start = decode_header(name, data, keys)
     payload = data[start:]
     if len(payload) != info.payload_length:
         raise CorruptCheckpoint(
@@ -472,22 +648,35 @@ class Selection:
     checkpoint: Checkpoint | None
     #: (name, reason) of every checkpoint passed over, newest first.
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: Names among ``skipped`` refused because they are not signed by the checkpoint key.
+    refused: set[str] = field(default_factory=set)
 
 
 class CheckpointStore:
-    """Checkpoints of one consumer group: write, list, load, select, prune."""
+    """Checkpoints of one consumer group: write, list, load, select, prune.
 
-    def __init__(self, storage: Storage, *, group_id: str = "", instance_id: str = "") -> None:
+    With ``keys`` every checkpoint written is signed and every one read must be
+    signed by one of them (checked before unpickling); without, none is signed or checked."""
+
+    def __init__(
+        self, storage: Storage, *, group_id: str = "", instance_id: str = "", keys: CheckpointKeys | None = None
+    ) -> None:
         self.storage = storage
         self.group_id = group_id
         self.instance_id = instance_id
+        self.keys = keys
         #: Random per process: checkpoint names never collide, even with a zombie of the same instance.
         self._token = uuid.uuid4().hex[:8]
         self._seq: int | None = None
 
     @classmethod
-    def for_config(cls, config: Any, instance_id: str = "") -> CheckpointStore:
-        return cls(LocalStorage(checkpoint_dir(config)), group_id=config.kafka.group_id, instance_id=instance_id)
+    def for_config(
+        cls, config: Any, instance_id: str = "", keys: CheckpointKeys | bool | None = True
+    ) -> CheckpointStore:
+        """The configured group's store; ``keys=True``: from :func:`load_keys` (validated, warns if none)."""
+        resolved = load_keys(config) if keys is True else (keys or None)
+        storage = LocalStorage(checkpoint_dir(config))
+        return cls(storage, group_id=config.kafka.group_id, instance_id=instance_id, keys=resolved)
 
     def describe(self) -> str:
         return self.storage.describe()
@@ -530,7 +719,7 @@ class CheckpointStore:
         seq = self._next_seq()
         info, data = build(
             f"ckpt-{seq:012d}-{self._token}.ckpt", seq, learners, offsets, reason=reason, holdout=holdout,
-            origin=origin, instance_id=self.instance_id, group_id=self.group_id,
+            origin=origin, instance_id=self.instance_id, group_id=self.group_id, keys=self.keys,
         )
         self.storage.write(info.name, data)
         return info
@@ -538,20 +727,20 @@ class CheckpointStore:
     # -- read
 
     def info(self, name: str) -> CheckpointInfo:
-        """The verified header only (the payload is checked by :meth:`load`)."""
+        """The verified (with keys: authenticated) header only (the payload is checked by :meth:`load`)."""
         head = self.storage.read(name, 0, _PREFIX.size)
         if len(head) == _PREFIX.size:
             _, header_len, _ = _PREFIX.unpack(head)
-            head = self.storage.read(name, 0, _PREFIX.size + min(header_len, _MAX_HEADER))
-        return decode_header(name, head)[0]
+            head = self.storage.read(name, 0, _PREFIX.size + min(header_len, _MAX_HEADER) + MAC_SIZE)
+        return decode_header(name, head, self.keys)[0]
 
     def load(self, name: str) -> Checkpoint:
-        return decode(name, self.storage.read(name))
+        return decode(name, self.storage.read(name), self.keys)
 
     def verify(self, name: str) -> CheckpointInfo:
-        """Check length and checksums (not the River version) without unpickling."""
+        """Check length, checksums and (with keys) the MAC, not the River version, without unpickling."""
         data = self.storage.read(name)
-        info, start = decode_header(name, data)
+        info, start = decode_header(name, data, self.keys)
         payload = memoryview(data)[start:]
         if len(payload) != info.payload_length:
             raise CorruptCheckpoint(f"{name}: payload is {len(payload)} bytes, header says {info.payload_length}")
@@ -560,10 +749,17 @@ class CheckpointStore:
         return info
 
     def scan(self, verify: bool = True) -> Iterator[tuple[str, CheckpointInfo | None, str | None]]:
-        """Every checkpoint, newest first: (name, info or None, error or None)."""
+        """Every checkpoint, newest first: (name, info or None, error or None); a checkpoint
+        refused by the keys comes with its unauthenticated header (for listing only) and the error."""
         for name in self.names():
             try:
                 yield name, (self.verify(name) if verify else self.info(name)), None
+            except UnauthenticatedCheckpoint as exc:
+                # Listed (its header is only JSON), never loaded: the info is unauthenticated.
+                unverified: CheckpointInfo | None = None
+                with contextlib.suppress(CheckpointError, OSError):
+                    unverified = CheckpointStore(self.storage).info(name)
+                yield name, unverified, str(exc)
             except (CheckpointError, OSError) as exc:
                 yield name, None, str(exc)
 
@@ -574,12 +770,18 @@ class CheckpointStore:
         raise CheckpointError(f"no checkpoint with version {seq} in {self.describe()}")
 
     def latest(self) -> Checkpoint | None:
-        """The newest checkpoint that verifies (corrupt ones are skipped with a warning)."""
+        """The newest checkpoint that verifies (corrupt ones are skipped with a warning,
+        unauthenticated ones with an error)."""
         for name in self.names():
             try:
                 return self.load(name)
             except CorruptCheckpoint as exc:
                 log.warning("skipping corrupt checkpoint", extra={"checkpoint": name, "reason": str(exc)})
+            except UnauthenticatedCheckpoint as exc:
+                log.error(
+                    "checkpoint refused: not signed by the checkpoint key",
+                    extra={"checkpoint": name, "reason": str(exc)},
+                )
         return None
 
     def select(self, committed: Mapping[tuple[str, int], int | None], low: Mapping[tuple[str, int], int]) -> Selection:
@@ -590,14 +792,20 @@ class CheckpointStore:
         ``committed`` maps every current partition to its committed offset (None
         when the group has none: nothing was processed, it counts as ``low``);
         ``low`` to its low watermark (where a checkpoint without the partition starts).
-        Corrupt checkpoints are passed over; one written by another River version
-        raises :class:`IncompatibleCheckpoint` (refusing beats silently using an
-        older one)."""
+        Corrupt checkpoints are passed over, and so are, with keys, those not signed
+        by one of them (never unpickled; named in ``refused``); an authentic one written
+        by another River version raises :class:`IncompatibleCheckpoint` (refusing beats
+        silently using an older one)."""
         skipped: list[tuple[str, str]] = []
+        refused: set[str] = set()
         candidates: list[CheckpointInfo] = []
         for name in self.names():
             try:
                 info = self.info(name)
+            except UnauthenticatedCheckpoint as exc:
+                skipped.append((name, str(exc)))
+                refused.add(name)
+                continue
             except (CorruptCheckpoint, OSError) as exc:
                 skipped.append((name, str(exc)))
                 continue
@@ -614,10 +822,13 @@ class CheckpointStore:
         candidates.sort(key=lambda i: (sum(i.offsets.get(tp, lo) for tp, lo in low.items()), i.seq), reverse=True)
         for info in candidates:
             try:
-                return Selection(self.load(info.name), skipped)
+                return Selection(self.load(info.name), skipped, refused)
+            except UnauthenticatedCheckpoint as exc:  # replaced since its header was read
+                skipped.append((info.name, str(exc)))
+                refused.add(info.name)
             except CorruptCheckpoint as exc:
                 skipped.append((info.name, str(exc)))
-        return Selection(None, skipped)
+        return Selection(None, skipped, refused)
 
     # -- prune
 
@@ -778,11 +989,21 @@ def describe_offsets(offsets: Mapping[tuple[str, int], int], limit: int = 6) -> 
     return ", ".join(parts[:limit]) + more
 
 
-def read_any(path: str | Path) -> Checkpoint | Any:
-    """A checkpoint file (verified) or a plain pickle (a River model), by content."""
+def read_any(path: str | Path, keys: CheckpointKeys | None = None, *, trust_pickle: bool = False) -> Checkpoint | Any:
+    """A checkpoint file or a plain pickle (a River model), by content.
+
+    A checkpoint is verified, and with ``keys`` authenticated before it is unpickled.
+    Unpickling runs code chosen by whoever wrote the file, so a bare pickle is
+    refused unless ``trust_pickle`` (the operator vouches for the file), which also
+    lets through a checkpoint not signed by ``keys`` (e.g. from another deployment)."""
     data = Path(path).read_bytes()
-    if data[:len(MAGIC)] == MAGIC:
-        return decode(Path(path).name, data)
+    if data[: len(MAGIC)] == MAGIC:
+        return decode(str(path), data, None if trust_pickle else keys)
+    if not trust_pickle:
+        raise UnauthenticatedCheckpoint(
+            f"{path}: refused: not a stream checkpoint; loading it as a bare pickle would run whatever code it "
+            "contains. If you trust where it comes from, pass --trust-pickle; nothing in it was loaded"
+        )
     try:
         return pickle.load(io.BytesIO(data))
     except Exception as exc:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import hmac
 import json
+import os
 import pickle
 import random
+import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +25,19 @@ from stream.app import build_learners
 from stream.config import Config, parse_config
 from stream.state import (
     MAGIC,
+    CheckpointInfo,
+    CheckpointKeys,
     CheckpointStore,
     CorruptCheckpoint,
     IncompatibleCheckpoint,
     LocalStorage,
     StoredRecord,
+    UnauthenticatedCheckpoint,
     decode,
+    decode_header,
     encode,
     holdout_error,
+    load_keys,
     swap_model,
 )
 
@@ -113,7 +124,7 @@ def test_t1_checkpoint_roundtrip_through_the_store(tmp_path: Path) -> None:
     assert Path(store.describe()) == tmp_path / "ckpt" / "g_1"  # the group id, made path-safe
     ck = store.load(info.name)
     assert ck.info.offsets == {("a", 0): 300, ("b", 0): 300}
-    assert ck.info.versions["river"] == river.__version__ and ck.info.versions["format"] == "1"
+    assert ck.info.versions["river"] == river.__version__ and ck.info.versions["format"] == "2"
     assert [s["n_learned"] for s in ck.info.learners] == [300, 300]
     assert [r.value() for r in ck.holdout] == [r.value() for r in records(events(5))]
     probe = {"x1": 0.3, "x2": 0.6, "y": 0.0}
@@ -168,8 +179,8 @@ def test_checkpoint_from_another_river_version_is_refused(tmp_path: Path) -> Non
     with pytest.raises(IncompatibleCheckpoint, match=r"0\.21\.0"):
         store.select(committed, {k: 0 for k in committed})
     # A newer checkpoint format is refused as well.
-    with pytest.raises(IncompatibleCheckpoint, match="format 2"):
-        decode("future.ckpt", _restamp(golden, format_version=2))
+    with pytest.raises(IncompatibleCheckpoint, match="format 3"):
+        decode("future.ckpt", _restamp(golden, format_version=3))
 
 
 # --------------------------------------------------------------------------- integrity
@@ -366,11 +377,12 @@ def test_cli_import_validates_on_the_holdout(deployed: tuple[Path, Config, Check
     # A worse model (untrained) is refused ...
     untrained = tmp_path / "untrained.pkl"
     untrained.write_bytes(pickle.dumps(build_learners(cfg)[0].model))
-    assert _cli("model", "import", "--config", str(cfg_path), str(untrained), "--learner", "reg", "--offline") == 4
+    assert _cli("model", "import", "--config", str(cfg_path), str(untrained), "--learner", "reg", "--offline",
+                "--trust-pickle") == 4
     assert "REFUSED" in capsys.readouterr().out and len(store.names()) == 2
     # ... unless forced; the import is a new checkpoint at the current offsets, model_version bumped.
     assert _cli("model", "import", "--config", str(cfg_path), str(untrained), "--learner", "reg",
-                "--offline", "--force") == 0
+                "--offline", "--force", "--trust-pickle") == 0
     ck = store.latest()
     assert ck is not None and ck.info.seq == 3 and ck.info.offsets == {("a", 0): 600, ("b", 0): 600}
     assert ck.info.origin is not None and ck.info.origin["action"] == "import"
@@ -436,5 +448,294 @@ def test_a_learner_whose_class_gained_state_is_refused(tmp_path: Path,
     store.write(old, {("a", 0): 700, ("b", 0): 700}, reason="periodic")
     fresh = tmp_path / "fresh.pkl"
     fresh.write_bytes(pickle.dumps(build_learners(cfg)[0].model))
-    assert _cli("model", "import", "--config", str(cfg_path), str(fresh), "--learner", "reg", "--offline") == 4
+    assert _cli("model", "import", "--config", str(cfg_path), str(fresh), "--learner", "reg", "--offline",
+                "--trust-pickle") == 4
     assert "lacks state" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- authentication (format 2)
+
+KEY = "0123456789abcdef" * 4  # 64 bytes: what `openssl rand -hex 32` gives
+OTHER_KEY = "fedcba9876543210" * 4
+
+
+class _Planted:
+    """Unpickling it creates ``marker``: stands for any code a forged pickle can run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
+
+
+def _keys(*keys: str) -> CheckpointKeys:
+    return CheckpointKeys([k.encode() for k in keys], "test")
+
+
+def _forge(like: CheckpointInfo, marker: Path, seq: int, keys: CheckpointKeys | None = None, **changes: Any) -> bytes:
+    """A checkpoint file with ``like``'s header (offsets, versions) whose pickle creates ``marker``."""
+    payload = pickle.dumps({"learners": [_Planted(marker)], "holdout": []})
+    info = dataclasses.replace(
+        like, name=f"ckpt-{seq:012d}-0badf00d.ckpt", seq=seq, payload_length=len(payload),
+        payload_sha256=hashlib.sha256(payload).hexdigest(), **changes,
+    )  # fmt: skip
+    return encode(info, payload, keys)
+
+
+def test_signed_checkpoint_roundtrip_the_key_is_nowhere_in_the_file(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    keys = _keys(KEY)
+    store = CheckpointStore.for_config(cfg, keys=keys)
+    info = store.write(trained(cfg, 20), {("a", 0): 20}, reason="t")
+    data = store.storage.read(info.name)
+    assert KEY.encode() not in data and KEY not in repr(keys) and KEY not in str(keys)
+    assert info.key_id == keys.signing_id and len(info.key_id) == 16
+    header = json.loads(data[44 : 44 + struct.unpack(">I", data[8:12])[0]])
+    assert header["format_version"] == 2 and header["mac"] == {"alg": "hmac-sha256", "key_id": keys.signing_id}
+    ck = store.load(info.name)
+    assert ck.info.key_id == keys.signing_id and [lr.n_learned for lr in ck.learners] == [20, 20]
+    # The MAC is HMAC-SHA256(key, domain + header bytes), sitting right after the header.
+    n = struct.unpack(">I", data[8:12])[0]
+    expected = hmac.new(KEY.encode(), b"stream-checkpoint-v2\0" + data[44 : 44 + n], hashlib.sha256).digest()
+    assert data[44 + n : 44 + n + 32] == expected
+    # Without a key it is still read (nothing to verify it with); listing shows who signed it.
+    assert CheckpointStore.for_config(cfg, keys=None).load(info.name).info.key_id == keys.signing_id
+
+
+def test_unsigned_forged_or_altered_checkpoints_are_refused_before_unpickling(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    keys = _keys(KEY)
+    genuine = CheckpointStore.for_config(cfg, keys=keys).write(trained(cfg, 20), {("a", 0): 20}, reason="t")
+    data = (tmp_path / "ckpt" / "g_1" / genuine.name).read_bytes()
+    marker = tmp_path / "pwned"
+    cases = {
+        "unsigned": (_forge(genuine, marker, 7), "unsigned checkpoint"),
+        "another key": (_forge(genuine, marker, 7, _keys(OTHER_KEY)), "not one of this process's keys"),
+        "format 1": (_v1(_forge(genuine, marker, 7)), "format 1"),
+        # An unknown format is not trusted to say how it is laid out: refused, not a fatal "incompatible".
+        "format 3": (_restamp(_forge(genuine, marker, 7), format_version=3), "format 3"),
+        # The genuine header, altered (offsets moved ahead) with its checksum recomputed: the MAC breaks.
+        "altered header": (_restamp(data, offsets={"a": {"0": 10**9}}), "MAC does not match"),
+        # A mac field claiming our key id over a forged header.
+        "claims our key": (_restamp(_forge(genuine, marker, 7), mac={"alg": "hmac-sha256",
+                                                                     "key_id": keys.signing_id}),
+                           "MAC does not match"),
+    }  # fmt: skip
+    for what, (forged, reason) in cases.items():
+        with pytest.raises(UnauthenticatedCheckpoint, match=re.escape(reason)) as err:
+            decode("planted.ckpt", forged, keys)
+        assert "planted.ckpt" in str(err.value) and KEY not in str(err.value), what
+        assert not marker.exists(), what
+    # The genuine signed header over a swapped payload: the header binds the payload's sha256.
+    n = struct.unpack(">I", data[8:12])[0]
+    evil = pickle.dumps({"learners": [_Planted(marker)], "holdout": []})
+    swapped = data[: 44 + n + 32] + evil.ljust(genuine.payload_length, b".")[: genuine.payload_length]
+    with pytest.raises(CorruptCheckpoint, match="payload checksum"):
+        decode("swapped.ckpt", swapped, keys)
+    assert not marker.exists()
+    # Anti-vacuity: without a key the forged pickle does run.
+    decode("planted.ckpt", cases["unsigned"][0])
+    assert marker.exists()
+
+
+def _v1(data: bytes) -> bytes:
+    """A format-2 file rewritten in format 1 (no MAC slot)."""
+    n = struct.unpack(">I", data[8:12])[0]
+    v1 = _restamp(data, format_version=1)
+    m = struct.unpack(">I", v1[8:12])[0]
+    return v1[: 44 + m] + data[44 + n + 32 :]
+
+
+def test_format_1_is_still_read_without_a_key(tmp_path: Path) -> None:
+    golden = FIXTURES / f"golden-river-{river.__version__}.ckpt"
+    info, start = decode_header(golden.name, golden.read_bytes())
+    assert info.format_version == 1 and info.key_id == "" and start == len(golden.read_bytes()) - info.payload_length
+    store = CheckpointStore(LocalStorage(tmp_path), keys=_keys(KEY))
+    store.storage.write("ckpt-000000000001-00000000.ckpt", golden.read_bytes())
+    [(_, listed, error)] = list(store.scan())
+    assert listed is not None and listed.seq == info.seq and error is not None and "format 1" in error
+
+
+def test_rotation_previous_keys_verify_the_current_key_signs(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    old = CheckpointStore.for_config(cfg, keys=_keys(OTHER_KEY)).write(trained(cfg, 5), {("a", 0): 5}, reason="t")
+    rotated = CheckpointStore.for_config(cfg, keys=_keys(KEY, OTHER_KEY))
+    assert rotated.load(old.name).info.key_id == _keys(OTHER_KEY).signing_id
+    new = rotated.write(trained(cfg, 6), {("a", 0): 6}, reason="t")
+    assert new.key_id == _keys(KEY).signing_id != old.key_id
+    with pytest.raises(UnauthenticatedCheckpoint):  # the previous key retired: its checkpoints are refused
+        CheckpointStore.for_config(cfg, keys=_keys(KEY)).load(old.name)
+
+
+def test_selection_passes_over_planted_checkpoints_with_higher_sequence_numbers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config(tmp_path)
+    store = CheckpointStore.for_config(cfg, keys=_keys(KEY))
+    genuine = store.write(trained(cfg, 30), {("a", 0): 30, ("b", 0): 30}, reason="t")
+    marker = tmp_path / "pwned"
+    planted = {
+        8: _forge(genuine, marker, 8),
+        9: _forge(genuine, marker, 9, _keys(OTHER_KEY)),
+        10: _forge(genuine, marker, 10, versions={**genuine.versions, "river": "0.21.0"}),  # would be fatal if trusted
+    }
+    for seq, data in planted.items():
+        store.storage.write(f"ckpt-{seq:012d}-0badf00d.ckpt", data)
+    committed = {("a", 0): 30, ("b", 0): 30}
+    sel = store.select(committed, dict.fromkeys(committed, 0))
+    assert sel.checkpoint is not None and sel.checkpoint.info.name == genuine.name
+    assert sel.refused == {f"ckpt-{s:012d}-0badf00d.ckpt" for s in planted}
+    assert not marker.exists()
+    caplog.set_level("ERROR")
+    ck = store.latest()
+    assert ck is not None and ck.info.name == genuine.name and not marker.exists()
+    assert sum("not signed by the checkpoint key" in r.getMessage() for r in caplog.records) == 3
+    # Anti-vacuity: without a key, the planted files stop the start or run.
+    unkeyed = CheckpointStore.for_config(cfg, keys=None)
+    with pytest.raises(IncompatibleCheckpoint, match=r"0\.21\.0"):
+        unkeyed.select(committed, dict.fromkeys(committed, 0))
+    unkeyed.delete("ckpt-000000000010-0badf00d.ckpt")
+    assert unkeyed.select(committed, dict.fromkeys(committed, 0)).checkpoint is not None
+    assert marker.exists()
+
+
+def test_the_forked_background_writer_signs(tmp_path: Path) -> None:
+    from stream.app import _checkpoint_child
+
+    cfg = config(tmp_path)
+    keys = _keys(KEY)
+    store = CheckpointStore.for_config(cfg, keys=keys)
+    learners = trained(cfg, 10)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child leaves through os._exit
+        os.close(r)
+        _checkpoint_child(store, learners, {("a", 0): 10}, [], w)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as report:
+        doc = json.loads(report.read())
+    assert status == 0, doc
+    assert store.load(doc["name"]).info.key_id == keys.signing_id
+
+
+def test_load_keys_from_the_environment_or_a_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from stream.config import ConfigError
+
+    key_file = tmp_path / "key"
+    key_file.write_text(f"{KEY}\n{OTHER_KEY}\n")
+    key_file.chmod(0o600)
+    cfg = config(tmp_path, key_file=str(key_file))
+    keys = load_keys(cfg, environ={})
+    assert keys is not None and keys.ids == [_keys(KEY).signing_id, _keys(OTHER_KEY).signing_id]
+    env_keys = load_keys(cfg, environ={"STREAM_CHECKPOINT_KEY": OTHER_KEY})  # the environment wins
+    assert env_keys is not None and env_keys.ids == [_keys(OTHER_KEY).signing_id]
+    short = tmp_path / "short"
+    short.write_text("s3cr3t-but-short\n")
+    bad = {
+        str(tmp_path / "missing"): "no such file",
+        str(short): "is 16 bytes, at least 32",
+        str(tmp_path): "cannot be read",
+    }
+    for path, message in bad.items():
+        with pytest.raises(ConfigError, match=message) as err:
+            load_keys(config(tmp_path, key_file=path), environ={})
+        assert "s3cr3t" not in str(err.value)
+    with pytest.raises(ConfigError, match="at least 32"):
+        load_keys(cfg, environ={"STREAM_CHECKPOINT_KEY": "s3cr3t"})
+    # No key: one warning per process, however many stores are made.
+    monkeypatch.setattr("stream.state._warned_unauthenticated", False)
+    caplog.set_level("WARNING")
+    assert load_keys(config(tmp_path), environ={}) is None and load_keys(config(tmp_path), environ={}) is None
+    assert sum("checkpoints are unauthenticated" in r.getMessage() for r in caplog.records) == 1
+    assert KEY not in caplog.text and OTHER_KEY not in caplog.text
+
+
+@pytest.fixture()
+def signed(deployed: tuple[Path, Config, CheckpointStore], tmp_path: Path) -> tuple[Path, CheckpointStore, Path]:
+    """The deployment of ``deployed`` with a key file configured and its checkpoints signed."""
+    cfg_path, _, old = deployed
+    key_file = tmp_path / "checkpoint.key"
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o600)
+    cfg_path.write_text(cfg_path.read_text().replace("[checkpoints]\n", f'[checkpoints]\nkey_file = "{key_file}"\n'))
+    store = CheckpointStore(old.storage, group_id=old.group_id, keys=_keys(KEY))
+    for name in old.names():
+        ck = old.load(name)
+        store.storage.write(name, encode(ck.info, old.storage.read(name)[-ck.info.payload_length :], store.keys))
+    return cfg_path, store, tmp_path / "pwned"
+
+
+def test_cli_import_and_rollback_refuse_unsigned_files_and_bare_pickles(
+    signed: tuple[Path, CheckpointStore, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg_path, store, marker = signed
+    genuine = store.info(store.names()[0])
+    before = store.names()
+    crafted = tmp_path / "crafted.ckpt"
+    crafted.write_bytes(_forge(genuine, marker, 3))
+    wrong = tmp_path / "wrong-key.ckpt"
+    wrong.write_bytes(_forge(genuine, marker, 3, _keys(OTHER_KEY)))
+    bare = tmp_path / "model.pkl"
+    bare.write_bytes(pickle.dumps(_Planted(marker)))
+    for path, reason in ((crafted, "unsigned"), (wrong, "bad signature"), (bare, "--trust-pickle")):
+        assert _cli("model", "import", "--config", str(cfg_path), str(path), "--learner", "reg", "--offline") == 4
+        err = capsys.readouterr().err
+        assert str(path) in err and "refused" in err and reason in err, err
+        assert not marker.exists() and store.names() == before
+    # A bare pickle is refused without a key too.
+    unkeyed = tmp_path / "unkeyed.toml"
+    unkeyed.write_text("\n".join(ln for ln in cfg_path.read_text().splitlines() if not ln.startswith("key_file")))
+    assert _cli("model", "import", "--config", str(unkeyed), str(bare), "--learner", "reg", "--offline") == 4
+    assert "--trust-pickle" in capsys.readouterr().err and not marker.exists()
+    # Rollback to a planted version: refused by name, nothing run.
+    store.storage.write("ckpt-000000000009-0badf00d.ckpt", _forge(genuine, marker, 9))
+    assert _cli("model", "rollback", "--config", str(cfg_path), "--to", "9", "--offline", "--force") == 4
+    err = capsys.readouterr().err
+    assert "ckpt-000000000009-0badf00d.ckpt" in err and "refused" in err and not marker.exists()
+    # model list shows it refused, and who signed the others; never the key.
+    assert _cli("model", "list", "--config", str(cfg_path), "--offline") == 0
+    out = capsys.readouterr().out
+    assert "v9" in out and "REFUSED" in out and f"key={store.keys.signing_id}" in out  # type: ignore[union-attr]
+    assert KEY not in out and not marker.exists()
+    # A correctly signed checkpoint still imports (an export of this deployment, signed by it).
+    exported = tmp_path / "export.ckpt"
+    assert _cli("model", "export", "--config", str(cfg_path), "--out", str(exported), "--version", "2") == 0
+    assert decode(exported.name, exported.read_bytes(), store.keys).info.key_id == store.keys.signing_id  # type: ignore[union-attr]
+    assert _cli("model", "import", "--config", str(cfg_path), str(exported), "--offline", "--force") == 0
+    assert store.load(store.names()[0]).info.origin["action"] == "import"  # type: ignore[index]
+    assert store.info(store.names()[0]).key_id == store.keys.signing_id  # type: ignore[union-attr]
+    # The rollback writer signs too.
+    store.delete("ckpt-000000000009-0badf00d.ckpt")
+    assert _cli("model", "rollback", "--config", str(cfg_path), "--to", "1", "--offline", "--force") == 0
+    assert store.load(store.names()[0]).info.origin["action"] == "rollback"  # type: ignore[index]
+    assert KEY not in capsys.readouterr().err
+
+
+def test_cli_sign_enables_a_key_on_an_existing_deployment(
+    deployed: tuple[Path, Config, CheckpointStore], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg_path, _, old = deployed
+    assert _cli("model", "sign", "--config", str(cfg_path), "--all") == 4  # no key configured
+    assert "no checkpoint key" in capsys.readouterr().err
+    key_file = tmp_path / "checkpoint.key"
+    key_file.write_text(f"{KEY}\n")
+    cfg_path.write_text(cfg_path.read_text().replace("[checkpoints]\n", f'[checkpoints]\nkey_file = "{key_file}"\n'))
+    keyed = CheckpointStore(old.storage, keys=_keys(KEY))
+    assert keyed.latest() is None  # the unsigned checkpoints are refused once the key is on
+    marker = tmp_path / "pwned"
+    keyed.storage.write("ckpt-000000000000-0badf00d.ckpt", b"STRMCKPT" + b"\0" * 10)  # corrupt: never signed
+    assert _cli("model", "sign", "--config", str(cfg_path), "--version", "2") == 0
+    assert keyed.info(keyed.by_seq(2)).key_id == keyed.keys.signing_id  # type: ignore[union-attr]
+    assert _cli("model", "sign", "--config", str(cfg_path), "--all") == 4  # stops at the corrupt file
+    keyed.delete("ckpt-000000000000-0badf00d.ckpt")
+    assert _cli("model", "sign", "--config", str(cfg_path), "--all") == 0
+    out = capsys.readouterr().out
+    assert "v2" in out and "already signed" in out and "(was unsigned)" in out and KEY not in out
+    assert all(keyed.verify(n).key_id == keyed.keys.signing_id for n in keyed.names())  # type: ignore[union-attr]
+    ck = keyed.latest()
+    assert ck is not None and ck.info.seq == 2 and not marker.exists()
+    assert _cli("model", "rollback", "--config", str(cfg_path), "--to", "1", "--offline", "--force") == 0
