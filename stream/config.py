@@ -13,18 +13,15 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from stream.learners import LearnerSpec
+from stream.errors import ConfigError
+from stream.learners import Learner, LearnerSpec, build_learner
 
-__all__ = ["Config", "ConfigError", "load_config", "redact"]
+__all__ = ["Config", "ConfigError", "all_topics", "build_learners", "load_config", "redact"]
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 ClientValue = str | int | float | bool
 _SECRET_WORDS = ("password", "secret", "jaas", "token", "key.pem", "credentials")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key."""
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -202,3 +199,21 @@ def load_config(path: str | Path | None, *, overrides: dict[str, Any] | None = N
 def redact(props: dict[str, ClientValue]) -> dict[str, ClientValue]:
     """Client properties safe to log: secrets replaced by ``***``."""
     return {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in props.items()}
+
+
+def build_learners(config: Config) -> list[Learner]:
+    """The configured learners, untrained, in configuration order."""
+    topics = config.input_topics()
+    return [build_learner(name, spec, topics) for name, spec in config.learners.items()]
+
+
+def all_topics(config: Config) -> dict[str, int]:
+    """Every topic the configuration reads or writes, with its partition count."""
+    n = config.topics.partitions
+    topics = dict.fromkeys(config.input_topics().values(), n)
+    topics[config.topics.dead_letters] = n
+    for learner in build_learners(config):  # the learners know their output topics
+        for t in learner.reads:
+            topics.setdefault(t, n)
+        topics.setdefault(learner.output_topic, n)
+    return topics

@@ -12,7 +12,7 @@ time in epoch milliseconds.
 >>> decoder.decode(b'{"event_id": "e1", "ts": 1, "user_id": "u1"}')
 Traceback (most recent call last):
 ...
-stream.events.InvalidEvent: validate: Object missing required field `item_id`
+stream.errors.InvalidEvent: validate: Object missing required field `item_id`
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from collections.abc import Callable
 from typing import Annotated, Generic, TypeVar
 
 import msgspec
+
+from stream.errors import InvalidEvent
 
 __all__ = [
     "EVENT_TYPES",
@@ -120,17 +122,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
     "prices": Price,
     "fraud_labels": FraudLabel,
 }
-
-
-class InvalidEvent(ValueError):
-    """A record that is not a valid event. ``stage`` is ``decode`` (not UTF-8
-    JSON, too large) or ``validate`` (a field missing, of the wrong type or
-    out of range); the message names the field."""
-
-    def __init__(self, stage: str, message: str) -> None:
-        super().__init__(f"{stage}: {message}")
-        self.stage = stage
-        self.reason = message
 
 
 class Decoder(Generic[E]):

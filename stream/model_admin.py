@@ -42,11 +42,11 @@ from stream.state import (
     StateError,
     build,
     describe_offsets,
-    holdout_error,
     missing_state,
     read_any,
     swap_model,
 )
+from stream.validation import holdout_error
 
 __all__ = ["add_model_commands"]
 

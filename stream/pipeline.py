@@ -9,6 +9,7 @@ to a ``Sink``.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -17,7 +18,17 @@ import msgspec
 from stream.events import EVENT_TYPES, Decoder, InvalidEvent
 from stream.learners import Learner
 
-__all__ = ["Output", "Pipeline", "Record", "Sink", "SourceRef", "dead_letter_headers"]
+__all__ = [
+    "BaseObserver",
+    "Observer",
+    "Output",
+    "Pipeline",
+    "Record",
+    "Sink",
+    "SourceRef",
+    "Tally",
+    "dead_letter_headers",
+]
 
 #: Dead-letter header carrying the error, bounded so a huge message cannot bloat it.
 MAX_ERROR_CHARS = 1000
@@ -41,6 +52,75 @@ Headers = list[tuple[str, str | bytes | None]]
 
 class Sink(Protocol):
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> None: ...
+
+
+class Observer(Protocol):
+    """What the pipeline reports about each record: metrics, counters, scorers.
+
+    ``attach`` is called once, when the pipeline is built; the other three on
+    the hot path, once per record (``processed`` or ``dead_lettered``) and
+    once per prediction published: keep them O(1) and allocation-free."""
+
+    def attach(self, pipeline: Pipeline) -> None: ...
+    def processed(self, topic: str, record: Record, event: Any) -> None: ...
+    def published(self, learner: Learner, event: Any, record: Record) -> None: ...
+    def dead_lettered(self, topic: str | None, stage: str) -> None: ...
+
+
+class BaseObserver:
+    """An ``Observer`` that ignores everything: subclass it and override what you need."""
+
+    def attach(self, pipeline: Pipeline) -> None:
+        pass
+
+    def processed(self, topic: str, record: Record, event: Any) -> None:
+        pass
+
+    def published(self, learner: Learner, event: Any, record: Record) -> None:
+        pass
+
+    def dead_lettered(self, topic: str | None, stage: str) -> None:
+        pass
+
+
+class Tally(BaseObserver):
+    """Counts what the pipeline reports (records processed per topic, dead
+    letters per stage, predictions per learner) and passes every report on to
+    ``observers``, in order (the Prometheus metrics, a ground-truth scorer).
+
+    >>> t = Tally()
+    >>> t.dead_lettered("clicks", "decode"); t.records, dict(t.dead)
+    (1, {'decode': 1})
+    """
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+        #: Records processed or dead-lettered.
+        self.records = 0
+        self.processed_by_topic: Counter[str] = Counter()
+        self.dead: Counter[str] = Counter()
+        self.published_by_learner: Counter[str] = Counter()
+
+    def attach(self, pipeline: Pipeline) -> None:
+        for o in self.observers:
+            o.attach(pipeline)
+
+    def processed(self, topic: str, record: Record, event: Any) -> None:
+        self.records += 1
+        self.processed_by_topic[topic] += 1
+        for o in self.observers:
+            o.processed(topic, record, event)
+
+    def published(self, learner: Learner, event: Any, record: Record) -> None:
+        self.published_by_learner[learner.name] += 1
+        for o in self.observers:
+            o.published(learner, event, record)
+
+    def dead_lettered(self, topic: str | None, stage: str) -> None:
+        self.records += 1
+        self.dead[stage] += 1
+        for o in self.observers:
+            o.dead_lettered(topic, stage)
 
 
 class SourceRef(msgspec.Struct, array_like=False):
@@ -122,7 +202,7 @@ class Pipeline:
         dead_letter_topic: str,
         max_value_bytes: int = 64 * 1024,
         clock: Callable[[], float] = time.time,
-        observer: Any = None,
+        observer: Observer | None = None,
     ) -> None:
         self.learners = list(learners)
         self.sink = sink
@@ -142,7 +222,7 @@ class Pipeline:
                 else _generic_decoder(max_value_bytes)
             )
             self.routes[topic] = _Route(decode, readers)
-        if observer is not None and hasattr(observer, "attach"):
+        if observer is not None:
             # Metrics read the learners at scrape time and pre-create per-topic series.
             observer.attach(self)
 
@@ -151,8 +231,8 @@ class Pipeline:
         return list(self.routes)
 
     def process(self, record: Record) -> None:
-        topic = record.topic()
-        route = self.routes.get(topic)  # type: ignore[arg-type]
+        topic: str = record.topic()  # type: ignore[assignment]  # a consumed record always has one
+        route = self.routes.get(topic)
         if route is None:
             return  # no learner reads this topic (a recording may hold more topics than are configured)
         value = record.value()

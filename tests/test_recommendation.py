@@ -15,7 +15,7 @@ from stream.events import Click, Purchase
 from stream.learners import build_learner
 from stream.learners.recommendation import RecommendationLearner, Recommendations, RecommendationSpec
 from stream.pipeline import Pipeline
-from stream.replay import RecordedMessage
+from stream.recording import RecordedMessage
 
 TOPICS = {"clicks": "clicks", "purchases": "purchases", "prices": "prices", "fraud_labels": "fraud-labels"}
 T0 = 1_700_000_000_000

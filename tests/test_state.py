@@ -15,8 +15,7 @@ import pytest
 import river
 
 from stream import faults
-from stream.app import build_learners
-from stream.config import Config, parse_config
+from stream.config import Config, build_learners, parse_config
 from stream.state import (
     MAGIC,
     CheckpointStore,
@@ -26,9 +25,9 @@ from stream.state import (
     StoredRecord,
     decode,
     encode,
-    holdout_error,
     swap_model,
 )
+from stream.validation import holdout_error
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[1]
