@@ -22,7 +22,7 @@ from stream.config import parse_config
 from stream.learners import build_learner
 from stream.metrics import LATENCY_BUCKETS, PipelineMetrics, new_registry
 from stream.pipeline import Pipeline
-from stream.replay import RecordedMessage
+from stream.recording import RecordedMessage
 
 
 def rec(topic: str, value: bytes, offset: int) -> RecordedMessage:

@@ -43,12 +43,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from stream.app import build_learners  # noqa: E402
-from stream.config import Config, load_config  # noqa: E402
+from stream.config import (  # noqa: E402
+    Config,
+    build_learners,
+    load_config,
+)
 from stream.events import EVENT_TYPES, Decoder  # noqa: E402
 from stream.metrics import PipelineMetrics  # noqa: E402
 from stream.pipeline import Pipeline  # noqa: E402
-from stream.replay import RecordedMessage  # noqa: E402
+from stream.recording import RecordedMessage  # noqa: E402
 from stream.simulate import SimConfig, SimEvent, simulate  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "default.toml"
@@ -225,7 +228,7 @@ def bench_kafka(bootstrap: str, config_events: Sequence[SimEvent], tmp: Path) ->
     cfg.write_text(bench_config_text(bootstrap, prefix, group))
     config = load_config(cfg)
     topics = config.input_topics()
-    from stream.kafka import all_topics
+    from stream.config import all_topics
 
     create_topics(bootstrap, list(all_topics(config)))
     log(f"kafka: producing {len(config_events)} events")
@@ -282,7 +285,7 @@ def bench_latency(bootstrap: str, rate: float, duration_s: float, tmp: Path) -> 
     cfg = tmp / "lat.toml"
     cfg.write_text(bench_config_text(bootstrap, prefix, group))
     config = load_config(cfg)
-    from stream.kafka import all_topics
+    from stream.config import all_topics
 
     create_topics(bootstrap, list(all_topics(config)))
     topics = config.input_topics()

@@ -44,7 +44,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from stream import faults
-from stream.config import Config
+from stream.config import Config, build_learners
+from stream.errors import FatalError
 from stream.kafka import (
     DeliveryFailed,
     KafkaSink,
@@ -57,8 +58,9 @@ from stream.kafka import (
     producer_config,
     wait_for_broker,
 )
-from stream.learners import Learner, build_learner
-from stream.pipeline import DeadLetterBudget, Pipeline
+from stream.learners import Learner
+from stream.metrics import PipelineMetrics
+from stream.pipeline import DeadLetterBudget, Observer, Pipeline
 from stream.privacy import Pseudonymizer
 from stream.state import (
     CheckpointError,
@@ -71,7 +73,7 @@ from stream.state import (
     missing_state,
 )
 
-__all__ = ["Application", "FatalError", "build_learners", "instance_id", "lease_topic", "transactional_id"]
+__all__ = ["Application", "FatalError", "instance_id", "lease_topic", "transactional_id"]
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +94,6 @@ EXIT_STATE = 3
 EXIT_FATAL = 1
 
 
-def build_learners(config: Config) -> list[Learner]:
-    topics = config.input_topics()
-    return [build_learner(name, spec, topics) for name, spec in config.learners.items()]
-
-
 def _topic_safe(name: str) -> str:
     return re.sub(r"[^a-zA-Z0-9._-]+", "_", name)[:249] or "_"
 
@@ -113,11 +110,6 @@ def lease_topic(config: Config) -> str:
 def transactional_id(config: Config, instance: str) -> str:
     template = config.coordination.transactional_id
     return template.replace("{group_id}", config.kafka.group_id).replace("{instance_id}", instance)
-
-
-class FatalError(RuntimeError):
-    """Kafka says this instance cannot go on (fenced, fatal producer error): exit
-    non-zero and let the supervisor restart it."""
 
 
 class _Abort(Exception):
@@ -155,10 +147,21 @@ class Application:
     """Wires the lease, the consumer, the pipeline, the producer and the checkpoint
     store, and owns the commit protocol (at-least-once or exactly-once)."""
 
-    def __init__(self, config: Config, learners: Sequence[Learner] | None = None, observer: Any = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        learners: Sequence[Learner] | None = None,
+        observer: Observer | None = None,
+        metrics: PipelineMetrics | None = None,
+    ) -> None:
         self.config = config
         self.learners = list(learners) if learners is not None else build_learners(config)
-        self.observer = observer
+        if metrics is None and isinstance(observer, PipelineMetrics):
+            metrics = observer
+        #: What the pipeline reports per record to (the metrics unless told otherwise).
+        self.observer: Observer | None = observer if observer is not None else metrics
+        #: The loop's own reports: consumer lag, batch timings, checkpoints.
+        self.metrics = metrics
         self._stop = threading.Event()
         self._warn = _RateLimited()
         self.exactly_once = config.processing.guarantee == "exactly_once"
@@ -257,9 +260,9 @@ class Application:
     def _start_clients(self) -> None:
         cfg = self.config
         self._ensure_lease_topic()
-        observed = getattr(self.observer, "consumer_properties", None)
-        # The observer may ask for librdkafka statistics (stats_cb): consumer lag per partition.
-        self.consumer = Consumer(consumer_config(cfg, error_cb=self._client_error, **(observed() if observed else {})))
+        # The metrics ask for librdkafka statistics (stats_cb): consumer lag per partition.
+        observed = self.metrics.consumer_properties() if self.metrics is not None else {}
+        self.consumer = Consumer(consumer_config(cfg, error_cb=self._client_error, **observed))
         self._join_lease()
         # Know the dead letters' size budget up front instead of discovering it by failing.
         limit, topic_max = dead_letter_budget(cfg, producer_config(cfg))
@@ -277,7 +280,9 @@ class Application:
             consumer_config(self.config, error_cb=self._client_error, **{"group.instance.id": self.instance_id})
         )
         self.lease.subscribe(
-            [self.lease_topic], on_assign=self._on_lease_assign, on_revoke=self._on_lease_revoke,
+            [self.lease_topic],
+            on_assign=self._on_lease_assign,
+            on_revoke=self._on_lease_revoke,
             on_lost=self._on_lease_lost,
         )
 
@@ -304,8 +309,10 @@ class Application:
         assert self.lease is not None
         if self._active:
             self._lost(f"lease member failed: {err.name()}")
-        log.warning("lease member failed; rejoining the group with a new client",
-                    extra={"code": err.name(), "reason": err.str(), "instance_id": self.instance_id})
+        log.warning(
+            "lease member failed; rejoining the group with a new client",
+            extra={"code": err.name(), "reason": err.str(), "instance_id": self.instance_id},
+        )
         self._lease_failed = None
         self._lease_held = False
         try:
@@ -355,8 +362,10 @@ class Application:
         announced = False
         while not self._stop.is_set() and not self._holds_lease():
             if not announced:
-                log.info("standby: waiting for the lease",
-                         extra={"lease_topic": self.lease_topic, "instance_id": self.instance_id})
+                log.info(
+                    "standby: waiting for the lease",
+                    extra={"lease_topic": self.lease_topic, "instance_id": self.instance_id},
+                )
                 announced = True
             self._poll_lease(0.2)
 
@@ -395,8 +404,9 @@ class Application:
             # Still a member of this generation here: the commit is accepted, and the next owner starts right after it.
             committed = self.commit(budget_s=self.config.processing.shutdown_timeout_s, final=True)
         except (_Abort, _Fenced, DeliveryFailed, KafkaException) as exc:
-            log.warning("hand-over commit failed; the next owner resumes from the last commit",
-                        extra={"reason": str(exc)})
+            log.warning(
+                "hand-over commit failed; the next owner resumes from the last commit", extra={"reason": str(exc)}
+            )
         self._deactivate(committed=committed)
 
     def _on_lease_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -489,8 +499,12 @@ class Application:
             log.info(
                 "restored from checkpoint",
                 extra={
-                    "checkpoint": ckpt.info.name, "seq": ckpt.info.seq, "offsets": describe_offsets(ckpt.info.offsets),
-                    "relearn_without_publishing": replay, "restores": self.restores, "origin": ckpt.info.origin,
+                    "checkpoint": ckpt.info.name,
+                    "seq": ckpt.info.seq,
+                    "offsets": describe_offsets(ckpt.info.offsets),
+                    "relearn_without_publishing": replay,
+                    "restores": self.restores,
+                    "origin": ckpt.info.origin,
                 },
             )
         else:
@@ -516,8 +530,10 @@ class Application:
         for template in self._pristine:
             learner = by_name.pop(template.name, None)
             if learner is None:
-                log.warning("learner not in the checkpoint: it starts untrained, at the checkpoint's offsets",
-                            extra={"learner": template.name})
+                log.warning(
+                    "learner not in the checkpoint: it starts untrained, at the checkpoint's offsets",
+                    extra={"learner": template.name},
+                )
                 out.append(copy.deepcopy(template))
                 continue
             missing = missing_state(learner, template)
@@ -529,8 +545,10 @@ class Application:
                     "in, or run the version that wrote the checkpoint."
                 )
             if getattr(learner, "spec", None) != getattr(template, "spec", None):
-                log.warning("learner configuration changed since the checkpoint; the checkpointed learner is kept",
-                            extra={"learner": template.name})
+                log.warning(
+                    "learner configuration changed since the checkpoint; the checkpointed learner is kept",
+                    extra={"learner": template.name},
+                )
             out.append(learner)
         for name in by_name:
             log.warning("checkpoint learner no longer configured: dropped", extra={"learner": name})
@@ -618,7 +636,7 @@ class Application:
         recent = self._recent
         next_commit = time.monotonic() + interval
         # Time inside the process is measured per batch, not per record (amortised).
-        on_batch = getattr(self.observer, "batch_processed", None)
+        on_batch = self.metrics.batch_processed if self.metrics is not None else None
         while not self._stop.is_set() and self._active:
             # What is already fetched, without waiting for a full batch (the latency of a
             # consume(n, timeout) that waits for n); if nothing is, block for the first record.
@@ -966,21 +984,28 @@ class Application:
         except ValueError:
             doc = {}
         if status != 0 or "name" not in doc:
-            self._warn("checkpoint", "background checkpoint failed; offsets are still committed",
-                       reason=str(doc.get("error", f"child exit status {status}")))
+            self._warn(
+                "checkpoint",
+                "background checkpoint failed; offsets are still committed",
+                reason=str(doc.get("error", f"child exit status {status}")),
+            )
             return
         self.checkpoints += 1
         log.info(
             "checkpoint written",
             extra={
-                "checkpoint": doc["name"], "seq": doc["seq"], "reason": "periodic", "bytes": doc["bytes"],
-                "seconds": doc["seconds"], "pause_seconds": round(bg.pause_s, 4), "background": True,
+                "checkpoint": doc["name"],
+                "seq": doc["seq"],
+                "reason": "periodic",
+                "bytes": doc["bytes"],
+                "seconds": doc["seconds"],
+                "pause_seconds": round(bg.pause_s, 4),
+                "background": True,
                 "offsets": describe_offsets(bg.offsets),
             },
         )
-        saved = getattr(self.observer, "checkpoint_saved", None)
-        if saved is not None:
-            saved(doc["created_at"])
+        if self.metrics is not None:
+            self.metrics.checkpoint_saved(doc["created_at"])
         self._prune_keeping(doc["name"])
 
     def _write_checkpoint(self, offsets: Offsets, reason: str) -> CheckpointInfo:
@@ -993,13 +1018,16 @@ class Application:
         log.info(
             "checkpoint written",
             extra={
-                "checkpoint": info.name, "seq": info.seq, "reason": reason, "bytes": info.payload_length,
-                "seconds": round(time.perf_counter() - started, 4), "offsets": describe_offsets(offsets),
+                "checkpoint": info.name,
+                "seq": info.seq,
+                "reason": reason,
+                "bytes": info.payload_length,
+                "seconds": round(time.perf_counter() - started, 4),
+                "offsets": describe_offsets(offsets),
             },
         )
-        saved = getattr(self.observer, "checkpoint_saved", None)
-        if saved is not None:
-            saved(info.created_at)
+        if self.metrics is not None:
+            self.metrics.checkpoint_saved(info.created_at)
         return info
 
     def _holdout(self) -> list[StoredRecord]:
@@ -1066,8 +1094,13 @@ class Application:
             self.producer.flush(budget)
         log.info(
             "stopped",
-            extra={"committed": committed, "restores": self.restores, "aborts": self.aborts,
-                   "checkpoints": self.checkpoints, "relearned": self.replayed},
+            extra={
+                "committed": committed,
+                "restores": self.restores,
+                "aborts": self.aborts,
+                "checkpoints": self.checkpoints,
+                "relearned": self.replayed,
+            },
         )
 
 

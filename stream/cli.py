@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
 import logging
 import re
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import river
 from confluent_kafka import KafkaException
 
 from stream import __version__
+from stream.backtest import backtest
 from stream.config import Config, ConfigError, load_config, scrub
+from stream.demo import run_demo
+from stream.errors import StreamError
 from stream.logs import setup_logging
+from stream.replay import record, replay
+from stream.simulate import SimConfig, Simulation, produce_to_kafka, write_recording
 
 __all__ = ["main"]
 
@@ -69,37 +80,148 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- record, replay, backtest, simulate, demo: the work is in stream.replay, stream.simulate, stream.demo --
+# -- record, replay, backtest, simulate, demo ------------------------------------------------
+
+
+def _fail(message: str) -> int:
+    print(f"stream: {message}", file=sys.stderr)
+    return 1
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from stream.replay import record_command
-
-    return record_command(args, _config(args))
+    """``stream record``: see ``stream record --help``."""
+    config = _config(args)
+    topics = [t.strip() for t in args.topics.split(",") if t.strip()]
+    if not topics:
+        return _fail("--topics names no topic")
+    try:
+        start: str | int = "beginning" if args.from_beginning else "end"
+        if args.from_time:
+            start = parse_time(args.from_time)
+        with stop_on_signals() as stop:
+            manifest = record(
+                config, topics, args.out, start=start, until_end=args.until_end, progress=args.progress, stop=stop
+            )
+    except (StreamError, ValueError) as exc:
+        return _fail(str(exc))
+    state = "complete" if manifest.complete else "stopped early"
+    parts = ", ".join(f"{e.topic}[{e.partition}] {e.records:,}" for e in manifest.partitions) or "nothing"
+    print(f"recorded {manifest.records:,} records to {args.out} ({state}): {parts}")
+    return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from stream.replay import replay_command
-
-    return replay_command(args, _config(args))
+    """``stream replay``: see ``stream replay --help``."""
+    config = _config(args)
+    try:
+        speed = parse_speed(args.speed)
+        topic_map = parse_topic_map(args.topic_map)
+        with stop_on_signals() as stop:
+            result = replay(
+                args.recording,
+                config,
+                speed=speed,
+                topic_map=topic_map,
+                create_topics=args.create_topics,
+                progress=args.progress,
+                stop=stop,
+            )
+    except (StreamError, ValueError) as exc:
+        return _fail(str(exc))
+    parts = ", ".join(f"{t} {n:,}" for t, n in sorted(result.by_topic.items()))
+    print(
+        f"replayed {result.records:,} records to {config.kafka.bootstrap_servers} in {result.elapsed_s:.1f}s "
+        f"({result.rate:,.0f}/s), all delivered: {parts}"
+    )
+    return 0
 
 
 def cmd_backtest(args: argparse.Namespace) -> int:
-    from stream.replay import backtest_command
-
-    return backtest_command(args, _config(args, learners=True))
+    """``stream backtest``: see ``stream backtest --help``."""
+    config = _config(args, learners=True)
+    try:
+        result = backtest(
+            args.recording,
+            config,
+            out_dir=args.out,
+            topic_map=parse_topic_map(args.topic_map),
+            progress=args.progress,
+            chart=args.chart,
+        )
+    except (StreamError, ValueError) as exc:
+        return _fail(str(exc))
+    print(result.text())
+    if args.out:
+        print("")
+        for what, where in result.files.items():
+            print(f"  {what:<14} {where}")
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from stream.simulate import simulate_command
-
-    return simulate_command(args, _config(args))
+    """``stream simulate``: see ``stream simulate --help``."""
+    config = _config(args)
+    try:
+        duration = parse_duration(args.duration) if args.duration else None
+        sim_config = SimConfig(
+            seed=args.seed,
+            events=None if duration is not None else args.events,
+            duration_s=duration,
+            n_users=args.users,
+            n_items=args.items,
+            n_categories=args.categories,
+            fraud_rate=args.fraud_rate,
+            bad_records=args.bad_records,
+            drifts=args.drifts,
+        )
+        sim = Simulation(sim_config)
+        if args.out:
+            manifest = write_recording(
+                sim, args.out, config.input_topics(), partitions=args.partitions, progress=args.progress
+            )
+            truth_path = Path(args.out) / "truth.json"
+            where = f"recording {args.out} ({manifest.records:,} records)"
+        else:
+            with stop_on_signals() as stop:
+                n = produce_to_kafka(sim, config, create_topics=args.create_topics, progress=args.progress, stop=stop)
+            truth_path = Path(args.truth)
+            sim.truth.save(truth_path)
+            where = f"{config.kafka.bootstrap_servers} ({n:,} records, all delivered)"
+    except (StreamError, ValueError) as exc:
+        print(f"stream: {exc}", file=sys.stderr)
+        return 1
+    t = sim.truth
+    counts = ", ".join(f"{s} {n:,}" for s, n in t.counts.items())
+    print(f"simulated {t.events:,} events (seed {args.seed}) to {where}: {counts}")
+    print(f"  frauds {len(t.frauds):,} of {t.orders:,} orders; invalid records {len(t.bad_records)}")
+    for d in t.drifts:
+        print(f"  drift {d.kind} at event {d.index if d.index is not None else '-'}: {d.description}")
+    print(f"  ground truth: {truth_path}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from stream.demo import demo_command
-
-    return demo_command(args)
+    """``stream demo``: see ``stream demo --help``."""
+    if args.events < 1000:
+        print("stream: demo needs --events >= 1000", file=sys.stderr)
+        return 2
+    try:
+        run_demo(
+            events=args.events,
+            seed=args.seed,
+            config_path=args.config,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            bootstrap_servers=args.bootstrap_servers,
+            progress=args.progress,
+            keep_topics=args.keep_topics,
+        )
+    except ConfigError:
+        raise
+    except (StreamError, RuntimeError) as exc:
+        print(f"stream: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_replay_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -252,6 +374,101 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+# -- argument types and signals ------------------------------------------------------------
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d|w)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1, None: 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90``, ``90s``, ``30m``, ``6h``, ``2d``.
+
+    >>> parse_duration("90"), parse_duration("30m"), parse_duration("1.5h")
+    (90.0, 1800.0, 5400.0)
+    """
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"`{text}` is not a duration (examples: 90s, 30m, 6h, 2d)")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def parse_time(text: str, now_ms: int | None = None) -> int:
+    """Epoch milliseconds from an epoch-ms number, an ISO-8601 time (UTC
+    unless it says otherwise) or a duration ago (``-2h``, ``2h ago``).
+
+    >>> parse_time("1700000000000"), parse_time("2023-11-14T22:13:20Z")
+    (1700000000000, 1700000000000)
+    >>> parse_time("-1h", now_ms=1700003600000)
+    1700000000000
+    """
+    text = text.strip()
+    if re.fullmatch(r"\d{10,}", text):
+        return int(text)
+    ago = re.fullmatch(r"-\s*(.+)|(.+?)\s+ago", text)
+    if ago:
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        return now - int(parse_duration(ago.group(1) or ago.group(2)) * 1000)
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"`{text}` is not a time (epoch ms, ISO-8601 like 2024-05-01T12:00:00Z, or -2h)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def parse_speed(text: str) -> float | None:
+    """Replay speed: ``max`` (None: as fast as possible) or a factor (``x10``, ``10x``, ``0.5``).
+
+    >>> parse_speed("max"), parse_speed("x10"), parse_speed("2.5x"), parse_speed("1")
+    (None, 10.0, 2.5, 1.0)
+    """
+    t = text.strip().lower()
+    if t in ("max", "inf", "unlimited"):
+        return None
+    m = re.fullmatch(r"x?(\d+(?:\.\d+)?)x?", t)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"`{text}` is not a speed (max, x10, 0.5)")
+    return float(m.group(1))
+
+
+def parse_topic_map(items: Sequence[str] | None) -> dict[str, str]:
+    """``["a=b", "c=d,e=f"]`` -> ``{"a": "b", "c": "d", "e": "f"}``.
+
+    >>> parse_topic_map(["clicks=clicks-copy", "prices=p2,purchases=p3"])
+    {'clicks': 'clicks-copy', 'prices': 'p2', 'purchases': 'p3'}
+    """
+    out: dict[str, str] = {}
+    for item in items or ():
+        for pair in item.split(","):
+            if not pair.strip():
+                continue
+            src, sep, dst = pair.partition("=")
+            if not sep or not src.strip() or not dst.strip():
+                raise ValueError(f"`{pair}` is not a topic mapping (recorded=destination)")
+            out[src.strip()] = dst.strip()
+    return out
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """``stop()`` turns True on SIGINT/SIGTERM (restored afterwards), so a CLI
+    loop ends cleanly and still writes its manifest or report."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event.is_set
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda *_: event.set())
+    try:
+        yield event.is_set
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

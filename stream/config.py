@@ -11,19 +11,23 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-from stream.learners import LearnerSpec
+from stream.errors import ConfigError
+from stream.events import EVENT_TYPES, contract_string_fields
+from stream.learners import Learner, LearnerSpec, build_learner
 
 __all__ = [
     "PUBLIC_CLIENT_PROPERTIES",
     "Config",
     "ConfigError",
+    "all_topics",
+    "build_learners",
     "default_config_text",
     "known_secrets",
     "load_config",
@@ -171,10 +175,6 @@ _NGRAM = 8
 _KNOWN_SECRETS: set[str] = set()
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key."""
-
-
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
@@ -308,9 +308,35 @@ class PrivacyConfig(_Section):
     dead_letters: Literal["keep", "mask", "drop"] = "keep"
 
     def __post_init__(self) -> None:
-        from stream.privacy import check_privacy_config
+        """What can be checked without the key or the topic names (called while the config is parsed)."""
+        for where, names in [("fields", self.fields), *((f"per_topic.{t}", v) for t, v in self.per_topic.items())]:
+            for name in names:
+                if not name or name != name.strip():
+                    raise ValueError(
+                        f"`{where}`: field names must be non-empty, without surrounding spaces, got {name!r}"
+                    )
+        for stream, event_type in EVENT_TYPES.items():
+            _check_masked_fields(
+                stream, contract_string_fields(event_type), self.fields, self.per_topic.get(stream, ())
+            )
+        if self.key_file and not self.key_file.strip():
+            raise ValueError("`key_file` is blank")
+        if not self.key_file and not self.key_env:
+            raise ValueError("name the key: `key_file` or `key_env`")
 
-        check_privacy_config(self)
+
+def _check_masked_fields(stream: str, fields: dict[str, bool], listed: list[str], per_topic: Sequence[str]) -> None:
+    """Only string fields (identifiers) can be masked; ``per_topic`` must name fields of its contract."""
+    for name in listed:
+        if name in fields and not fields[name]:
+            raise ValueError(
+                f"`fields`: `{name}` is not a string field of the {stream} contract; only identifiers can be masked"
+            )
+    for name in per_topic:
+        if name not in fields:
+            raise ValueError(f"`per_topic.{stream}`: the {stream} contract has no field `{name}`")
+        if not fields[name]:
+            raise ValueError(f"`per_topic.{stream}`: `{name}` is not a string field; only identifiers can be masked")
 
 
 class Config(_Section):
@@ -494,3 +520,21 @@ def scrub(text: str, secrets: Iterable[str] | None = None) -> str:
             out.append(text[i])
             i += 1
     return "".join(out)
+
+
+def build_learners(config: Config) -> list[Learner]:
+    """The configured learners, untrained, in configuration order."""
+    topics = config.input_topics()
+    return [build_learner(name, spec, topics) for name, spec in config.learners.items()]
+
+
+def all_topics(config: Config) -> dict[str, int]:
+    """Every topic the configuration reads or writes, with its partition count."""
+    n = config.topics.partitions
+    topics = dict.fromkeys(config.input_topics().values(), n)
+    topics[config.topics.dead_letters] = n
+    for learner in build_learners(config):  # the learners know their output topics
+        for t in learner.reads:
+            topics.setdefault(t, n)
+        topics.setdefault(learner.output_topic, n)
+    return topics

@@ -28,18 +28,23 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
-from stream.config import Config, ConfigError, load_config
-from stream.evaluation import RunningMean
+from stream.app import Application, lease_topic
+from stream.backtest import BacktestResult, DriftTracker, run_backtest
+from stream.config import Config, ConfigError, build_learners, load_config
+from stream.kafka import KafkaWriter, admin_config, consumer_config, create_topics
+from stream.metrics import serve_metrics
+from stream.pipeline import BaseObserver, Record, Tally
 from stream.progress import Progress
-from stream.replay import RecordedMessage
-from stream.simulate import GroundTruth, SimConfig, Simulation
+from stream.recording import RecordedMessage
+from stream.scoring import TruthScorer, score_against_truth
+from stream.simulate import SimConfig, Simulation
 
 __all__ = [
-    "TruthScorer",
     "isolated_config",
     "run_demo",
-    "score_against_truth",
     "simulated_records",
 ]
 
@@ -61,171 +66,11 @@ def simulated_records(sim: Simulation, topics: Mapping[str, str]) -> Iterator[Re
         yield RecordedMessage(topic, 0, offset, (1, ts), key, value, headers(n))
 
 
-# --------------------------------------------------------------------------- scoring
-
-
-def _get(event: Any, name: str) -> Any:
-    return event.get(name) if isinstance(event, Mapping) else getattr(event, name, None)
-
-
-class TruthScorer:
-    """Scores each published prediction against the simulator's ground truth.
-
-    Attach it with ``wrap_sink`` (sees the output value) and as a pipeline
-    observer (``published`` sees the event it belongs to): the pipeline calls
-    the two back to back for every prediction.
-    """
-
-    def __init__(self, truth: GroundTruth) -> None:
-        self.truth = truth
-        self._decode = msgspec.json.Decoder().decode
-        self._last: bytes | None = None
-        self.hits: dict[str, RunningMean] = {}
-        self.hit_baseline: dict[str, RunningMean] = {}
-        self.hits_after_shift: dict[str, RunningMean] = {}
-        self.regret: dict[str, RunningMean] = {}
-        self.regret_baseline: dict[str, RunningMean] = {}
-        self.regret_after_change: dict[str, RunningMean] = {}
-        self.fraud_scores: dict[str, dict[str, float]] = {}
-        self.blocked: dict[str, list[int]] = {}  # learner -> [true pos, flagged, frauds scored]
-
-    def _since(self, kind: str, ts: int) -> bool:
-        """Whether the drift ``kind`` has happened by ``ts`` (drifts are appended
-        while the simulation runs, so this looks each time: at most three)."""
-        return any(d.kind == kind and ts >= d.ts for d in self.truth.drifts)
-
-    # -- wiring ------------------------------------------------------------------
-
-    def wrap_sink(self, sink: Any) -> Any:
-        scorer = self
-
-        class _Sink:
-            def produce(self, topic: str, key: Any, value: Any, headers: Any = None) -> None:
-                scorer._last = value
-                sink.produce(topic, key, value, headers)
-
-        return _Sink()
-
-    def published(self, learner: Any, event: Any, record: Any) -> None:
-        value, self._last = self._last, None
-        if value is None:
-            return
-        try:
-            prediction = self._decode(value).get("prediction")
-        except msgspec.DecodeError:
-            return
-        if isinstance(prediction, dict):
-            self.score(learner.name, event, prediction)
-
-    # -- scoring -----------------------------------------------------------------
-
-    def score(self, name: str, event: Any, prediction: Mapping[str, Any]) -> None:
-        truth = self.truth
-        ts = _get(event, "ts")
-        if ts is None:
-            return
-        items = prediction.get("items")
-        if isinstance(items, list) and items:
-            user = _get(event, "user_id")
-            ids = [i.get("item_id") if isinstance(i, Mapping) else i for i in items]
-            hit = truth.taste_hit_rate(user, [i for i in ids if isinstance(i, str)], ts) if user else None
-            if hit is not None:
-                self.hits.setdefault(name, RunningMean()).update(hit)
-                # What recommending by global popularity would score: the chance a
-                # popular item falls in the user's top categories.
-                tops = truth.top_categories(user, ts)
-                base = sum(float(truth.category_weights[truth.categories.index(c)]) for c in tops)
-                self.hit_baseline.setdefault(name, RunningMean()).update(base / float(truth.category_weights.sum()))
-                if self._since("taste_shift", ts):
-                    self.hits_after_shift.setdefault(name, RunningMean()).update(hit)
-        price = prediction.get("recommended_price")
-        item = _get(event, "item_id")
-        if isinstance(price, (int, float)) and price > 0 and isinstance(item, str) and truth.category_of(item):
-            self.regret.setdefault(name, RunningMean()).update(truth.pricing_regret(item, float(price), ts))
-            current = _get(event, "unit_price") or _get(event, "price")
-            if isinstance(current, (int, float)) and current > 0:
-                regret = truth.pricing_regret(item, float(current), ts)
-                self.regret_baseline.setdefault(name, RunningMean()).update(regret)
-            if self._since("elasticity_change", ts):
-                regret = truth.pricing_regret(item, float(price), ts)
-                self.regret_after_change.setdefault(name, RunningMean()).update(regret)
-        p = prediction.get("fraud_probability")
-        order = _get(event, "order_id")
-        if isinstance(p, (int, float)) and isinstance(order, str):
-            self.fraud_scores.setdefault(name, {})[order] = float(p)
-            decision = prediction.get("decision")
-            counts = self.blocked.setdefault(name, [0, 0, 0])
-            fraud = truth.is_fraud(order)
-            if decision in ("block", "review"):
-                counts[1] += 1
-                counts[0] += fraud
-            counts[2] += fraud
-
-    def results(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-
-        def put(name: str, key: str, value: Any) -> None:
-            if value is not None:
-                out.setdefault(name, {})[key] = value
-
-        for name, m in self.hits.items():
-            put(name, "taste_hit_rate", m.mean)
-            put(name, "taste_hit_rate_popularity_baseline", self.hit_baseline[name].mean)
-            if name in self.hits_after_shift:
-                put(name, "taste_hit_rate_after_shift", self.hits_after_shift[name].mean)
-            put(name, "recommendations_scored", m.n)
-        for name, m in self.regret.items():
-            put(name, "pricing_regret", m.mean)
-            if name in self.regret_baseline:
-                put(name, "pricing_regret_of_current_price", self.regret_baseline[name].mean)
-            if name in self.regret_after_change:
-                put(name, "pricing_regret_after_change", self.regret_after_change[name].mean)
-            put(name, "prices_scored", m.n)
-        for name, scores in self.fraud_scores.items():
-            put(name, "fraud_auc", self.truth.fraud_auc(scores))
-            tp, flagged, frauds = self.blocked[name]
-            put(name, "flagged_precision", tp / flagged if flagged else None)
-            put(name, "flagged_recall", tp / frauds if frauds else None)
-            put(name, "orders_scored", len(scores))
-        return out
-
-
-def score_against_truth(truth: GroundTruth, run: Any, config: Config, scorer: TruthScorer | None) -> dict[str, Any]:
-    """The ``truth`` section of a report: per-learner scores and each drift
-    monitor's delays and false alarms against the drifts of the streams its
-    learner reads."""
-    by_topic = {t: s for s, t in config.input_topics().items()}
-    drift: dict[str, Any] = {}
-    for learner, name, _ in run.monitors:
-        streams = sorted({by_topic[t] for t in learner.reads if t in by_topic})
-        kind = getattr(learner, "kind", None)
-        dets = run.detections[name]
-        score = truth.score_detections([(d["ts"], d["index"]) for d in dets], streams, learner=kind)
-        entry = {"streams": streams, "drifts": score.drifts, "false_alarms": score.false_alarms,
-                 "detections": score.detections}  # fmt: skip
-        if any(d.get("direction") for d in dets):
-            worse = [(d["ts"], d["index"]) for d in dets if d.get("direction") == "worse"]
-            w = truth.score_detections(worse, streams, learner=kind)
-            entry["worse_only"] = {"drifts": w.drifts, "false_alarms": w.false_alarms, "detections": w.detections}
-        drift[name] = entry
-    return {
-        "learners": scorer.results() if scorer is not None else {},
-        "drift": drift,
-        "drift_points": [
-            {"kind": d.kind, "ts": d.ts, "index": d.index, "streams": d.streams, "description": d.description}
-            for d in truth.drifts
-        ],
-        "frauds": len(truth.frauds),
-        "orders": truth.orders,
-    }
-
-
 # --------------------------------------------------------------------------- the demo
 
 
 def _metrics_observer(config: Config) -> Any:
     """The Prometheus observer serving ``/metrics``; without it if the port is taken."""
-    from stream.metrics import serve_metrics
 
     try:
         return serve_metrics(config)
@@ -289,7 +134,6 @@ def run_demo(
 
 
 def _demo_local(sim: Simulation, config: Config, metrics: Any, *, progress: bool) -> dict[str, Any]:
-    from stream.replay import run_backtest
 
     records = simulated_records(sim, config.input_topics())
     result, _ = run_backtest(
@@ -358,12 +202,6 @@ def _demo_kafka(
     beforehand gives (labels before the predictions they label ...)."""
     from bisect import bisect_right
 
-    from confluent_kafka.admin import AdminClient
-
-    from stream.app import Application, lease_topic
-    from stream.kafka import admin_config, create_topics
-    from stream.replay import BacktestResult, DriftTracker, KafkaWriter
-
     run_id = uuid.uuid4().hex[:8]
     workdir = tempfile.mkdtemp(prefix="stream-demo-")
     cfg = isolated_config(config, prefix=f"demo-{run_id}-", group_id=f"stream-demo-{run_id}", checkpoint_dir=workdir)
@@ -372,11 +210,11 @@ def _demo_kafka(
     created = create_topics(cfg)
     out(f"  topics: {', '.join(sorted(created))}")
 
-    counter = _Counting(metrics)
-    app = Application(cfg, observer=counter)
-    tracker = DriftTracker(app.learners)
+    learners = build_learners(cfg)
+    tracker = DriftTracker(learners)
     # Checked after every record, in the application's thread (where the learners change).
-    counter.after = lambda ts: tracker.check(-1, ts)
+    counter = Tally(*([metrics] if metrics is not None else []), _DriftCheck(tracker))
+    app = Application(cfg, learners, observer=counter, metrics=metrics)
     # The application reads only the topics its learners read.
     read = {t for learner in app.learners for t in learner.reads}
     thread = threading.Thread(target=app.run, name="stream-demo-app", daemon=True)
@@ -466,48 +304,8 @@ def _demo_kafka(
     return {"text": text, **result.to_dict()}
 
 
-class _Counting:
-    """Application observer for the Kafka demo: counts records (processed or
-    dead-lettered) and forwards to the metrics observer."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.records = 0
-        self.dead: dict[str, int] = {}
-        self._p = getattr(inner, "processed", None)
-        self._pub = getattr(inner, "published", None)
-        self._d = getattr(inner, "dead_lettered", None)
-        #: Called with the event time of every successfully processed record.
-        self.after: Callable[[int], None] | None = None
-
-    def processed(self, topic: str, record: Any, event: Any) -> None:
-        self.records += 1
-        if self._p is not None:
-            self._p(topic, record, event)
-        if self.after is not None:
-            self.after(record.timestamp()[1])
-
-    def published(self, learner: Any, event: Any, record: Any) -> None:
-        if self._pub is not None:
-            self._pub(learner, event, record)
-
-    def dead_lettered(self, topic: str, stage: str) -> None:
-        self.records += 1
-        self.dead[stage] = self.dead.get(stage, 0) + 1
-        if self._d is not None:
-            self._d(topic, stage)
-
-    def __getattr__(self, name: str) -> Any:
-        if self.inner is None:
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
 def _read_outputs(config: Config, topics: list[str], idle_s: float = 3.0) -> dict[str, list[bytes]]:
     """Every record of ``topics`` (read from the beginning until nothing new arrives for ``idle_s``)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    from stream.kafka import consumer_config
 
     consumer = Consumer(consumer_config(config, **{"group.id": f"stream-demo-read-{uuid.uuid4().hex[:8]}"}))
     out: dict[str, list[bytes]] = {t: [] for t in topics}
@@ -533,30 +331,12 @@ def _read_outputs(config: Config, topics: list[str], idle_s: float = 3.0) -> dic
     return out
 
 
-def demo_command(args: Any) -> int:
-    """``stream demo``: see ``stream demo --help``."""
-    import sys
+class _DriftCheck(BaseObserver):
+    """Looks for new drift detections after every record processed, in the
+    application's thread (where the learners change)."""
 
-    from stream.config import ConfigError
-    from stream.replay import RecordingError
+    def __init__(self, tracker: DriftTracker) -> None:
+        self.tracker = tracker
 
-    if args.events < 1000:
-        print("stream: demo needs --events >= 1000", file=sys.stderr)
-        return 2
-    try:
-        run_demo(
-            events=args.events,
-            seed=args.seed,
-            config_path=args.config,
-            metrics_port=args.metrics_port,
-            metrics_host=getattr(args, "metrics_host", None),
-            bootstrap_servers=args.bootstrap_servers,
-            progress=args.progress,
-            keep_topics=args.keep_topics,
-        )
-    except ConfigError:
-        raise
-    except (RecordingError, RuntimeError) as exc:
-        print(f"stream: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    def processed(self, topic: str, record: Record, event: Any) -> None:
+        self.tracker.check(-1, record.timestamp()[1])

@@ -12,7 +12,7 @@ time in epoch milliseconds.
 >>> decoder.decode(b'{"event_id": "e1", "ts": 1, "user_id": "u1"}')
 Traceback (most recent call last):
 ...
-stream.events.InvalidEvent: validate: Object missing required field `item_id`
+stream.errors.InvalidEvent: validate: Object missing required field `item_id`
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from collections.abc import Callable
 from typing import Annotated, Generic, TypeVar
 
 import msgspec
+
+from stream.errors import InvalidEvent
 
 __all__ = [
     "EVENT_TYPES",
@@ -34,6 +36,7 @@ __all__ = [
     "InvalidEvent",
     "Price",
     "Purchase",
+    "contract_string_fields",
 ]
 
 # Ids are bounded so one hostile record cannot blow up per-user state.
@@ -140,17 +143,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
-class InvalidEvent(ValueError):
-    """A record that is not a valid event. ``stage`` is ``decode`` (not UTF-8
-    JSON, too large) or ``validate`` (a field missing, of the wrong type or
-    out of range); the message names the field."""
-
-    def __init__(self, stage: str, message: str) -> None:
-        super().__init__(f"{stage}: {message}")
-        self.stage = stage
-        self.reason = message
-
-
 class Decoder(Generic[E]):
     """Decodes raw record values into one event type, typed and validated."""
 
@@ -178,3 +170,14 @@ class Decoder(Generic[E]):
             raise InvalidEvent("decode", "JSON nested too deeply") from None
         except Exception as exc:  # never let one record's bytes escape as anything but InvalidEvent
             raise InvalidEvent("decode", f"{type(exc).__name__}: {exc}") from None
+
+
+def contract_string_fields(event_type: type[msgspec.Struct]) -> dict[str, bool]:
+    """Every field of a contract, True where it is a string (an identifier can be masked)."""
+    info = msgspec.inspect.type_info(event_type)
+    out: dict[str, bool] = {}
+    for f in info.fields:  # type: ignore[attr-defined]
+        t = f.type
+        types = t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
+        out[f.name] = any(isinstance(x, msgspec.inspect.StrType) for x in types)
+    return out

@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from stream.config import Config, redact
+from stream.config import Config, all_topics, redact
+from stream.errors import DeliveryFailed, TopicError
 from stream.pipeline import DeadLetterBudget, Headers, RecordTooLarge, fit_dead_letter, record_size
 
 __all__ = [
     "DeliveryFailed",
     "KafkaSink",
+    "KafkaWriter",
     "admin_config",
     "consumer_config",
     "create_topics",
     "dead_letter_budget",
+    "ensure_topics",
     "producer_config",
     "wait_for_broker",
 ]
@@ -101,21 +104,6 @@ def wait_for_broker(config: Config, should_stop: Callable[[], bool], max_backoff
     return False
 
 
-def all_topics(config: Config) -> dict[str, int]:
-    """Every topic the configuration reads or writes, with its partition count."""
-    from stream.learners import build_learner  # the learners know their output topics
-
-    n = config.topics.partitions
-    topics = dict.fromkeys(config.input_topics().values(), n)
-    topics[config.topics.dead_letters] = n
-    for name, spec in config.learners.items():
-        learner = build_learner(name, spec, config.input_topics())
-        for t in learner.reads:
-            topics.setdefault(t, n)
-        topics.setdefault(learner.output_topic, n)
-    return topics
-
-
 def create_topics(config: Config, timeout_s: float = 30.0) -> dict[str, str]:
     """Create every configured topic that does not exist yet (idempotent).
     Returns topic -> ``created`` or ``exists``; raises on any other error."""
@@ -138,10 +126,6 @@ def create_topics(config: Config, timeout_s: float = 30.0) -> dict[str, str]:
                     raise
                 result[topic] = "exists"
     return result
-
-
-class DeliveryFailed(RuntimeError):
-    """An output could not be delivered and retrying cannot help."""
 
 
 #: librdkafka's default ``message.max.bytes`` (the producer's largest request / record).
@@ -323,3 +307,99 @@ def describe_clients(config: Config) -> dict[str, Any]:
 
 def topic_partitions(items: Iterable[Any]) -> list[tuple[str, int, int]]:
     return [(tp.topic, tp.partition, tp.offset) for tp in items]
+
+
+# --------------------------------------------------------------------------- producing recordings
+
+
+class KafkaWriter:
+    """An idempotent producer that keeps partitions, keys, timestamps and
+    headers, and checks every delivery report (``flush`` raises on any failure)."""
+
+    def __init__(self, config: Config, **extra: Any) -> None:
+        # A bounded delivery timeout: a CLI replay should fail, not wait forever.
+        props = producer_config(config, **{"message.timeout.ms": 300_000, **extra})
+        self.producer = Producer(props)
+        self.produced = 0
+        self.delivered = 0
+        self.failed = 0
+        #: The first few delivery errors, for the message.
+        self.errors: list[str] = []
+        self._produce = self.producer.produce
+        self._poll = self.producer.poll
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is None:
+            self.delivered += 1
+            return
+        self.failed += 1
+        if len(self.errors) < 5:
+            self.errors.append(f"{msg.topic()}[{msg.partition()}]: {err.name()}: {err.str()}")
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        *,
+        partition: int | None = None,
+        timestamp: int = 0,
+        headers: list[tuple[str, bytes | None]] | None = None,
+    ) -> None:
+        kwargs: dict[str, Any] = {"timestamp": timestamp, "on_delivery": self._on_delivery}
+        if partition is not None:
+            kwargs["partition"] = partition
+        if headers:
+            kwargs["headers"] = headers
+        while True:
+            try:
+                self._produce(topic, value, key, **kwargs)
+                break
+            except BufferError:
+                # The local queue is full: serve delivery reports until there is room.
+                self._poll(0.05)
+        self.produced += 1
+        if self.produced % 1000 == 0:
+            self._poll(0)
+
+    def poll(self, timeout_s: float = 0) -> None:
+        self._poll(timeout_s)
+
+    def flush(self, timeout_s: float = 600.0) -> None:
+        """Wait for every delivery report; raise if any record failed or is still pending."""
+        remaining = self.producer.flush(timeout_s)
+        if self.failed:
+            raise DeliveryFailed(f"{self.failed} records not delivered: {'; '.join(self.errors)}")
+        if remaining:
+            raise DeliveryFailed(f"{remaining} records still undelivered after {timeout_s:.0f}s")
+
+
+def ensure_topics(config: Config, partitions: Mapping[str, int], *, create: bool, timeout_s: float = 30.0) -> None:
+    """Check that each topic exists with at least the given partition count;
+    create missing ones when ``create`` (replication factor from config)."""
+    admin = AdminClient(admin_config(config))
+    meta = admin.list_topics(timeout=timeout_s)
+    missing = {t: n for t, n in partitions.items() if t not in meta.topics}
+    if missing and create:
+        rf = config.topics.replication_factor
+        futures = admin.create_topics(
+            [NewTopic(t, num_partitions=n, replication_factor=rf) for t, n in missing.items()]
+        )
+        for topic, future in futures.items():
+            try:
+                future.result(timeout_s)
+            except KafkaException as exc:
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise
+            log.info("topic created", extra={"topic": topic, "partitions": missing[topic]})
+        missing = {}
+        meta = admin.list_topics(timeout=timeout_s)
+    if missing:
+        need = ", ".join(f"{t} ({n} partition{'s' if n > 1 else ''})" for t, n in sorted(missing.items()))
+        raise TopicError(
+            f"topic(s) missing on {config.kafka.bootstrap_servers}: {need}; create them or pass --create-topics"
+        )
+    for topic, n in partitions.items():
+        have = len(meta.topics[topic].partitions)
+        if have < n:
+            raise TopicError(f"topic {topic} has {have} partitions; the recording needs {n} (same partition numbers)")

@@ -43,11 +43,11 @@ from stream.state import (
     build,
     describe_offsets,
     encode,
-    holdout_error,
     missing_state,
     read_any,
     swap_model,
 )
+from stream.validation import holdout_error
 
 __all__ = ["add_model_commands"]
 
@@ -68,7 +68,7 @@ def _group_state(config: Config, timeout_s: float = 5.0) -> GroupState | None:
     from confluent_kafka import Consumer, KafkaException, TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    from stream.app import build_learners
+    from stream.config import build_learners
     from stream.kafka import admin_config, consumer_config
 
     topics = sorted({t for lr in build_learners(config) for t in lr.reads})
@@ -241,7 +241,7 @@ def _apply(
     origin: dict[str, Any],
 ) -> int:
     """Write a new checkpoint: ``base`` (or untrained learners) serving ``models``."""
-    from stream.app import build_learners
+    from stream.config import build_learners
 
     learners = copy.deepcopy(base.learners) if base is not None else build_learners(config)
     templates = {lr.name: lr for lr in build_learners(config)}

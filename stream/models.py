@@ -14,11 +14,11 @@ loss, a sub-model), and a list of specs is composed into a pipeline.
 >>> build_model({"class": "linear_model.LogisticRegresion"})
 Traceback (most recent call last):
 ...
-stream.models.ModelSpecError: model.class: `linear_model.LogisticRegresion` is not a River class ...
+stream.errors.ModelSpecError: model.class: `linear_model.LogisticRegresion` is not a River class ...
 >>> build_model({"class": "linear_model.LogisticRegression", "params": {"alpha": 1}})
 Traceback (most recent call last):
 ...
-stream.models.ModelSpecError: model.params.alpha: LogisticRegression has no parameter `alpha` (it has: ...)
+stream.errors.ModelSpecError: model.params.alpha: LogisticRegression has no parameter `alpha` (it has: ...)
 """
 
 from __future__ import annotations
@@ -33,13 +33,11 @@ from typing import Any, cast
 import river
 from river import base, compose
 
+from stream.errors import ModelSpecError
+
 __all__ = ["ModelSpecError", "build_model", "with_seed"]
 
 _PATH = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*\.[A-Z][A-Za-z0-9_]*$")
-
-
-class ModelSpecError(ValueError):
-    """A model spec that does not resolve to River classes and parameters."""
 
 
 @cache

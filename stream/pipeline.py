@@ -12,22 +12,27 @@ import hashlib
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import msgspec
 
+from stream.errors import RecordTooLarge
 from stream.events import EVENT_TYPES, INT64_MAX, INT64_MIN, Decoder, InvalidEvent
 from stream.learners import Learner
 
 __all__ = [
+    "BaseObserver",
     "DeadLetterBudget",
+    "Observer",
     "Output",
     "Pipeline",
     "Record",
     "RecordTooLarge",
     "Sink",
     "SourceRef",
+    "Tally",
     "dead_letter_headers",
     "fit_dead_letter",
 ]
@@ -72,15 +77,6 @@ Headers = list[tuple[str, str | bytes | None]]
 
 class Sink(Protocol):
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> None: ...
-
-
-class RecordTooLarge(Exception):
-    """Raised by ``Sink.produce`` for a record larger than the producer accepts (``size`` bytes)."""
-
-    def __init__(self, topic: str, size: int, reason: str = "") -> None:
-        super().__init__(f"record of {size} bytes to `{topic}` is too large{': ' + reason if reason else ''}")
-        self.topic = topic
-        self.size = size
 
 
 class DeadLetterBudget:
@@ -156,6 +152,75 @@ def fit_dead_letter(
     if cut:
         kept.append((H_TRUNCATED, ",".join(cut).encode()))
     return new_key, new_value, kept
+
+
+class Observer(Protocol):
+    """What the pipeline reports about each record: metrics, counters, scorers.
+
+    ``attach`` is called once, when the pipeline is built; the other three on
+    the hot path, once per record (``processed`` or ``dead_lettered``) and
+    once per prediction published: keep them O(1) and allocation-free."""
+
+    def attach(self, pipeline: Pipeline) -> None: ...
+    def processed(self, topic: str, record: Record, event: Any) -> None: ...
+    def published(self, learner: Learner, event: Any, record: Record) -> None: ...
+    def dead_lettered(self, topic: str | None, stage: str) -> None: ...
+
+
+class BaseObserver:
+    """An ``Observer`` that ignores everything: subclass it and override what you need."""
+
+    def attach(self, pipeline: Pipeline) -> None:
+        pass
+
+    def processed(self, topic: str, record: Record, event: Any) -> None:
+        pass
+
+    def published(self, learner: Learner, event: Any, record: Record) -> None:
+        pass
+
+    def dead_lettered(self, topic: str | None, stage: str) -> None:
+        pass
+
+
+class Tally(BaseObserver):
+    """Counts what the pipeline reports (records processed per topic, dead
+    letters per stage, predictions per learner) and passes every report on to
+    ``observers``, in order (the Prometheus metrics, a ground-truth scorer).
+
+    >>> t = Tally()
+    >>> t.dead_lettered("clicks", "decode"); t.records, dict(t.dead)
+    (1, {'decode': 1})
+    """
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+        #: Records processed or dead-lettered.
+        self.records = 0
+        self.processed_by_topic: Counter[str] = Counter()
+        self.dead: Counter[str] = Counter()
+        self.published_by_learner: Counter[str] = Counter()
+
+    def attach(self, pipeline: Pipeline) -> None:
+        for o in self.observers:
+            o.attach(pipeline)
+
+    def processed(self, topic: str, record: Record, event: Any) -> None:
+        self.records += 1
+        self.processed_by_topic[topic] += 1
+        for o in self.observers:
+            o.processed(topic, record, event)
+
+    def published(self, learner: Learner, event: Any, record: Record) -> None:
+        self.published_by_learner[learner.name] += 1
+        for o in self.observers:
+            o.published(learner, event, record)
+
+    def dead_lettered(self, topic: str | None, stage: str) -> None:
+        self.records += 1
+        self.dead[stage] += 1
+        for o in self.observers:
+            o.dead_lettered(topic, stage)
 
 
 class SourceRef(msgspec.Struct, array_like=False):
@@ -262,7 +327,7 @@ class Pipeline:
         dead_letter_topic: str,
         max_value_bytes: int = 64 * 1024,
         clock: Callable[[], float] = time.time,
-        observer: Any = None,
+        observer: Observer | None = None,
         privacy: Any = None,
         dead_letter_budget: DeadLetterBudget | None = None,
         service_errors: tuple[type[BaseException], ...] = (),
@@ -293,7 +358,7 @@ class Pipeline:
             if privacy is not None:  # a stream.privacy.Pseudonymizer: identifiers masked at decode
                 decode = privacy.wrap_decoder(topic, decode, event_type)
             self.routes[topic] = _Route(decode, readers)
-        if observer is not None and hasattr(observer, "attach"):
+        if observer is not None:
             # Metrics read the learners at scrape time and pre-create per-topic series.
             observer.attach(self)
 
@@ -304,8 +369,8 @@ class Pipeline:
     def process(self, record: Record) -> None:
         # Containment is try/except around each stage: free on the good path (Python 3.11
         # zero-cost exceptions), no allocation or logging unless something raised.
-        topic = record.topic()
-        route = self.routes.get(topic)  # type: ignore[arg-type]
+        topic: str = record.topic()  # type: ignore[assignment]  # a consumed record always has one
+        route = self.routes.get(topic)
         if route is None:
             return  # no learner reads this topic (a recording may hold more topics than are configured)
         try:

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from stream.config import ConfigError
-from stream.events import EVENT_TYPES
+from stream.errors import ConfigError
+from stream.events import EVENT_TYPES, contract_string_fields
 
 if TYPE_CHECKING:
     from stream.config import Config, PrivacyConfig
@@ -44,8 +44,6 @@ __all__ = [
     "KEY_FIELDS",
     "MIN_KEY_BYTES",
     "Pseudonymizer",
-    "check_privacy_config",
-    "contract_string_fields",
     "load_key",
 ]
 
@@ -58,43 +56,6 @@ PSEUDONYM_BYTES = 16
 
 _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
-
-
-def contract_string_fields(event_type: type[Any]) -> dict[str, bool]:
-    """Every field of a contract, True where it is a string (an identifier can be masked)."""
-    info = msgspec.inspect.type_info(event_type)
-    out: dict[str, bool] = {}
-    for f in info.fields:  # type: ignore[attr-defined]
-        t = f.type
-        types = t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
-        out[f.name] = any(isinstance(x, msgspec.inspect.StrType) for x in types)
-    return out
-
-
-def check_privacy_config(cfg: PrivacyConfig) -> None:
-    """What can be checked without the key or the topic names (called while the config is parsed)."""
-    for where, names in [("fields", cfg.fields), *((f"per_topic.{t}", v) for t, v in cfg.per_topic.items())]:
-        for name in names:
-            if not name or name != name.strip():
-                raise ValueError(f"`{where}`: field names must be non-empty, without surrounding spaces, got {name!r}")
-    for stream, event_type in EVENT_TYPES.items():
-        fields = contract_string_fields(event_type)
-        for name in cfg.fields:
-            if name in fields and not fields[name]:
-                raise ValueError(
-                    f"`fields`: `{name}` is not a string field of the {stream} contract; only identifiers can be masked"
-                )
-        for name in cfg.per_topic.get(stream, ()):
-            if name not in fields:
-                raise ValueError(f"`per_topic.{stream}`: the {stream} contract has no field `{name}`")
-            if not fields[name]:
-                raise ValueError(
-                    f"`per_topic.{stream}`: `{name}` is not a string field; only identifiers can be masked"
-                )
-    if cfg.key_file and not cfg.key_file.strip():
-        raise ValueError("`key_file` is blank")
-    if not cfg.key_file and not cfg.key_env:
-        raise ValueError("name the key: `key_file` or `key_env`")
 
 
 def load_key(cfg: PrivacyConfig, environ: Mapping[str, str] | None = None) -> bytes:

@@ -39,7 +39,6 @@ and relearns up to the committed offsets without publishing (see
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import hmac
 import io
@@ -61,6 +60,13 @@ from typing import Any, Protocol
 import river
 
 from stream import __version__, faults
+from stream.errors import (
+    CheckpointError,
+    CorruptCheckpoint,
+    IncompatibleCheckpoint,
+    StateError,
+    UnauthenticatedCheckpoint,
+)
 from stream.learners import Learner
 
 __all__ = [
@@ -71,7 +77,6 @@ __all__ = [
     "CheckpointKeys",
     "CheckpointStore",
     "CorruptCheckpoint",
-    "HoldoutScore",
     "IncompatibleCheckpoint",
     "LocalStorage",
     "Offsets",
@@ -79,7 +84,6 @@ __all__ = [
     "Storage",
     "StoredRecord",
     "UnauthenticatedCheckpoint",
-    "holdout_error",
     "load_keys",
     "missing_state",
     "swap_model",
@@ -105,26 +109,6 @@ _NAME = re.compile(r"^ckpt-(\d{12})-([0-9a-f]{8})\.ckpt$")
 
 #: (topic, partition) -> next offset to read.
 Offsets = dict[tuple[str, int], int]
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used."""
-
-
-class CorruptCheckpoint(CheckpointError):
-    """Torn, truncated or altered: the length or a checksum does not match."""
-
-
-class IncompatibleCheckpoint(CheckpointError):
-    """Written by another River version (or checkpoint format): its pickles cannot be trusted to load."""
-
-
-class UnauthenticatedCheckpoint(CheckpointError):
-    """A key is configured and the file is not signed by it (unsigned, another key, or altered): never unpickled."""
-
-
-class StateError(RuntimeError):
-    """The application refuses to start or continue with the state it finds (the message says why and what to do)."""
 
 
 # --------------------------------------------------------------------------- records
@@ -881,106 +865,6 @@ def swap_model(learner: Learner, model: Any) -> None:
         learner.model = model  # type: ignore[attr-defined]
     if learner.model_version == before:
         learner.model_version = before + 1
-
-
-class _ErrorMean:
-    """Stands in for a drift detector: an ``Evaluation`` reports every prediction's error to it."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.total = 0.0
-
-    def update(self, error: float, ts: Any = None) -> bool:
-        if math.isfinite(error):
-            self.n += 1
-            self.total += error
-        return False
-
-
-class _NullSink:
-    """Swallows outputs; counts dead letters (records the learner failed on)."""
-
-    def __init__(self) -> None:
-        self.failed = 0
-
-    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any = None) -> None:
-        if headers is not None:
-            self.failed += 1
-
-
-@dataclass(frozen=True)
-class HoldoutScore:
-    """Mean per-prediction error over ``n`` scored records; ``failed`` records made the learner raise."""
-
-    mean: float
-    n: int
-    failed: int
-
-
-_EPS = 1e-15
-
-
-def _spec_error(spec: Any, prediction: Any, record: Mapping[str, Any]) -> float | None:
-    """The error of a config-defined learner's prediction, from its spec's label and task."""
-    y = record.get(spec.label)
-    if y is None or prediction is None:
-        return None
-    if spec.task == "regression":
-        return abs(float(y) - float(prediction["value"]))
-    if spec.task == "binary":
-        p = min(max(float(prediction["probability"]), _EPS), 1 - _EPS)
-        return -math.log(p if bool(y) else 1 - p)
-    return 0.0 if prediction.get("label") == y else 1.0
-
-
-def holdout_error(learner: Learner, records: Iterable[StoredRecord], config: Any) -> HoldoutScore | None:
-    """Mean prequential error (predict, score, learn) of a copy of ``learner``
-    over ``records``; None when the learner offers no way to score itself.
-
-    Learners that keep an ``Evaluation`` are scored by the error stream it
-    feeds to its drift detector (the same numbers the drift monitor sees), so
-    this works for every kind; a config-defined learner without one is scored
-    from its spec's label and task. The incumbent has already learned these
-    records once, so the comparison favours it: the guard is conservative."""
-    from stream.pipeline import Pipeline
-
-    lr = copy.deepcopy(learner)
-    acc = _ErrorMean()
-    sink = _NullSink()
-    pipe = Pipeline(
-        [lr], sink, contract_topics=config.input_topics(), dead_letter_topic="-",
-        max_value_bytes=config.processing.max_value_bytes,
-    )
-    evaluation = getattr(lr, "evaluation", None)
-    if evaluation is not None and hasattr(evaluation, "drift"):
-        evaluation.drift = acc
-        for r in records:
-            if r.topic() in pipe.routes:
-                pipe.process(r)
-        return HoldoutScore(acc.total / acc.n if acc.n else math.nan, acc.n, sink.failed)
-    spec = getattr(lr, "spec", None)
-    if spec is None or not hasattr(spec, "label") or not hasattr(spec, "task"):
-        return None
-    from stream.learners.configured import _as_dict
-
-    for r in records:
-        route = pipe.routes.get(r.topic())
-        if route is None:
-            continue
-        try:
-            event = route.decode(r.value())  # type: ignore[arg-type]
-        except Exception:  # undecodable records are dead-lettered live; they do not count here
-            continue
-        try:
-            prediction = lr.predict(event)
-            err = _spec_error(spec, prediction, _as_dict(event))
-            lr.learn(event)
-        except Exception:
-            sink.failed += 1
-            continue
-        if err is not None:
-            acc.update(err)
-    return HoldoutScore(acc.total / acc.n if acc.n else math.nan, acc.n, sink.failed)
 
 
 def describe_offsets(offsets: Mapping[tuple[str, int], int], limit: int = 6) -> str:

@@ -439,7 +439,7 @@ model = {models['clf']}
 
     def oracle(self) -> list[Any]:
         """The learners trained once, uninterrupted, in-process, on the inputs in log order."""
-        from stream.app import build_learners
+        from stream.config import build_learners
         from stream.pipeline import Pipeline
 
         cfg = self.config()

@@ -27,17 +27,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from kafka_broker import create_topics
 
 from stream.app import Application
+from stream.backtest import backtest, quality_of
 from stream.config import Config, load_config
 from stream.demo import isolated_config
-from stream.replay import (
-    RecordedMessage,
-    Recording,
-    RecordingWriter,
-    backtest,
-    quality_of,
-    record,
-    replay,
-)
+from stream.recording import RecordedMessage, Recording, RecordingWriter
+from stream.replay import record, replay
 
 pytestmark = pytest.mark.kafka
 

@@ -14,7 +14,7 @@ from stream.config import ConfigError, load_config
 from stream.events import FraudLabel, Purchase
 from stream.learners.configured import ConfiguredLearner, CustomSpec
 from stream.pipeline import Pipeline
-from stream.replay import RecordedMessage
+from stream.recording import RecordedMessage
 
 CONTRACTS = {"clicks": "clicks", "purchases": "purchases", "prices": "prices", "fraud_labels": "fraud-labels"}
 LOGISTIC = {"class": "linear_model.LogisticRegression", "params": {"optimizer": {"class": "optim.SGD",

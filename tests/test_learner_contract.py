@@ -36,7 +36,7 @@ from stream.config import parse_config
 from stream.events import EVENT_TYPES, Decoder
 from stream.learners import Learner, build_learner
 from stream.pipeline import Output, Pipeline
-from stream.replay import RecordedMessage
+from stream.recording import RecordedMessage
 from stream.simulate import SimConfig, simulate
 from stream.state import swap_model
 

@@ -33,7 +33,7 @@ from stream.evaluation import Evaluation
 from stream.learners import Learner, build_learner
 from stream.metrics import LATENCY_BUCKETS, PipelineMetrics, new_registry, serve_metrics
 from stream.pipeline import Pipeline
-from stream.replay import RecordedMessage
+from stream.recording import RecordedMessage
 
 NOW = 1_800_000_000.0  # the observer's clock, epoch seconds
 WINDOW = 50  # rolling quality window

@@ -21,13 +21,12 @@ import msgspec
 import pytest
 from prometheus_client import generate_latest
 
-from stream.app import build_learners
-from stream.config import ConfigError, parse_config
+from stream.config import ConfigError, build_learners, parse_config
 from stream.events import EVENT_TYPES, Decoder
 from stream.metrics import PipelineMetrics, new_registry
 from stream.pipeline import Pipeline
 from stream.privacy import Pseudonymizer, load_key
-from stream.replay import RecordedMessage
+from stream.recording import RecordedMessage
 from stream.simulate import SimConfig, Simulation
 from stream.state import StoredRecord
 

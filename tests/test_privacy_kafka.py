@@ -20,7 +20,8 @@ from test_run_loop import wait_for
 
 from stream.config import load_config
 from stream.privacy import Pseudonymizer
-from stream.state import holdout_error, read_any
+from stream.state import read_any
+from stream.validation import holdout_error
 
 pytestmark = pytest.mark.kafka
 

@@ -10,18 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from stream.backtest import backtest, run_backtest
 from stream.cli import main
 from stream.config import Config, load_config
 from stream.pipeline import Pipeline, Record
 from stream.progress import Progress
-from stream.replay import (
-    RecordedMessage,
-    Recording,
-    RecordingError,
-    RecordingWriter,
-    backtest,
-    run_backtest,
-)
+from stream.recording import RecordedMessage, Recording, RecordingError, RecordingWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "recording"
@@ -202,7 +196,7 @@ def test_backtest_equals_the_pipeline_fed_directly(config: Config) -> None:
     """The backtest is the pipeline in recorded order, nothing more."""
     result = backtest(FIXTURE, config, keep_outputs=True, progress=False, chart=False)
 
-    from stream.app import build_learners
+    from stream.config import build_learners
 
     produced: list[tuple[str, bytes | None, bytes | None]] = []
 

@@ -13,7 +13,7 @@ import pytest
 
 from stream.config import Config
 from stream.events import EVENT_TYPES, Decoder, InvalidEvent
-from stream.replay import Recording
+from stream.recording import Recording
 from stream.simulate import GroundTruth, SimConfig, Simulation, simulate, write_recording
 
 SMALL = SimConfig(seed=11, events=20_000, n_users=800, n_items=300, bad_records=8)

@@ -21,8 +21,7 @@ import pytest
 import river
 
 from stream import faults
-from stream.app import build_learners
-from stream.config import Config, parse_config
+from stream.config import Config, build_learners, parse_config
 from stream.state import (
     MAGIC,
     CheckpointInfo,
@@ -36,10 +35,10 @@ from stream.state import (
     decode,
     decode_header,
     encode,
-    holdout_error,
     load_keys,
     swap_model,
 )
+from stream.validation import holdout_error
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[1]

@@ -115,7 +115,7 @@ class CustomSpec(msgspec.Struct, tag="custom", tag_field="kind", forbid_unknown_
         return ConfiguredLearner(name, self, topics)
 
 
-def _as_dict(event: Any) -> Mapping[str, Any]:
+def as_dict(event: Any) -> Mapping[str, Any]:
     return event if isinstance(event, Mapping) else msgspec.structs.asdict(event)
 
 
@@ -194,7 +194,7 @@ class ConfiguredLearner(Learner):
     def predict(self, event: Any) -> dict[str, Any] | None:
         if self.joins is not None and self._is_label(event):
             return None
-        record = _as_dict(event)
+        record = as_dict(event)
         x = self.features(record)
         if self.spec.task == "regression":
             value = float(self.model.predict_one(x))
@@ -208,7 +208,7 @@ class ConfiguredLearner(Learner):
         return {"label": label, "probabilities": {str(k): float(v) for k, v in proba.items()}}
 
     def learn(self, event: Any) -> None:
-        record = _as_dict(event)
+        record = as_dict(event)
         scored, self._scored = self._scored, None
         joins = self.joins
         if joins is not None:
