@@ -335,8 +335,9 @@ class PricingLearner(Learner):
             on_label=self._converted,
             on_expire=self._not_converted,
             # Nearly every view expires: remembering them all to tell a late purchase from an
-            # unrelated one would cost more memory than the views waiting.
-            remember=10_000,
+            # unrelated one would cost more memory than the views waiting (and never more
+            # closed ids than views waiting).
+            remember=min(10_000, spec.max_pending),
         )
         #: Categories with weights in the model, bounded (``max_categories``).
         self._categories = FeatureBound(spec.max_categories, self._serving, expand=_category_features)
