@@ -560,11 +560,34 @@ class _ByteCounter:
         return n
 
 
+def pickled_bytes(learners: Any) -> int:
+    """The learners' pickled size, counted by a forked child as a background checkpoint
+    would be written: pickling in this process would raise the RSS measured (the
+    pickler's memo and the packed matrices; freed memory is not given back)."""
+    import pickle
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read)
+            counter = _ByteCounter()
+            pickle.dump(learners, counter, protocol=pickle.HIGHEST_PROTOCOL)
+            os.write(write, str(counter.n).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return int(data)
+
+
 def flood_point(n: int, scale: int, category_every: int, samples: int = 30) -> dict[str, Any]:
     """One flood run (in its own process so RSS is its own): RSS every ``n / samples``
     events, the pickled learners' size at three points, and the structures' sizes."""
-    import pickle
-
     config = flood_config(scale)
     learners = build_learners(config)
     pipeline = Pipeline(learners, CountingSink(), contract_topics=config.input_topics(),
@@ -580,10 +603,7 @@ def flood_point(n: int, scale: int, category_every: int, samples: int = 30) -> d
         if i % every == 0:
             timeline.append((i, round(rss_mb(), 1)))
         if i in pickle_at:
-            # Streamed into a byte counter: a pickle built in memory would raise the RSS measured.
-            counter = _ByteCounter()
-            pickle.dump(learners, counter, protocol=pickle.HIGHEST_PROTOCOL)
-            pickled[str(i)] = round(counter.n / 2**20, 2)
+            pickled[str(i)] = round(pickled_bytes(learners) / 2**20, 2)
     eps = n / (time.perf_counter() - t0)
     return {"events_per_s": eps, "rss_mb_timeline": timeline, "pickled_mb": pickled,
             "state_sizes": state_sizes(learners)}  # fmt: skip
