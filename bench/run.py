@@ -14,6 +14,9 @@ because absolute times on shared machines are noisy:
              produce -> consume hop of the inputs (the broker's share)
 5. growth    events/s and resident memory as distinct users and the catalog grow
 6. checkpoint time and size of a checkpoint, and time to restore, as the model grows
+7. flood     an identity flood: every user, item, order, device (and, at a set rate,
+             category) is new; RSS sampled along the run must level off once the
+             bounds are reached (growth per event, last half vs the first stretch)
 
 The suite is never part of the tests' pass/fail. Without ``--bootstrap-servers``
 sections 3 and 4 start a jar-based broker (tests/kafka_broker.py).
@@ -22,6 +25,7 @@ sections 3 and 4 start a jar-based broker (tests/kafka_broker.py).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -494,10 +498,155 @@ def bench_checkpoint(max_users: int, tmp: Path) -> dict[str, Any]:
             "restore_seconds": largest["restore_seconds"], "checkpoint_mb": largest["size_mb"]}  # fmt: skip
 
 
+# --------------------------------------------------------------------------- 7. flood
+
+
+def flood(n: int, category_every: int = 8) -> Iterator[SimEvent]:
+    """An identity flood: each user has two events (a click, then a click or a
+    purchase), every event names a new item, every purchase a new order and device,
+    and a new category starts every ``category_every`` events; a price event every 50
+    (a new item's), a fraud label every 1000 (for a recent order)."""
+    ts0 = 1_700_000_000_000
+    orders: collections.deque[str] = collections.deque(maxlen=256)
+    for i in range(n):
+        ts = ts0 + i * 20
+        user, item, cat = f"fu{i // 2}", f"fi{i}", f"fc{i // category_every}"
+        if i % 50 == 0:
+            doc: dict[str, Any] = {"event_id": f"r{i}", "ts": ts, "item_id": item, "price": 10.0 + i % 7,
+                                   "cost": 6.0, "stock": 5, "category": cat}  # fmt: skip
+            yield "prices", item.encode(), json.dumps(doc).encode(), ts
+        elif i % 50 == 25:
+            order = f"fo{i}"
+            orders.append(order)
+            doc = {"event_id": f"p{i}", "ts": ts, "order_id": order, "user_id": user, "item_id": item,
+                   "quantity": 1 + i % 3, "unit_price": 10.0 + i % 7, "category": cat, "payment_method": "card",
+                   "country": "US", "shipping_country": "US" if i % 7 else "FR", "account_age_days": float(i % 400),
+                   "device_id": f"fd{i}"}  # fmt: skip
+            yield "purchases", user.encode(), json.dumps(doc).encode(), ts
+        elif i % 1000 == 1 and orders:
+            order = orders[0]
+            doc = {"event_id": f"l{i}", "ts": ts, "order_id": order, "is_fraud": True}
+            yield "fraud_labels", order.encode(), json.dumps(doc).encode(), ts
+        else:
+            doc = {"event_id": f"c{i}", "ts": ts, "user_id": user, "item_id": item, "category": cat,
+                   "price": 10.0 + i % 7}  # fmt: skip
+            yield "clicks", user.encode(), json.dumps(doc).encode(), ts
+
+
+#: Per-key bounds lowered by ``--flood-scale`` (the default config's values divided by it).
+_FLOOD_BOUNDS = ("max_users", "max_items", "max_pending", "max_categories", "max_one_hot")
+
+
+def flood_config(scale: int) -> Config:
+    """The default config with every per-key capacity divided by ``scale``."""
+    import msgspec
+
+    config = load_config(DEFAULT_CONFIG)
+    learners = {}
+    for name, spec in config.learners.items():
+        changes = {f: max(getattr(spec, f) // scale, 1) for f in _FLOOD_BOUNDS if hasattr(spec, f)}
+        learners[name] = msgspec.structs.replace(spec, **changes)
+    return msgspec.structs.replace(config, learners=learners)
+
+
+def state_sizes(learners: Sequence[Any]) -> dict[str, dict[str, int]]:
+    return {learner.name: learner.state_sizes() for learner in learners if hasattr(learner, "state_sizes")}
+
+
+class _ByteCounter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data: Any) -> int:
+        n = len(memoryview(data).cast("B"))
+        self.n += n
+        return n
+
+
+def pickled_bytes(learners: Any) -> int:
+    """The learners' pickled size, counted by a forked child as a background checkpoint
+    would be written: pickling in this process would raise the RSS measured (the
+    pickler's memo and the packed matrices; freed memory is not given back)."""
+    import pickle
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read)
+            counter = _ByteCounter()
+            pickle.dump(learners, counter, protocol=pickle.HIGHEST_PROTOCOL)
+            os.write(write, str(counter.n).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return int(data)
+
+
+def flood_point(n: int, scale: int, category_every: int, samples: int = 30) -> dict[str, Any]:
+    """One flood run (in its own process so RSS is its own): RSS every ``n / samples``
+    events, the pickled learners' size at three points, and the structures' sizes."""
+    config = flood_config(scale)
+    learners = build_learners(config)
+    pipeline = Pipeline(learners, CountingSink(), contract_topics=config.input_topics(),
+                        dead_letter_topic=config.topics.dead_letters)  # fmt: skip
+    process = pipeline.process
+    every = max(n // samples, 1)
+    pickle_at = {n // 3, 2 * n // 3, n}
+    timeline: list[tuple[int, float]] = [(0, round(rss_mb(), 1))]
+    pickled: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for i, m in enumerate(iter_messages(flood(n, category_every), config.input_topics()), 1):
+        process(m)
+        if i % every == 0:
+            timeline.append((i, round(rss_mb(), 1)))
+        if i in pickle_at:
+            pickled[str(i)] = round(pickled_bytes(learners) / 2**20, 2)
+    eps = n / (time.perf_counter() - t0)
+    return {"events_per_s": eps, "rss_mb_timeline": timeline, "pickled_mb": pickled,
+            "state_sizes": state_sizes(learners)}  # fmt: skip
+
+
+def growth_rate(timeline: Sequence[tuple[int, float]], lo: int, hi: int) -> float:
+    """Bytes per event between the samples nearest ``lo`` and ``hi`` events."""
+    a = min(timeline, key=lambda p: abs(p[0] - lo))
+    b = min(timeline, key=lambda p: abs(p[0] - hi))
+    return (b[1] - a[1]) * 2**20 / max(b[0] - a[0], 1)
+
+
+def bench_flood(n: int, scale: int, category_every: int) -> dict[str, Any]:
+    log(f"flood: {n} events, bounds / {scale}, a new category every {category_every} events")
+    out = subprocess.run(
+        pinned([sys.executable, __file__, "--flood-point", f"{n},{scale},{category_every}"]),
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    point = json.loads(out.stdout.strip().splitlines()[-1])
+    timeline = point["rss_mb_timeline"]
+    # The first stretch: until the recommender's users are full (two events per user).
+    first = min(n // 5, 2 * max(200_000 // scale, 1))
+    before = growth_rate(timeline, 0, first)
+    after = growth_rate(timeline, n // 2, n)
+    ratio = after / before if before > 0 else float("nan")
+    log(f"7 flood: RSS {timeline[0][1]} -> {timeline[-1][1]} MB; {before:,.0f} bytes/event over the first "
+        f"{first:,} events, {after:,.0f} bytes/event over the last half (ratio {ratio:.3f}, target < 0.05: "
+        f"{'met' if ratio < 0.05 else 'missed'}); pickled learners {point['pickled_mb']} MB")
+    log(f"  RSS timeline (events, MB): {timeline}")
+    return {"flood_events": n, "flood_scale": scale, "flood_category_every": category_every,
+            "flood_events_per_s": point["events_per_s"], "flood_rss_mb_timeline": timeline,
+            "flood_bytes_per_event_first": before, "flood_bytes_per_event_last_half": after,
+            "flood_growth_ratio": ratio, "flood_pickled_mb": point["pickled_mb"],
+            "flood_state_sizes": point["state_sizes"]}  # fmt: skip
+
+
 # --------------------------------------------------------------------------- main
 
 
-SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint")
+SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood")
 
 
 def machine() -> dict[str, Any]:
@@ -516,11 +665,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-users", type=int, default=1_000_000)
     p.add_argument("--max-items", type=int, default=100_000)
     p.add_argument("--latency-seconds", type=float, default=20.0)
+    p.add_argument("--flood-events", type=int, default=1_500_000)
+    p.add_argument("--flood-scale", type=int, default=10, help="per-key bounds divided by this in the flood")
+    p.add_argument("--flood-category-every", type=int, default=8, help="a new category every N flood events")
     p.add_argument("--growth-point", help=argparse.SUPPRESS)
+    p.add_argument("--flood-point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.growth_point:
         users, items, n = (int(x) for x in args.growth_point.split(","))
         print(json.dumps(growth_point(users, items, n)))
+        return 0
+    if args.flood_point:
+        n, scale, every = (int(x) for x in args.flood_point.split(","))
+        print(json.dumps(flood_point(n, scale, every)))
         return 0
 
     skip = {s for s in args.skip.split(",") if s}
@@ -552,6 +709,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fig |= bench_growth(args.max_users, args.max_items)
         if "checkpoint" not in skip:
             fig |= bench_checkpoint(args.max_users, tmp)
+        if "flood" not in skip:
+            fig |= bench_flood(args.flood_events, args.flood_scale, args.flood_category_every)
     limit = fig.get("limit_events_per_s")
     if limit:
         if "backtest_events_per_s" in fig:

@@ -51,6 +51,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from river import base, compose
 
+from stream.bounded import FeatureBound, model_feature_names, model_table_sizes
 from stream.drift import AdaptiveModel, DriftMonitor, DriftSpec, Switch
 from stream.evaluation import Evaluation
 from stream.events import EVENT_TYPES
@@ -89,6 +90,11 @@ class CustomSpec(msgspec.Struct, tag="custom", tag_field="kind", forbid_unknown_
     label_window_s: float = 3600.0
     #: Bounds on predictions waiting for labels.
     max_pending: int = 100_000
+    #: Features the model keeps state for (weights, optimizer and scaler statistics), least
+    #: recently used forgotten first: one-hot features (``field=value``) are named by the
+    #: data, so each distinct value would add state for good. Every one-hot feature counts,
+    #: and every numeric one too when ``features`` is empty (field names from the data).
+    max_one_hot: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     #: Concept drift on the prediction errors: ``{ detector = "adwin", reaction = "report" | "switch" }``
     #: (see ``stream.drift.DriftSpec``); absent: quality is measured, drift is not watched.
     drift: DriftSpec | None = None
@@ -173,10 +179,15 @@ class ConfiguredLearner(Learner):
             self._label_type = contract.get(self.label_topic)
             # Unlabelled predictions past the window are dropped: no on_expire.
             self.joins = LabelJoin(int(spec.label_window_s * 1000), spec.max_pending, on_label=self._joined)
+        #: Feature names with state in the model, bounded (``max_one_hot``).
+        self._vocabulary = FeatureBound(spec.max_one_hot, self._serving)
 
     def features(self, record: Mapping[str, Any]) -> dict[str, float]:
-        """Numbers as they are, strings one-hot (``field=value``), booleans as 0/1."""
+        """Numbers as they are, strings one-hot (``field=value``), booleans as 0/1.
+        The names the data makes up are counted against ``max_one_hot``."""
+        listed = bool(self.spec.features)
         names = self.spec.features or [k for k in record if k not in self._excluded]
+        touch = self._vocabulary.touch
         x: dict[str, float] = {}
         for k in names:
             v = record.get(k)
@@ -188,7 +199,14 @@ class ConfiguredLearner(Learner):
                 if math.isfinite(v):
                     x[k] = float(v)
             elif isinstance(v, str):
-                x[f"{k}={v}"] = 1.0
+                name = f"{k}={v}"
+                x[name] = 1.0
+                touch(name)
+                continue
+            else:
+                continue
+            if not listed:
+                touch(k)
         return x
 
     def predict(self, event: Any) -> dict[str, Any] | None:
@@ -264,6 +282,11 @@ class ConfiguredLearner(Learner):
 
     def _joined(self, payload: tuple[dict[str, float], Any], y: Any, ts: int) -> None:
         x, prediction = payload
+        # Learned later than predicted: names forgotten meanwhile must be counted again.
+        vocabulary = self._vocabulary
+        for name in x:
+            if name not in vocabulary and (not self.spec.features or name not in self.spec.features):
+                vocabulary.touch(name)
         self._evaluate(y, prediction, ts)
         self.model.learn_one(x, y)
         self.n_learned += 1
@@ -278,6 +301,29 @@ class ConfiguredLearner(Learner):
 
     def _model_switched(self, switch: Switch) -> None:
         self.model_version += 1
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "_vocabulary" not in state:
+            # A checkpoint from before the bound: its model's data-named features are adopted.
+            self._vocabulary = FeatureBound(self.spec.max_one_hot, self._serving)
+            self._vocabulary.adopt(
+                name for name in model_feature_names(self.model) if isinstance(name, str) and "=" in name
+            )
+
+    def _serving(self) -> Any:
+        """The model (an ``AdaptiveModel`` holds its candidate and fallback too)."""
+        return self.model
+
+    # -- introspection (tests, the flood bench; not for the hot path) -------------------------
+
+    def state_sizes(self) -> dict[str, int]:
+        """Entries held by every per-key structure, and the model's largest table."""
+        return {
+            "pending": len(self.joins) if self.joins is not None else 0,
+            "features": len(self._vocabulary),
+            "model_table": max(model_table_sizes(self.model).values(), default=0),
+        }
 
 
 def _event_time(record: Mapping[str, Any]) -> int:

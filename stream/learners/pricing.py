@@ -81,7 +81,7 @@ import msgspec
 import numpy as np
 from river import base, compose, linear_model, preprocessing
 
-from stream.bounded import BoundedDict
+from stream.bounded import BoundedDict, FeatureBound, model_feature_names, model_table_sizes
 from stream.drift import AdaptiveModel, DriftSpec
 from stream.evaluation import Evaluation
 from stream.events import Click, Price, Purchase
@@ -140,6 +140,10 @@ class PricingSpec(msgspec.Struct, tag="pricing", tag_field="kind", forbid_unknow
     max_items: PositiveInt = 100_000
     #: ... and for how long after their last price event (None: until pushed out).
     item_ttl_s: PositiveFloat | None = None
+    #: Categories the model keeps weights for (its ``cat=<c>`` one-hot and ``price_vs_ref:<c>``
+    #: slope; least recently learned forgotten first): the model grows by two weights, and their
+    #: optimizer and scaler state, per distinct category, and categories come from the data.
+    max_categories: PositiveInt = 10_000
     #: Half-life of the time-weighted average of an item's prices (its reference price).
     reference_half_life_s: PositiveFloat = 7 * 86_400.0
     #: Candidate prices scored per quote, evenly spaced between the guardrails.
@@ -295,6 +299,11 @@ def _price_slope(model: Any, category: str | None, competitor: bool) -> float | 
     return slope * _LOG_SCALE
 
 
+def _category_features(category: str) -> tuple[str, str]:
+    """The model's features named after a category (see ``features``)."""
+    return "cat=" + category, _REL + ":" + category
+
+
 #: Price events between sweeps of items past their TTL.
 _SWEEP_EVERY = 4096
 #: Probabilities are clipped like stream.evaluation does, so the errors compare.
@@ -326,9 +335,12 @@ class PricingLearner(Learner):
             on_label=self._converted,
             on_expire=self._not_converted,
             # Nearly every view expires: remembering them all to tell a late purchase from an
-            # unrelated one would cost more memory than the views waiting.
-            remember=10_000,
+            # unrelated one would cost more memory than the views waiting (and never more
+            # closed ids than views waiting).
+            remember=min(10_000, spec.max_pending),
         )
+        #: Categories with weights in the model, bounded (``max_categories``).
+        self._categories = FeatureBound(spec.max_categories, self._serving, expand=_category_features)
         #: View outcomes known (learned or sampled out).
         self._outcomes = 0
         self._prices_seen = 0
@@ -399,7 +411,9 @@ class PricingLearner(Learner):
         conversion at its current price and the recommended price, from its
         latest price event and the current model. None for an item with no
         price state (never priced, or forgotten). Changes nothing (not counted
-        in ``margin_uplift``)."""
+        in ``margin_uplift``), except that a category the model does not know is
+        counted against ``max_categories`` (a scaler in the model would keep
+        statistics of it)."""
         it = self._items.get(item_id)
         if it is None:
             return None
@@ -408,6 +422,8 @@ class PricingLearner(Learner):
         ref = it.reference(ts, self._tau_ms)
         cost = it.cost
         x = features(price, ref, it.competitor, it.stock, it.category, ts)
+        if it.category is not None and it.category not in self._categories:
+            self._categories.touch(it.category, ts)
         p_now = self._p(x)
         unit_cost = cost if cost is not None else 0.0
         margin_now = (price - unit_cost) * p_now
@@ -533,6 +549,9 @@ class PricingLearner(Learner):
         else:
             self.unpriced_views += 1
             return None
+        if category is not None:
+            # Counted when predicted too: a scaler in the model keeps statistics of what it transforms.
+            self._categories.touch(category, ts)
         p = self._p(features(price, ref, competitor, stock, category, ts))
         return _View(price, ref, competitor, stock, category, ts, p)
 
@@ -552,6 +571,8 @@ class PricingLearner(Learner):
         else:
             w = 1.0
         x = features(view.price, view.ref, view.competitor, view.stock, view.category, view.ts)
+        if view.category is not None:
+            self._categories.touch(view.category, ts)
         if w == 1.0:
             self.model.learn_one(x, converted)
         else:
@@ -566,3 +587,29 @@ class PricingLearner(Learner):
 
     def _model_switched(self, switch: Any) -> None:
         self.model_version += 1
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "_categories" not in state:
+            # A checkpoint from before the bound: its model's data-named features are adopted.
+            self._categories = FeatureBound(self.spec.max_categories, self._serving, expand=_category_features)
+            self._categories.adopt(
+                name[4:]
+                for name in model_feature_names(self.model)
+                if isinstance(name, str) and name.startswith("cat=")
+            )
+
+    def _serving(self) -> Any:
+        """The model (an ``AdaptiveModel`` holds its candidate and fallback too)."""
+        return self.model
+
+    # -- introspection (tests, the flood bench; not for the hot path) -------------------------
+
+    def state_sizes(self) -> dict[str, int]:
+        """Entries held by every per-key structure, and the model's largest table."""
+        return {
+            "items": len(self._items),
+            "pending": len(self.joins),
+            "categories": len(self._categories),
+            "model_table": max(model_table_sizes(self.model).values(), default=0),
+        }

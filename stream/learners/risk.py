@@ -69,7 +69,7 @@ import msgspec
 import numpy as np
 from river import anomaly, base
 
-from stream.bounded import BoundedDict
+from stream.bounded import BoundedDict, FeatureBound, model_feature_names, model_table_sizes
 from stream.drift import AdaptiveModel, DriftSpec
 from stream.evaluation import Evaluation
 from stream.events import FraudLabel, Purchase
@@ -139,6 +139,9 @@ class RiskSpec(msgspec.Struct, tag="risk", tag_field="kind", forbid_unknown_fiel
     max_devices: PositiveInt = 8
     #: Purchase times kept per user (the hour and day counts saturate there).
     max_recent: PositiveInt = 64
+    #: One-hot features (``cat=<category>``, ``pay=<payment method>``) the model keeps
+    #: weights for, least recently learned forgotten first: their values come from the data.
+    max_one_hot: PositiveInt = 10_000
     #: Rolling window (outcomes) of the rolling quality metrics.
     evaluation_window: PositiveInt = 10_000
     #: Concept drift on the outcomes' log loss: ``{ detector = "adwin", reaction = "report" | "switch" }``.
@@ -288,6 +291,8 @@ class RiskLearner(Learner):
         )
         self._scored: tuple[Purchase, Features, float] | None = None
         self._swept = 0
+        #: The one-hot features with weights in the model, bounded (``max_one_hot``).
+        self._one_hot = FeatureBound(spec.max_one_hot, self._serving)
 
     # -- the Learner interface ------------------------------------------------------------
 
@@ -344,7 +349,10 @@ class RiskLearner(Learner):
 
     def _score(self, f: Features) -> float:
         if self.source == "model":
-            return self._calibrated(self.model, as_dict(f))
+            x = as_dict(f)
+            # Counted when predicted too: a scaler in the model keeps statistics of what it transforms.
+            self._touch_one_hot(f)
+            return self._calibrated(self.model, x)
         return self._anomaly_probability(f[0])
 
     def _calibrated(self, model: Any, x: dict[str, float]) -> float:
@@ -455,6 +463,13 @@ class RiskLearner(Learner):
                     c[0] *= 0.5
                     self._n_payments += c[0]
 
+    def _touch_one_hot(self, f: Features) -> None:
+        _, payment, category = f
+        if payment is not None:
+            self._one_hot.touch("pay=" + payment)
+        if category is not None:
+            self._one_hot.touch("cat=" + category)
+
     def _labelled(self, order: _Order, is_fraud: Any, ts: int) -> None:
         self._outcome(order, bool(is_fraud), ts)
 
@@ -464,6 +479,7 @@ class RiskLearner(Learner):
     def _outcome(self, order: _Order, fraud: bool, ts: int) -> None:
         self.evaluation.binary(fraud, order.p, ts)
         x = as_dict(order.features)
+        self._touch_one_hot(order.features)
         model = self.model
         if fraud:
             w = self.spec.fraud_weight
@@ -492,3 +508,30 @@ class RiskLearner(Learner):
 
     def _model_switched(self, switch: Any) -> None:
         self.model_version += 1
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "_one_hot" not in state:
+            # A checkpoint from before the bound: its model's data-named features are adopted.
+            self._one_hot = FeatureBound(self.spec.max_one_hot, self._serving)
+            self._one_hot.adopt(
+                name
+                for name in model_feature_names(self.model)
+                if isinstance(name, str) and name.startswith(("cat=", "pay="))
+            )
+
+    def _serving(self) -> Any:
+        """The model (an ``AdaptiveModel`` holds its candidate and fallback too)."""
+        return self.model
+
+    # -- introspection (tests, the flood bench; not for the hot path) -------------------------
+
+    def state_sizes(self) -> dict[str, int]:
+        """Entries held by every per-key structure, and the model's largest table."""
+        return {
+            "users": len(self._users),
+            "pending": len(self.joins),
+            "payments": len(self._payments),
+            "one_hot": len(self._one_hot),
+            "model_table": max(model_table_sizes(self.model).values(), default=0),
+        }
