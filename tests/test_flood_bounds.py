@@ -22,7 +22,7 @@ from stream.learners.pricing import PricingLearner
 from stream.learners.recommendation import RecommendationLearner
 from stream.learners.risk import RiskLearner
 from stream.pipeline import Pipeline
-from stream.replay import RecordedMessage
+from stream.recording import RecordedMessage
 
 TOPICS = {"clicks": "clicks", "purchases": "purchases", "prices": "prices", "fraud_labels": "fraud-labels"}
 T0 = 1_700_000_000_000
