@@ -33,8 +33,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +46,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from stream import faults
+from stream.checkpoint_topic import checkpoint_storage
 from stream.config import Config, build_learners
 from stream.errors import FatalError
 from stream.kafka import (
@@ -66,6 +69,7 @@ from stream.state import (
     CheckpointError,
     CheckpointInfo,
     CheckpointStore,
+    LocalStorage,
     Offsets,
     StateError,
     StoredRecord,
@@ -167,7 +171,7 @@ class Application:
         self.exactly_once = config.processing.guarantee == "exactly_once"
         self.instance_id = instance_id(config)
         self.lease_topic = lease_topic(config)
-        self.store = CheckpointStore.for_config(config, self.instance_id)
+        self.store = CheckpointStore.for_config(config, self.instance_id, storage=checkpoint_storage(config))
         #: Identifier fields masked at decode ([privacy]); the key is read and checked here, at start-up.
         self.privacy = Pseudonymizer.from_config(config)
         #: Untrained copies: a fresh start after a deactivation must not reuse stale learners.
@@ -954,14 +958,19 @@ class Application:
         only, not for pickling a model that grows with the users. The child touches no
         Kafka client, lock or log; it reports on a pipe and leaves with ``os._exit``."""
         holdout = self._holdout()
+        # The child must not touch a Kafka client (librdkafka is not fork-safe): with the
+        # checkpoints in a topic it pickles to a local spool file, and the parent uploads it.
+        remote = not isinstance(self.store.storage, LocalStorage)
+        seq = self.store.next_seq() if remote else None
+        spool = LocalStorage(tempfile.mkdtemp(prefix="stream-checkpoint-")) if remote else None
         read_fd, write_fd = os.pipe()
         started = time.perf_counter()
         pid = os.fork()
         if pid == 0:
             os.close(read_fd)
-            _checkpoint_child(self.store, self.learners, offsets, holdout, write_fd)
+            _checkpoint_child(self.store, self.learners, offsets, holdout, write_fd, seq, spool)
         os.close(write_fd)
-        self._background = _Background(pid, read_fd, offsets, time.perf_counter() - started)
+        self._background = _Background(pid, read_fd, offsets, time.perf_counter() - started, spool)
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
 
@@ -983,6 +992,8 @@ class Application:
             doc = json.loads(raw) if raw else {}
         except ValueError:
             doc = {}
+        if status == 0 and "name" in doc and bg.spool is not None:
+            doc = self._upload(bg.spool, doc)
         if status != 0 or "name" not in doc:
             self._warn(
                 "checkpoint",
@@ -1007,6 +1018,16 @@ class Application:
         if self.metrics is not None:
             self.metrics.checkpoint_saved(doc["created_at"])
         self._prune_keeping(doc["name"])
+
+    def _upload(self, spool: LocalStorage, doc: dict[str, Any]) -> dict[str, Any]:
+        """Move a spooled checkpoint file to the store's (remote) storage; the report, or an error."""
+        try:
+            self.store.storage.write(doc["name"], spool.read(doc["name"]))
+            return doc
+        except OSError as exc:
+            return {"error": f"uploading {doc['name']} to {self.store.describe()}: {exc}"}
+        finally:
+            shutil.rmtree(spool.root, ignore_errors=True)
 
     def _write_checkpoint(self, offsets: Offsets, reason: str) -> CheckpointInfo:
         self._reap_checkpoint(wait=True)  # one writer at a time: sequence numbers stay in order
@@ -1111,17 +1132,25 @@ class _Background(NamedTuple):
     fd: int  # read end of the child's report pipe
     offsets: Offsets
     pause_s: float  # what the fork cost the loop
+    #: Remote storage (a Kafka topic): the child writes here, the parent uploads when it reaps.
+    spool: LocalStorage | None = None
 
 
 def _checkpoint_child(
-    store: CheckpointStore, learners: Sequence[Learner], offsets: Offsets, holdout: list[StoredRecord], fd: int
+    store: CheckpointStore,
+    learners: Sequence[Learner],
+    offsets: Offsets,
+    holdout: list[StoredRecord],
+    fd: int,
+    seq: int | None = None,
+    spool: LocalStorage | None = None,
 ) -> NoReturn:
     """In the forked child: write the checkpoint, report it on ``fd``, and leave with
     ``os._exit`` (no atexit handlers, no flushing of the parent's buffers or clients)."""
     code = 1
     try:
         started = time.perf_counter()
-        info = store.write(learners, offsets, reason="periodic", holdout=holdout)
+        info = store.write(learners, offsets, reason="periodic", holdout=holdout, seq=seq, storage=spool)
         report = {"name": info.name, "seq": info.seq, "bytes": info.payload_length, "created_at": info.created_at,
                   "seconds": round(time.perf_counter() - started, 4)}  # fmt: skip
         code = 0

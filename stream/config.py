@@ -247,8 +247,15 @@ class MetricsConfig(_Section):
 class CheckpointsConfig(_Section):
     """Where and how often the learners' state is checkpointed (see stream.state, docs/guarantees.md)."""
 
+    #: Where checkpoints live: a directory ("directory": ``dir``, local or a mount shared by the
+    #: instances) or a compacted Kafka topic ("kafka": ``topic``; no shared filesystem needed).
+    storage: Literal["directory", "kafka"] = "directory"
     #: Directory (local or a mount shared by the instances); checkpoints go in ``<dir>/<group_id>/``.
     dir: str = "var/checkpoints"
+    #: The compacted checkpoint topic (created if missing). Empty: ``<group_id>.checkpoints``.
+    topic: str = ""
+    #: Checkpoints are split into records of this many bytes (under the brokers' message.max.bytes).
+    chunk_bytes: Annotated[int, msgspec.Meta(ge=16 * 1024, le=8 * 1024 * 1024)] = 512 * 1024
     #: A checkpoint is written at the first commit after this many events ...
     every_events: PositiveInt = 100_000
     #: ... or this many seconds (whichever comes first), and always on lease hand-over and shutdown.

@@ -31,6 +31,7 @@ from typing import Any
 
 from river import base as river_base
 
+from stream.checkpoint_topic import checkpoint_storage
 from stream.config import Config
 from stream.state import (
     Checkpoint,
@@ -57,7 +58,7 @@ EXIT_MISSING = 5
 
 
 def _store(config: Config) -> CheckpointStore:
-    return CheckpointStore.for_config(config, instance_id="cli")
+    return CheckpointStore.for_config(config, instance_id="cli", storage=checkpoint_storage(config))
 
 
 GroupState = tuple[dict[tuple[str, int], int | None], dict[tuple[str, int], int], int]

@@ -655,12 +655,18 @@ class CheckpointStore:
 
     @classmethod
     def for_config(
-        cls, config: Any, instance_id: str = "", keys: CheckpointKeys | bool | None = True
+        cls,
+        config: Any,
+        instance_id: str = "",
+        keys: CheckpointKeys | bool | None = True,
+        storage: Storage | None = None,
     ) -> CheckpointStore:
-        """The configured group's store; ``keys=True``: from :func:`load_keys` (validated, warns if none)."""
+        """The configured group's store; ``keys=True``: from :func:`load_keys` (validated, warns if none);
+        ``storage`` None: the group's directory (``stream.checkpoint_topic.checkpoint_storage`` picks
+        the configured one)."""
         resolved = load_keys(config) if keys is True else (keys or None)
-        storage = LocalStorage(checkpoint_dir(config))
-        return cls(storage, group_id=config.kafka.group_id, instance_id=instance_id, keys=resolved)
+        where = storage if storage is not None else LocalStorage(checkpoint_dir(config))
+        return cls(where, group_id=config.kafka.group_id, instance_id=instance_id, keys=resolved)
 
     def describe(self) -> str:
         return self.storage.describe()
@@ -677,7 +683,8 @@ class CheckpointStore:
         found = [(s, n) for n in self.storage.names() if (s := self.seq_of(n)) is not None]
         return [n for _, n in sorted(found, reverse=True)]
 
-    def _next_seq(self) -> int:
+    def next_seq(self) -> int:
+        """The next sequence number (reserved: the next call returns a higher one)."""
         if self._seq is None:
             names = self.names()
             self._seq = (self.seq_of(names[0]) or 0) if names else 0
@@ -699,13 +706,17 @@ class CheckpointStore:
         reason: str,
         holdout: Sequence[StoredRecord] = (),
         origin: dict[str, Any] | None = None,
+        seq: int | None = None,
+        storage: Storage | None = None,
     ) -> CheckpointInfo:
-        seq = self._next_seq()
+        """Write a checkpoint; ``seq`` reserved beforehand by :meth:`next_seq` and ``storage``
+        other than the store's: a forked writer spooling to a local file for the parent to upload."""
+        seq = self.next_seq() if seq is None else seq
         info, data = build(
             f"ckpt-{seq:012d}-{self._token}.ckpt", seq, learners, offsets, reason=reason, holdout=holdout,
             origin=origin, instance_id=self.instance_id, group_id=self.group_id, keys=self.keys,
         )
-        self.storage.write(info.name, data)
+        (storage if storage is not None else self.storage).write(info.name, data)
         return info
 
     # -- read
