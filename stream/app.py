@@ -46,6 +46,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from stream import faults
+from stream.alignment import Aligner
 from stream.checkpoint_topic import checkpoint_storage
 from stream.config import Config, build_learners
 from stream.errors import FatalError
@@ -206,6 +207,10 @@ class Application:
         self._holdout_seed: list[StoredRecord] = []
         self._background: _Background | None = None
         self._recent: collections.deque[list[Message]] = collections.deque()
+        #: Releases fetched records across partitions in event-time order (None: fetch order).
+        self._aligner: Aligner[Message] | None = (
+            Aligner(config.processing.align_wait_ms / 1000.0, self._lagging) if config.processing.align else None
+        )
         self._recent_n = 0
         #: Size budget of one dead letter (known at start-up, lowered if a delivery still fails as too large).
         self._dl_budget = DeadLetterBudget()
@@ -491,6 +496,9 @@ class Application:
         self._catchup = {k: c for k, c in committed.items() if c is not None and c > start[k]}
         self._offsets = dict(start)
         self._assignment = [TopicPartition(t, p, start[(t, p)]) for t, p in tps]
+        if self._aligner is not None:
+            self._aligner.clear()
+            self._aligner.assign(tps)
         self._recent.clear()
         self._recent_n = 0
         self._since_checkpoint = 0
@@ -621,6 +629,8 @@ class Application:
             with contextlib.suppress(KafkaException):
                 self.consumer.unassign()
         self._assignment = []
+        if self._aligner is not None:
+            self._aligner.clear()
         self._catchup = {}
         self._active = False
         log.info("deactivated", extra={"committed": committed})
@@ -641,10 +651,15 @@ class Application:
         next_commit = time.monotonic() + interval
         # Time inside the process is measured per batch, not per record (amortised).
         on_batch = self.metrics.batch_processed if self.metrics is not None else None
+        aligner = self._aligner
         while not self._stop.is_set() and self._active:
             # What is already fetched, without waiting for a full batch (the latency of a
             # consume(n, timeout) that waits for n); if nothing is, block for the first record.
             batch = consume(batch_size, 0) or consume(1, timeout)
+            if aligner is not None:
+                for failed in aligner.add(batch):
+                    self._consume_error(failed)
+                batch = aligner.release()
             if batch:
                 started = time.perf_counter()
                 if self._catchup or faults.ARMED:
@@ -672,6 +687,18 @@ class Application:
             if time.monotonic() >= next_commit:
                 self.commit()
                 next_commit = time.monotonic() + interval
+
+    def _lagging(self, tp: TP) -> bool:
+        """Whether the broker holds records of ``tp`` this consumer has not fetched yet (from the
+        high watermark of its last fetch; unknown before the first one counts as lagging). A lag
+        of one is a transaction marker at the end of a transactional input, not a record."""
+        assert self.consumer is not None
+        part = TopicPartition(*tp)
+        _, high = self.consumer.get_watermark_offsets(part, cached=True)
+        if high < 0:
+            return True
+        position = self.consumer.position([part])[0].offset
+        return position >= 0 and high - position > 1
 
     def _process_slow(self, batch: list[Message]) -> None:
         """The loop body while some partition is relearning up to its committed
@@ -739,6 +766,9 @@ class Application:
         for tp in self.consumer.position(self._assignment):
             if tp.offset >= 0:
                 self._offsets[(tp.topic, tp.partition)] = tp.offset
+        if self._aligner is not None:
+            # Fetched but not released (so neither learned nor published): read again after a restart.
+            self._offsets.update(self._aligner.pending())
         if self._catchup:
             # A partition can end on a transaction marker, never yielding a record at its target.
             for key, target in list(self._catchup.items()):
@@ -895,6 +925,8 @@ class Application:
             with contextlib.suppress(KafkaException):
                 self.consumer.unassign()
         self._assignment = []
+        if self._aligner is not None:
+            self._aligner.clear()
         self._catchup = {}
         # Keep the producer (not fenced): the next activation reuses it.
         self._active = False

@@ -215,6 +215,12 @@ class ProcessingConfig(_Section):
     max_value_bytes: PositiveInt = 64 * 1024
     #: Budget for draining and committing after SIGTERM.
     shutdown_timeout_s: PositiveFloat = 10.0
+    #: Learn the partitions one consumer reads in event-time order (the record timestamps), not
+    #: in fetch order: a backlog is learned as the same events arriving live would be.
+    align: bool = True
+    #: An empty partition that the broker still has records for holds the others back at most
+    #: this long (Kafka Streams' max.task.idle.ms); caught-up partitions never wait.
+    align_wait_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 500
 
 
 class MetricsConfig(_Section):
