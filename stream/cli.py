@@ -24,6 +24,17 @@ from stream.config import Config, ConfigError, load_config, scrub
 from stream.demo import run_demo
 from stream.errors import StreamError
 from stream.logs import setup_logging
+from stream.model_admin import (
+    EXIT_REFUSED,
+    CheckpointError,
+    GroupAccess,
+    StateError,
+    export_model,
+    import_model,
+    list_models,
+    rollback,
+    sign,
+)
 from stream.replay import record, replay
 from stream.simulate import SimConfig, Simulation, produce_to_kafka, write_recording
 
@@ -312,6 +323,124 @@ def _add_replay_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     demo.set_defaults(handler=cmd_demo)
 
 
+# -- model list, export, import, rollback, sign ----------------------------------------------
+
+
+def _model_handler(fn: Callable[[argparse.Namespace, Config], int]) -> Handler:
+    """``fn`` with the configuration of its arguments; a refused or unreadable checkpoint exits 4."""
+
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            return fn(args, _config(args))
+        except (StateError, CheckpointError, OSError) as exc:
+            print(f"stream: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+
+    return handler
+
+
+def cmd_model_list(args: argparse.Namespace, config: Config) -> int:
+    """``stream model list``: see ``stream model list --help``."""
+    listing = list_models(config, offline=args.offline)
+    print(listing.json() if args.json else listing.text())
+    return 0
+
+
+def cmd_model_export(args: argparse.Namespace, config: Config) -> int:
+    """``stream model export``: see ``stream model export --help``."""
+    return export_model(config, Path(args.out), version=args.version, learner=args.learner, fmt=args.format)
+
+
+def cmd_model_import(args: argparse.Namespace, config: Config) -> int:
+    """``stream model import``: see ``stream model import --help``."""
+    return import_model(
+        config,
+        args.path,
+        learner=args.learner,
+        at_committed=args.at_committed,
+        trust_pickle=args.trust_pickle,
+        access=GroupAccess(offline=args.offline, force=args.force),
+    )
+
+
+def cmd_model_rollback(args: argparse.Namespace, config: Config) -> int:
+    """``stream model rollback``: see ``stream model rollback --help``."""
+    access = GroupAccess(offline=args.offline, force=args.force)
+    return rollback(config, to=args.to, learner=args.learner, access=access)
+
+
+def cmd_model_sign(args: argparse.Namespace, config: Config) -> int:
+    """``stream model sign``: see ``stream model sign --help``."""
+    return sign(config, version=args.version)
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    model = sub.add_parser("model", help="list, export, import or roll back the checkpointed models")
+    actions = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+
+    def common(p: argparse.ArgumentParser, *, offline: bool = True) -> None:
+        _add_kafka_args(p)
+        if offline:
+            p.add_argument("--offline", action="store_true", help="do not contact the broker")
+
+    force_help = "install even if holdout validation refuses it, or the group is live"
+    p = actions.add_parser("list", help="checkpoints (versions) with time, offsets, model versions and rolling quality")
+    common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output (the verified headers)")
+    p.set_defaults(handler=_model_handler(cmd_model_list))
+
+    p = actions.add_parser("export", help="write a checkpoint (or one learner's River model) to a file")
+    common(p, offline=False)
+    p.add_argument("--out", required=True, metavar="PATH")
+    p.add_argument("--learner", metavar="NAME", help="only this learner")
+    p.add_argument("--version", type=int, metavar="N", help="checkpoint version (default: the newest valid)")
+    p.add_argument(
+        "--format",
+        choices=("checkpoint", "pickle"),
+        default="checkpoint",
+        help="a verified checkpoint file (default), or the bare pickled River model of --learner",
+    )
+    p.set_defaults(handler=_model_handler(cmd_model_export))
+
+    p = actions.add_parser("import", help="serve a model trained elsewhere (checkpoint file or pickled River model)")
+    common(p)
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--learner", metavar="NAME", help="the learner whose model is replaced")
+    p.add_argument("--force", action="store_true", help=force_help)
+    p.add_argument(
+        "--at-committed",
+        action="store_true",
+        help="with no checkpoint yet: serve from the committed offsets (default: learn from the beginning)",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="the file is trusted: load a bare pickle (unpickling runs its code), or a checkpoint not "
+        "signed by this deployment's key; without it both are refused",
+    )
+    p.set_defaults(handler=_model_handler(cmd_model_import))
+
+    p = actions.add_parser("rollback", help="serve the model of an earlier checkpoint version again")
+    common(p)
+    p.add_argument("--to", type=int, required=True, metavar="VERSION", help="checkpoint version (see `model list`)")
+    p.add_argument("--learner", metavar="NAME", help="only this learner (default: all)")
+    p.add_argument("--force", action="store_true", help=force_help)
+    p.set_defaults(handler=_model_handler(cmd_model_rollback))
+
+    p = actions.add_parser(
+        "sign",
+        help="sign checkpoints in the directory with the current checkpoint key (you vouch for them)",
+        description="Sign the group's checkpoints with the first configured key: to enable a key on an existing "
+        "deployment, or to re-sign after a rotation. Lengths and checksums are verified, nothing is unpickled. "
+        "Only sign files you know the service wrote.",
+    )
+    common(p, offline=False)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every checkpoint of the group")
+    which.add_argument("--version", type=int, metavar="N", help="only this checkpoint version")
+    p.set_defaults(handler=_model_handler(cmd_model_sign))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stream", description="River online learners fed by Kafka event streams.")
     parser.add_argument("--version", action="version", version=f"stream {__version__} (river {river.__version__})")
@@ -338,10 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kafka_args(create)
     create.set_defaults(handler=cmd_topics_create)
     _add_replay_commands(sub)
-    # `stream model list|export|import|rollback`: checkpointed models (stream.model_admin).
-    from stream.model_admin import add_model_commands
-
-    add_model_commands(sub, _add_kafka_args, _config)
+    _add_model_commands(sub)
     return parser
 
 

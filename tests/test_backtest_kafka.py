@@ -30,6 +30,7 @@ from stream.app import Application
 from stream.backtest import backtest, quality_of
 from stream.config import Config, load_config
 from stream.demo import isolated_config
+from stream.pipeline import BaseObserver
 from stream.recording import RecordedMessage, Recording, RecordingWriter
 from stream.replay import record, replay
 
@@ -97,7 +98,7 @@ def test_record_replay_round_trip(
     assert len(part) == sum(1 for m in clicks if m.offset() >= first.offset())
 
 
-class _Count:
+class _Count(BaseObserver):
     """Application observer: how many records the pipeline has consumed."""
 
     def __init__(self) -> None:
@@ -111,9 +112,6 @@ class _Count:
 
     def dead_lettered(self, topic: str, stage: str) -> None:
         self.processed(topic, None, None)
-
-    def published(self, learner: Any, event: Any, record: Any) -> None:
-        pass
 
     def wait_for(self, n: int, timeout_s: float, alive: Callable[[], bool]) -> None:
         deadline = time.monotonic() + timeout_s
