@@ -284,7 +284,7 @@ def test_demand_world_stocks_out_restocks_and_censors(tmp_path: Path) -> None:
     for o in demand["stockouts"]:
         end = o["end"] if o["end"] is not None else sim.truth.end_ts + 1
         sold = [ts for s, _, v, ts in events if s == "purchases" and json.loads(v)["item_id"] == o["item_id"]
-                and o["start"] < ts < end and not json.loads(v)["order_id"] in sim.truth.frauds]  # fmt: skip
+                and o["start"] < ts < end and json.loads(v)["order_id"] not in sim.truth.frauds]  # fmt: skip
         assert not sold, o
     assert list(simulate(config)) == events  # deterministic
     # The truth round-trips with its demand part, and without demand the document has none.
