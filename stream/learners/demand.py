@@ -20,8 +20,10 @@ three decays (log of the expected units over the horizon at each), time of
 day and of week of the window, the price relative to the item's reference
 price (time-weighted average) and to the competitor, a promotion flag
 (price 5 % or more below the reference), the category and the stock level.
-The default model is a Poisson regression (``LinearRegression`` with the
-``Poisson`` loss: log link, so the rates' logs act multiplicatively).
+The default model is a ``LinearRegression`` (AdaGrad) of ``log(1 + units)``
+(``target = "log1p"``; the rates' logs then act multiplicatively), each window
+weighted by its expected volume so the fit weighs items as WAPE does;
+``target = "units"`` learns raw counts (for a count loss such as Poisson).
 
 Labels come later, from the stream itself: when ``t + horizon`` has passed
 (event time), the forecast is joined to the units actually sold in its window
@@ -80,6 +82,7 @@ from stream.evaluation import Evaluation
 from stream.events import Price, Purchase
 from stream.labels import LabelJoin
 from stream.learners.base import Learner
+from stream.learners.configured import accepts_sample_weight
 from stream.models import build_model, with_seed
 
 __all__ = ["DemandForecasts", "DemandLearner", "DemandSpec", "Forecast", "Interval"]
@@ -93,12 +96,7 @@ Level = Annotated[float, msgspec.Meta(gt=0, lt=1)]
 def _default_model() -> dict[str, Any]:
     return {
         "class": "linear_model.LinearRegression",
-        "params": {
-            "loss": {"class": "optim.losses.Poisson"},
-            "optimizer": {"class": "optim.AdaGrad", "params": {"lr": 0.05}},
-            "intercept_lr": 0.05,
-            "clip_gradient": 50.0,
-        },
+        "params": {"optimizer": {"class": "optim.AdaGrad", "params": {"lr": 0.05}}, "intercept_lr": 0.01},
     }
 
 
@@ -140,6 +138,9 @@ class DemandSpec(msgspec.Struct, tag="demand", tag_field="kind", forbid_unknown_
     #: River regressor of the units sold in a window: ``{class, params}`` or a pipeline list (one per horizon).
     model: dict[str, Any] | list[dict[str, Any]] = msgspec.field(default_factory=_default_model)
     seed: int = 42
+    #: What the model learns: ``log1p`` (``log(1 + units)``, squared loss: a median-like forecast,
+    #: well conditioned for SGD whatever the item's volume) or ``units`` (for count losses, e.g. Poisson).
+    target: Literal["log1p", "units"] = "log1p"
     #: Forecast horizons (event time, seconds).
     horizons_s: list[PositiveFloat] = msgspec.field(default_factory=lambda: [3_600.0, 86_400.0])
     #: Bucket of the sales history and of the boundary forecasts.
@@ -359,6 +360,9 @@ class DemandLearner(Learner):
         #: The longest horizon's evaluation: its drift monitor is the learner's.
         self.evaluation = self.evaluations[self.labels[longest]]
         self.scores = [_Scores(spec.calibration_window) for _ in self.horizons_ms]
+        self._log_target = spec.target == "log1p"
+        self._volume = [1.0] * len(self.horizons_ms)
+        self._weighted = accepts_sample_weight(self.models[0])
         self.outcomes = [0] * len(self.horizons_ms)
         self.censored = [0] * len(self.horizons_ms)
         self.bucket_ms = int(spec.bucket_s * 1000)
@@ -579,9 +583,10 @@ class DemandLearner(Learner):
             weight = 1.0
         return total
 
-    def _features(self, it: _Item, ts: int, h_ms: int) -> dict[str, float]:
+    def _features(self, it: _Item, ts: int, h_ms: int, baseline: float) -> dict[str, float]:
         h_s = h_ms / 1000.0
         x: dict[str, float] = {
+            "naive": math.log(baseline + 0.1),
             "rate_fast": math.log(self._rate(it, 0, ts) * h_s + 0.1),
             "rate_mid": math.log(self._rate(it, 1, ts) * h_s + 0.1),
             "rate_slow": math.log(self._rate(it, 2, ts) * h_s + 0.1),
@@ -612,12 +617,14 @@ class DemandLearner(Learner):
         mus: list[float] = []
         made: list[tuple[int, float, float, float, float, dict[str, float], bool]] = []
         for k, h_ms in enumerate(self.horizons_ms):
-            x = self._features(it, ts, h_ms)
             baseline = self._baseline(it, ts, h_ms)
+            x = self._features(it, ts, h_ms, baseline)
             served = self.outcomes[k] >= spec.min_outcomes
             if served:
                 mu = self.models[k].predict_one(x)
                 mu = float(mu) if mu is not None and math.isfinite(mu) else baseline
+                if self._log_target:
+                    mu = math.expm1(min(mu, 20.0))
                 mu = min(max(mu, 0.0), 1e9)
             else:
                 mu = baseline
@@ -675,7 +682,17 @@ class DemandLearner(Learner):
             return
         ev.score("censored", 0.0)
         y = it.cum_units - p.cum_units
-        self.models[k].learn_one(p.x, float(y))
+        if self._log_target:
+            # Weighted by the window's expected volume (relative to the mean), so the log-space
+            # fit weighs items as WAPE does; otherwise the many small items shrink the large ones.
+            v = p.baseline + p.mu + 1.0
+            self._volume[k] += (v - self._volume[k]) / min(self.outcomes[k] + 1, 1000)
+            w = min(v / self._volume[k], 5.0)
+            self.models[k].learn_one(p.x, math.log1p(y), w=w) if self._weighted else self.models[k].learn_one(
+                p.x, math.log1p(y)
+            )
+        else:
+            self.models[k].learn_one(p.x, float(y))
         self.n_learned += 1
         self.outcomes[k] += 1
         ev.score("abs_error", abs(y - p.mu))
