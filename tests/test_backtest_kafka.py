@@ -104,6 +104,9 @@ class _Count:
         self.records = 0
         self.cond = threading.Condition()
 
+    def attach(self, pipeline: Any) -> None:
+        pass
+
     def processed(self, topic: str, record: Any, event: Any) -> None:
         with self.cond:
             self.records += 1
