@@ -28,6 +28,7 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -417,7 +418,10 @@ def growth_point(users: int, items: int, n: int) -> dict[str, Any]:
 def run_growth_point(users: int, items: int, n: int) -> dict[str, Any]:
     out = subprocess.run(
         pinned([sys.executable, __file__, "--growth-point", f"{users},{items},{n}"]),
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -489,8 +493,10 @@ def bench_checkpoint(max_users: int, tmp: Path) -> dict[str, Any]:
         pause_s, background_s = background_checkpoint(store, learners, seen)
         rows[str(u)] = {"checkpoint_seconds": write_s, "restore_seconds": restore_s, "size_mb": size / 2**20,
                         "background_pause_seconds": pause_s, "background_seconds": background_s}  # fmt: skip
-        log(f"checkpoint: users={u} write={write_s:.3f}s restore={restore_s:.3f}s size={size / 2**20:.1f}MB "
-            f"background: loop paused {pause_s * 1000:.1f} ms, child wrote in {background_s:.3f}s")
+        log(
+            f"checkpoint: users={u} write={write_s:.3f}s restore={restore_s:.3f}s size={size / 2**20:.1f}MB "
+            f"background: loop paused {pause_s * 1000:.1f} ms, child wrote in {background_s:.3f}s"
+        )
         u *= 10
     largest = rows[max(rows, key=int)]
     return {"checkpoint_by_users": rows, "checkpoint_seconds": largest["checkpoint_seconds"],
@@ -646,7 +652,71 @@ def bench_flood(n: int, scale: int, category_every: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main
 
 
-SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood")
+# --------------------------------------------------------------------------- 8. demand quality
+
+
+#: The demand world (SimConfig.demand): a 200-item shop whose 100k events span ~11 days of event time.
+def demand_sim_config(seed: int, events: int) -> Any:
+    from stream.world import DemandSim
+
+    return SimConfig(seed=seed, events=events, n_users=2_000, n_items=200, sessions_per_s=0.02,
+                     base_conversion=0.08, demand=DemandSim())  # fmt: skip
+
+
+def bench_demand(config: Config, seeds: Sequence[int], events: int, warn_at: float = 0.3) -> dict[str, Any]:
+    """The ``demand`` learner of the config on the demand world, per seed: WAPE and MAE
+    against the seasonal naive baseline and interval coverage per horizon (rolling: the
+    last ``evaluation_window`` windows, and cumulative), stock-out warnings
+    (``stockout_probability >= warn_at`` on the lead-time horizon, item in stock) scored
+    against the simulated stock-outs, and the learner's time per event it reads."""
+    from stream.events import Decoder, Price, Purchase
+    from stream.learners.demand import DemandSpec
+    from stream.simulate import Simulation
+
+    spec = next(s for s in config.learners.values() if isinstance(s, DemandSpec))
+    out: dict[str, Any] = {}
+    for seed in seeds:
+        sim = Simulation(demand_sim_config(seed, events))
+        raw = list(sim)
+        dp, du = Decoder(Price), Decoder(Purchase)
+        read = [dp.decode(v) if s == "prices" else du.decode(v) for s, _, v, _ in raw if s in ("prices", "purchases")]
+        learner: Any = spec.build("demand", config.input_topics())
+        lead_s = float(spec.lead_time_s)
+        lead_h = min(spec.horizons_s, key=lambda h: abs(math.log(h / lead_s)))
+        warnings: list[tuple[str, int]] = []
+        elapsed = 0.0
+        for e in read:
+            t = time.perf_counter()
+            pred = learner.predict(e)
+            learner.learn(e)
+            elapsed += time.perf_counter() - t
+            if pred is not None:
+                for f in pred.forecasts:
+                    p = f.stockout_probability
+                    if f.horizon_s == lead_h and p is not None and p >= warn_at and (f.stock or 0) > 0:
+                        warnings.append((f.item_id, f.ts))
+        q = {(m, w): v for m, w, v in learner.quality()}
+        row: dict[str, Any] = {
+            "events": events,
+            "days": (sim.truth.end_ts - sim.truth.start_ts) / 86_400_000,
+            "events_read": len(read),
+            "us_per_event_read": elapsed / len(read) * 1e6,
+        }
+        for label in learner.labels:
+            for w in ("rolling", "cumulative"):
+                wape, base = q[(f"wape_{label}", w)], q[(f"baseline_wape_{label}", w)]
+                row[f"{label}_{w}"] = {
+                    "wape": wape, "baseline_wape": base, "wape_ratio": wape / base if base else None,
+                    "mae": q[(f"mae_{label}", w)], "baseline_mae": q[(f"baseline_mae_{label}", w)],
+                    "coverage": q[(f"coverage_{label}", w)], "censored_share": q[(f"censored_share_{label}", w)],
+                }  # fmt: skip
+        row["stockouts"] = sim.truth.score_stockout_warnings(warnings, int(lead_s * 1000))
+        out[str(seed)] = row
+        log(f"8 demand seed {seed}: {json.dumps(row, default=float)}")
+    return {"demand": out}
+
+
+SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand")
 
 
 def machine() -> dict[str, Any]:
@@ -668,6 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--flood-events", type=int, default=1_500_000)
     p.add_argument("--flood-scale", type=int, default=10, help="per-key bounds divided by this in the flood")
     p.add_argument("--flood-category-every", type=int, default=8, help="a new category every N flood events")
+    p.add_argument("--demand-seeds", default="0,1,2", help="seeds of the demand quality section")
+    p.add_argument("--demand-events", type=int, default=100_000, help="events per seed of the demand section")
     p.add_argument("--growth-point", help=argparse.SUPPRESS)
     p.add_argument("--flood-point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -703,14 +775,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rate = 0.5 * fig.get("kafka_events_per_s", 5_000)
                 fig |= bench_latency(bootstrap, rate, args.latency_seconds, tmp)
                 p50, p99 = fig["latency_p50_ms"], fig["latency_p99_ms"]
-                log(f"4 latency at {rate:,.0f}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms; one plain Kafka hop: "
-                    f"p50 {fig['raw_hop_latency_p50_ms']:.1f} ms, p99 {fig['raw_hop_latency_p99_ms']:.1f} ms")
+                log(
+                    f"4 latency at {rate:,.0f}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms; one plain Kafka hop: "
+                    f"p50 {fig['raw_hop_latency_p50_ms']:.1f} ms, p99 {fig['raw_hop_latency_p99_ms']:.1f} ms"
+                )
         if "growth" not in skip:
             fig |= bench_growth(args.max_users, args.max_items)
         if "checkpoint" not in skip:
             fig |= bench_checkpoint(args.max_users, tmp)
         if "flood" not in skip:
             fig |= bench_flood(args.flood_events, args.flood_scale, args.flood_category_every)
+        if "demand" not in skip:
+            fig |= bench_demand(config, [int(x) for x in args.demand_seeds.split(",")], args.demand_events)
     limit = fig.get("limit_events_per_s")
     if limit:
         if "backtest_events_per_s" in fig:

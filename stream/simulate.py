@@ -208,11 +208,14 @@ class Simulation(World):
         c = self.config
         if not c.drifts:
             return []
-        return [
+        plan = [
             ("taste_shift", c.taste_shift_at),
             ("elasticity_change", c.elasticity_change_at),
             ("fraud_pattern", c.fraud_pattern_at),
         ]
+        if c.demand is not None:
+            plan.append(("demand_shift", c.demand.shift_at))
+        return plan
 
     def _apply_drift(self, kind: str, ts: int, state: _State) -> DriftPoint:
         c, rng, cats = self.config, self._rng_world, self.cat_names
@@ -258,6 +261,8 @@ class Simulation(World):
                 },
                 ["pricing"],
             )
+        if kind == "demand_shift" and state.demand is not None:
+            return state.demand.shift(ts)
         if kind == "fraud_pattern":
             state.fraud_pattern_b = True
             return DriftPoint(
@@ -360,6 +365,7 @@ class _State:
         self.n_session = self.n_order = self.n_new_user = self.n_new_device = 0
         self.fraud_pattern_b = False
         self.fraud_b_category = int(np.argmax(np.array([sim.list_price[ix].mean() for ix in sim.cat_items])))
+        self.demand = _Demand(sim) if c.demand is not None else None
 
     def next_seq(self, n: int) -> range:
         r = range(self.seq, self.seq + n)
@@ -373,14 +379,17 @@ class _State:
         rng = sim._rng_prices
         n = len(items)
         comp = np.round(sim.list_price[items] * sim.competitor_factor[items] * rng.uniform(0.97, 1.03, n), 2)
-        stock = rng.integers(0, 500, n)
+        stock: list[Any] = rng.integers(0, 500, n).tolist()
+        if self.demand is not None:
+            # Stock is reported by the inventory's own events (snapshot, sell-out, restock).
+            stock = self.demand.reported_stock(items)
         out = []
         cost, cat, ids, names, keys = sim.cost_l, sim.item_cat_l, sim.item_ids, sim.cat_names, sim.item_id_b
         for t, i, p, cp, st, sq in zip(
-            ts.tolist(), items.tolist(), prices.tolist(), comp.tolist(), stock.tolist(), self.next_seq(n), strict=True
+            ts.tolist(), items.tolist(), prices.tolist(), comp.tolist(), stock, self.next_seq(n), strict=True
         ):
             self.n_price += 1
-            value = enc(Price(f"pr{self.n_price}", t, ids[i], p, cost[i], cp, st, names[cat[i]]))
+            value = enc(Price(f"pr{self.n_price}", t, ids[i], p, cost[i], cp, st, names[cat[i]]))  # type: ignore[arg-type]
             out.append((t, sq, "prices", keys[i], value))
         return out
 
@@ -458,7 +467,11 @@ class _State:
             out += self._price_events(enc, change_ts[items], items, change_price[items])
 
         window_ms = t1 - t0
-        n_sess = int(rng.poisson(c.sessions_per_s * window_ms / 1000))
+        if self.demand is not None:
+            out += self.demand.restocks(self, t0, t1, enc)
+            n_sess = int(rng.poisson(c.sessions_per_s * window_ms / 1000 * self.demand.season(t0, t1)))
+        else:
+            n_sess = int(rng.poisson(c.sessions_per_s * window_ms / 1000))
         if n_sess:
             out += self._sessions(t0, t1, n_sess, enc)
         return out
@@ -503,6 +516,8 @@ class _State:
         rel = price / sim.list_price[item]
         boost = np.minimum(0.5 + sim.tastes[u, cat] * c.n_categories * 0.5, 4.0)
         p_buy = np.minimum(c.base_conversion * boost * rel ** sim.elasticity[cat] * sim.competitor_factor[item], 0.5)
+        if self.demand is not None:
+            p_buy = np.minimum(p_buy * self.demand.uplift(rel, cat), 0.5)
         buy = rng.random(n) < p_buy
         out: list[Any] = []
         seqs = self.next_seq(n)
@@ -545,7 +560,13 @@ class _State:
         else:
             labeled = np.zeros(n, dtype=bool)
             delay = np.zeros(n, dtype=np.int64)
-        out = []
+        if self.demand is not None:
+            # Stock is drawn down in event-time order.
+            order = np.argsort(ts, kind="stable")
+            ts, u, item, price, qty, pay, ship, new_device, dev, age, labeled, delay = (  # type: ignore[assignment]
+                a[order] for a in (ts, u, item, price, qty, pay, ship, new_device, dev, age, labeled, delay)
+            )
+        out: list[Any] = []
         for t, uu, it, pr, q, pm, sh, nd, dv, ag, lb, dl, sq in zip(
             ts.tolist(), u.tolist(), item.tolist(), price.tolist(), qty.tolist(), pay.tolist(), ship.tolist(),
             new_device.tolist(), dev.tolist(), age.tolist(), labeled.tolist(), delay.tolist(), self.next_seq(n),
@@ -558,6 +579,10 @@ class _State:
             else:
                 device = f"d{uu}x{dv}"
             home, dest, pm_name = COUNTRIES[sim.user_country[uu]], COUNTRIES[sh], PAYMENT_METHODS[pm]
+            if self.demand is not None:
+                q = self.demand.sell(self, enc, out, t, it, q)
+                if q == 0:
+                    continue  # out of stock: the demand is lost (censored), no order
             out.append(self._purchase(enc, t, sq, user, it, q, pr, pm_name, home, dest, round(ag, 2), device))
             if lb:
                 out.append(self._label(enc, t + dl, f"o{self.n_order}", False))
@@ -667,6 +692,118 @@ class _State:
                 # Bursts: the next order of the same attack a minute or two later.
                 t = min(t + int(rng.integers(30_000, 120_000)), t_max)
         return out
+
+
+class _Demand:
+    """Demand seasonality, promotions, stock and restocks (``SimConfig.demand``), from its own generator."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        c = sim.config
+        d = c.demand
+        assert d is not None
+        self.d = d
+        rng = sim._rng_demand
+        n = c.n_items
+        self.mult = np.ones(c.n_categories)
+        # Expected units a day per item: clicks a day x the item's share of clicks (its popularity
+        # within its category x the category's share) x conversion at list price x mean quantity.
+        clicks_per_day = c.sessions_per_s * 86_400 * c.mean_clicks
+        share = (
+            sim.popularity
+            / sim.category_weights[sim.item_cat]
+            * (sim.category_weights / sim.category_weights.sum())[sim.item_cat]
+        )
+        daily = clicks_per_day * share * c.base_conversion * sim.competitor_factor * 1.3 * 3.0  # x3: taste boost
+        self.level = np.maximum(np.ceil(daily * rng.uniform(*d.cover_days_range, n)), 3).astype(np.int64)
+        self.stock = self.level.copy()
+        period_ms = int(d.restock_every_s * 1000)
+        self.period_ms = period_ms
+        self.next_restock = c.start_ts + rng.integers(1, period_ms, n)
+        self.out_since: dict[int, int] = {}
+        self.truth: dict[str, Any] = {"stockouts": [], "restocks": [], "lost_units": 0, "sold_units": 0}
+        sim.truth.demand = self.truth
+        self._snapshot_done = False
+
+    def reported_stock(self, items: np.ndarray) -> list[int | None]:
+        if not self._snapshot_done:
+            self._snapshot_done = True
+            return self.stock[items].tolist()
+        return [None] * len(items)
+
+    def season(self, t0: int, t1: int) -> float:
+        """The session rate's multiplier over ``[t0, t1)`` (at its middle)."""
+        d = self.d
+        mid = (t0 + t1) // 2
+        hour = (mid % DAY_MS) / 3_600_000
+        weekday = (mid // DAY_MS + 3) % 7  # 1970-01-01 was a Thursday: 0 = Monday
+        daily = 1.0 + d.daily_amplitude * np.cos(2 * np.pi * (hour - d.peak_hour) / 24)
+        return float(daily * (1.0 + d.weekend_uplift if weekday >= 5 else 1.0))
+
+    def uplift(self, rel: np.ndarray, cat: np.ndarray) -> np.ndarray:
+        d = self.d
+        return np.where(rel <= d.promo_below, d.promo_uplift, 1.0) * self.mult[cat]
+
+    def sell(self, state: _State, enc: Any, out: list[Any], t: int, item: int, q: int) -> int:
+        """Units of ``q`` sold from stock at ``t`` (0: out of stock); a sell-out is reported."""
+        have = int(self.stock[item])
+        sold = min(q, have)
+        self.truth["lost_units"] += q - sold
+        if sold == 0:
+            return 0
+        self.stock[item] = have - sold
+        self.truth["sold_units"] += sold
+        if have == sold:
+            self.out_since[item] = t
+            self.truth["stockouts"].append({"item_id": self.sim.item_ids[item], "start": t, "end": None})
+            out.append(self._stock_event(state, enc, t, item, 0))
+        return sold
+
+    def restocks(self, state: _State, t0: int, t1: int, enc: Any) -> list[Any]:
+        """Periodic review: items due in ``[t0, t1)`` are filled up to their level."""
+        due = np.flatnonzero(self.next_restock < t1)
+        out: list[Any] = []
+        for i in due.tolist():
+            t = max(int(self.next_restock[i]), t0)
+            self.next_restock[i] += self.period_ms
+            self.stock[i] = self.level[i]
+            self.truth["restocks"].append({"item_id": self.sim.item_ids[i], "ts": t})
+            start = self.out_since.pop(i, None)
+            if start is not None:
+                for o in reversed(self.truth["stockouts"]):
+                    if o["item_id"] == self.sim.item_ids[i] and o["end"] is None:
+                        o["end"] = t
+                        break
+            out.append(self._stock_event(state, enc, t, i, int(self.level[i])))
+        return out
+
+    def _stock_event(self, state: _State, enc: Any, t: int, i: int, stock: int) -> Any:
+        sim = self.sim
+        price = float(state.price_at(np.array([i]), np.array([t]))[0])
+        comp = round(float(sim.list_price[i] * sim.competitor_factor[i]), 2)
+        state.n_price += 1
+        value = enc(
+            Price(f"pr{state.n_price}", t, sim.item_ids[i], price, sim.cost_l[i], comp, stock,
+                  sim.cat_names[sim.item_cat_l[i]])
+        )  # fmt: skip
+        return (t, state.next_seq(1)[0], "prices", sim.item_id_b[i], value)
+
+    def shift(self, ts: int) -> DriftPoint:
+        sim, d = self.sim, self.d
+        n_cat = len(sim.cat_names)
+        affected = np.flatnonzero(sim._rng_demand.random(n_cat) < d.shift_share)
+        if len(affected) == 0:
+            affected = np.array([0])
+        self.mult[affected] *= d.shift_factor
+        return DriftPoint(
+            "demand_shift",
+            ts,
+            None,
+            ["purchases"],
+            f"demand x{d.shift_factor} in {len(affected)} categories",
+            {"categories": [sim.cat_names[int(k)] for k in affected], "factor": d.shift_factor},
+            ["demand"],
+        )
 
 
 def simulate(config: SimConfig) -> Iterator[SimEvent]:

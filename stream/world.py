@@ -15,6 +15,7 @@ against them. ``stream.simulate`` runs the world forward into events.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ import numpy as np
 
 __all__ = [
     "STREAMS",
+    "DemandSim",
     "DetectionScore",
     "DriftPoint",
     "GroundTruth",
@@ -55,6 +57,34 @@ BAD_KINDS = ("invalid_json", "non_utf8", "missing_field", "negative_price")
 
 DAY_MS = 86_400_000
 NEVER = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemandSim:
+    """The demand and inventory a planner recognises (``SimConfig.demand``; off by default).
+
+    Sessions follow a daily and weekly cycle, a price well below list (a
+    promotion) sells more than the elasticity alone says, every item has a
+    stock that sales draw down and a periodic restock (order-up-to a level of
+    ``cover_days_range`` days of its expected demand, every ``restock_every_s``),
+    an item out of stock sells nothing (its demand is lost: censored), and at
+    ``shift_at`` the demand of some categories shifts by ``shift_factor``.
+    Drawn from a generator of its own, so the other streams' draws do not move.
+    """
+
+    #: Session rate x (1 + a cos(2 pi (hour - peak_hour) / 24)).
+    daily_amplitude: float = 0.6
+    peak_hour: float = 20.0
+    #: Saturday and Sunday sessions x (1 + weekend_uplift).
+    weekend_uplift: float = 0.3
+    #: Conversion x this while an item's price is at most ``promo_below`` x its list price.
+    promo_uplift: float = 1.5
+    promo_below: float = 0.9
+    restock_every_s: float = 4 * 86_400.0
+    cover_days_range: tuple[float, float] = (1.5, 6.0)
+    shift_at: float = 0.5
+    shift_share: float = 0.5
+    shift_factor: float = 1.8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +143,8 @@ class SimConfig:
     window_s: float | None = None
     #: Sessions end after this long (event time) at the latest.
     max_session_s: float = 1200.0
+    #: Demand seasonality, promotions, stock-outs and restocks (None: off, the streams as before).
+    demand: DemandSim | None = None
 
     def __post_init__(self) -> None:
         if (self.events is None) == (self.duration_s is None):
@@ -131,7 +163,10 @@ class SimConfig:
             raise ValueError("elasticities must be < -1 (an optimal price exists only then)")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["demand"] is None:
+            del out["demand"]  # off: the documents stay byte-identical to those before it existed
+        return out
 
     @property
     def block_s(self) -> float:
@@ -214,6 +249,9 @@ class GroundTruth:
         self._item_index = {item: i for i, item in enumerate(self.item_ids)}
         self._user_index = {user: i for i, user in enumerate(self.user_ids)}
         self._cat_index = {c: i for i, c in enumerate(self.categories)}
+        #: With ``SimConfig.demand``: ``{"stockouts": [{"item_id", "start", "end"}], "restocks",
+        #: "lost_units", "sold_units"}`` (``end`` None while still out at the end).
+        self.demand: dict[str, Any] | None = None
 
     # -- the world at a point in event time --------------------------------------
 
@@ -349,6 +387,65 @@ class GroundTruth:
             scored.append(row)
         return DetectionScore(drifts=scored, false_alarms=len(detections) - len(used), detections=len(detections))
 
+    def score_stockout_warnings(self, warnings: Sequence[tuple[str, int]], lead_ms: int) -> dict[str, Any] | None:
+        """Score stock-out warnings ``(item_id, ts)`` against the simulated stock-outs
+        (None without ``SimConfig.demand``). Per item, a stock cycle runs from one
+        restock to the next; a stock-out is **warned** if a warning came in its
+        cycle at least ``lead_ms`` before it ran out (``lead_ms_median``: from the
+        cycle's first warning); a cycle with warnings (made while in stock) is a
+        **true** warning if it ran out, a false one if it was restocked first.
+        Cycles whose first warning came less than ``lead_ms`` before the end of
+        the stream are left out (their outcome is unknown).
+
+        >>> t = GroundTruth.__new__(GroundTruth); t.start_ts, t.end_ts = 0, 100
+        >>> t.demand = {"stockouts": [{"item_id": "a", "start": 50, "end": 60}],
+        ...             "restocks": [{"item_id": "a", "ts": 60}, {"item_id": "b", "ts": 40}]}
+        >>> s = t.score_stockout_warnings([("a", 30), ("a", 45), ("b", 20), ("b", 95)], lead_ms=10)
+        >>> s["recall"], s["precision"], s["lead_ms_median"]
+        (1.0, 0.5, 20.0)
+        """
+        if self.demand is None:
+            return None
+        restocks: dict[str, list[int]] = {}
+        for r in self.demand["restocks"]:
+            restocks.setdefault(r["item_id"], []).append(r["ts"])
+        outs: dict[str, list[int]] = {}
+        for o in self.demand["stockouts"]:
+            outs.setdefault(o["item_id"], []).append(o["start"])
+        warned_at: dict[str, list[int]] = {}
+        for item, ts in warnings:
+            warned_at.setdefault(item, []).append(ts)
+        n_outs = warned = true = false = 0
+        leads: list[int] = []
+        for item in set(outs) | set(warned_at):
+            bounds = [self.start_ts, *sorted(restocks.get(item, [])), NEVER]
+            starts = sorted(outs.get(item, []))
+            ws = sorted(warned_at.get(item, []))
+            for c0, c1 in itertools.pairwise(bounds):
+                out = next((s for s in starts if c0 <= s < c1), None)
+                cut = out if out is not None else c1
+                mine = [w for w in ws if c0 <= w < cut]
+                if out is not None:
+                    n_outs += 1
+                    if mine and mine[0] <= out - lead_ms:
+                        warned += 1
+                    if mine:
+                        leads.append(out - mine[0])
+                if mine and (out is not None or mine[0] <= self.end_ts - lead_ms):
+                    if out is not None:
+                        true += 1
+                    else:
+                        false += 1
+        return {
+            "stockouts": n_outs,
+            "warned_ahead": warned,
+            "recall": warned / n_outs if n_outs else None,
+            "warned_cycles": true + false,
+            "precision": true / (true + false) if true + false else None,
+            "lead_ms_median": float(np.median(leads)) if leads else None,
+            "lead_ms": lead_ms,
+        }
+
     # -- persistence -------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -392,6 +489,7 @@ class GroundTruth:
             ],
             "fraud": {"orders": self.orders, "frauds": self.frauds},
             "bad_records": self.bad_records,
+            **({"demand": self.demand} if self.demand is not None else {}),
         }
 
     def save(self, path: str | Path) -> None:
@@ -404,6 +502,9 @@ class GroundTruth:
         if doc.get("format") != "stream-simulation-truth":
             raise ValueError(f"{path}: not a simulation ground-truth file")
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items()}
+        if isinstance(fields.get("demand"), dict):
+            demand = {k: tuple(v) if isinstance(v, list) else v for k, v in fields["demand"].items()}
+            fields["demand"] = DemandSim(**demand)  # type: ignore[arg-type]
         config = SimConfig(**fields)
         cats = doc["categories"]
         cat_index = {c: i for i, c in enumerate(cats)}
@@ -427,6 +528,8 @@ class GroundTruth:
         truth.orders = doc["fraud"]["orders"]
         truth.frauds = doc["fraud"]["frauds"]
         truth.bad_records = doc["bad_records"]
+        if "demand" in doc:
+            truth.demand = doc["demand"]
         for d in doc["drifts"]:
             point = DriftPoint(
                 d["kind"], d["ts"], d["index"], d["streams"], d["description"], d["details"], d.get("learners", [])
@@ -467,6 +570,8 @@ class World:
         self._rng_world, self._rng_sessions, self._rng_prices, self._rng_fraud, self._rng_bad, self._rng_labels = (
             np.random.default_rng(s) for s in seeds
         )
+        # The demand world's own generator (the seventh child: the six above are unchanged).
+        self._rng_demand = np.random.default_rng(np.random.SeedSequence(c.seed).spawn(7)[6])
         self._build_world()
 
     # -- the world ---------------------------------------------------------------

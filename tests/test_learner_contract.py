@@ -67,6 +67,28 @@ class RiskFields(msgspec.Struct):
     source: Literal["model", "anomaly"]
 
 
+class DemandInterval(msgspec.Struct):
+    low: float
+    high: float
+    level: float
+
+
+class DemandForecast(msgspec.Struct):
+    item_id: str
+    horizon_s: float
+    expected_units: float
+    interval: DemandInterval
+    stock: int | None
+    hours_of_cover: float | None
+    stockout_probability: float | None
+    reorder_suggestion: int
+    source: Literal["model", "baseline"]
+
+
+class DemandFields(msgspec.Struct):
+    forecasts: list[DemandForecast]
+
+
 class RegressionFields(msgspec.Struct):
     value: float
 
@@ -137,6 +159,7 @@ CASES = [
     Case("risk", {"kind": "risk", "min_labels": 20, "min_fraud_labels": 3}, RiskFields, labels="fraud_labels"),
     Case("custom_binary_joined", FRAUD_GUESS, BinaryFields, labels="fraud_labels"),
     Case("custom_regression", BASKET_SIZE, RegressionFields),
+    Case("demand", {"kind": "demand", "min_outcomes": 20, "horizons_s": [600, 3600], "bucket_s": 300}, DemandFields),
     Case("custom_multiclass", NEXT_CATEGORY, MulticlassFields),
 ]
 

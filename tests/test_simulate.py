@@ -261,3 +261,34 @@ def test_taste_hit_rate_against_truth() -> None:
     assert truth.taste_hit_rate(user, liked, truth.start_ts) == 1.0
     assert truth.taste_hit_rate(user, other, truth.start_ts) == 0.0
     assert truth.taste_hit_rate("nobody", liked, truth.start_ts) is None
+
+
+# -- demand (SimConfig.demand) ------------------------------------------------------
+
+
+def test_demand_world_stocks_out_restocks_and_censors(tmp_path: Path) -> None:
+    from stream.world import DemandSim
+
+    config = SimConfig(seed=2, events=20_000, n_users=500, n_items=60, sessions_per_s=0.05, demand=DemandSim())
+    sim = Simulation(config)
+    events = list(sim)
+    demand = sim.truth.demand
+    assert demand is not None and demand["stockouts"] and demand["restocks"] and demand["lost_units"] > 0
+    assert "demand_shift" in [d.kind for d in sim.truth.drifts]
+    # Every sell-out is reported as a price event with stock 0 at its time.
+    zero = {
+        (json.loads(v)["item_id"], ts) for s, _, v, ts in events if s == "prices" and json.loads(v).get("stock") == 0
+    }
+    assert {(o["item_id"], o["start"]) for o in demand["stockouts"]} <= zero
+    # No item sells while it is out of stock (its demand is lost).
+    for o in demand["stockouts"]:
+        end = o["end"] if o["end"] is not None else sim.truth.end_ts + 1
+        sold = [ts for s, _, v, ts in events if s == "purchases" and json.loads(v)["item_id"] == o["item_id"]
+                and o["start"] < ts < end and json.loads(v)["order_id"] not in sim.truth.frauds]  # fmt: skip
+        assert not sold, o
+    assert list(simulate(config)) == events  # deterministic
+    # The truth round-trips with its demand part, and without demand the document has none.
+    sim.truth.save(tmp_path / "truth.json")
+    loaded = GroundTruth.load(tmp_path / "truth.json")
+    assert loaded.demand == json.loads(json.dumps(demand)) and loaded.config == config
+    assert "demand" not in Simulation(SMALL).truth.to_dict()["config"]

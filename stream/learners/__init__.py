@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from stream.learners.base import Learner
 from stream.learners.configured import CustomSpec
+from stream.learners.demand import DemandSpec
 from stream.learners.pricing import PricingSpec
 from stream.learners.recommendation import RecommendationSpec
 from stream.learners.risk import RiskSpec
@@ -15,7 +16,7 @@ from stream.learners.risk import RiskSpec
 __all__ = ["Learner", "LearnerSpec", "build_learner"]
 
 #: Tagged on ``kind``; each spec validates itself and builds its learner.
-LearnerSpec = CustomSpec | PricingSpec | RecommendationSpec | RiskSpec
+LearnerSpec = CustomSpec | PricingSpec | RecommendationSpec | RiskSpec | DemandSpec
 
 
 def build_learner(name: str, spec: LearnerSpec, topics: dict[str, str]) -> Learner:
