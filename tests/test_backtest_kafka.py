@@ -105,9 +105,6 @@ class _Count(BaseObserver):
         self.records = 0
         self.cond = threading.Condition()
 
-    def attach(self, pipeline: Any) -> None:
-        pass
-
     def processed(self, topic: str, record: Any, event: Any) -> None:
         with self.cond:
             self.records += 1
