@@ -66,8 +66,9 @@ class Aligner(Generic[M]):
         self.lagging = lagging
         self.clock = clock
         self._buffers: dict[TP, deque[M]] = {}
-        #: Empty partitions and since when (clock), to bound how long they block.
-        self._empty_since: dict[TP, float] = {}
+        #: Empty partitions and since when (clock) they hold the others back, to bound it; None
+        #: until they first do (the wait starts when a record is held, not at assignment).
+        self._empty_since: dict[TP, float | None] = {}
         #: Heads of the non-empty buffers: (timestamp, arrival sequence, partition).
         self._heads: list[tuple[int, int, TP]] = []
         self._seq = 0
@@ -75,11 +76,10 @@ class Aligner(Generic[M]):
 
     def assign(self, tps: Iterable[TP]) -> None:
         """Track these partitions (those never fetched block like emptied ones)."""
-        now = self.clock()
         for tp in tps:
             if tp not in self._buffers:
                 self._buffers[tp] = deque()
-                self._empty_since[tp] = now
+                self._empty_since[tp] = None
 
     def clear(self) -> None:
         """Forget every partition and buffered record (revocation, deactivation)."""
@@ -113,10 +113,16 @@ class Aligner(Generic[M]):
 
     def _blocked(self) -> bool:
         """Whether an empty partition may still deliver a record earlier than every head."""
-        if not self._empty_since:
+        if not self._empty_since or not self._heads:
             return False
         now = self.clock()
-        return any(now - since < self.max_wait_s and self.lagging(tp) for tp, since in self._empty_since.items())
+        blocked = False
+        for tp, since in self._empty_since.items():
+            if since is None:
+                since = self._empty_since[tp] = now
+            if now - since < self.max_wait_s and self.lagging(tp):
+                blocked = True
+        return blocked
 
     def release(self) -> list[M]:
         """Every record that can go now, in timestamp order (ties: arrival order)."""
@@ -131,11 +137,15 @@ class Aligner(Generic[M]):
             if buf:
                 self._push(tp, buf[0])
             else:
-                self._empty_since[tp] = self.clock()
+                self._empty_since[tp] = None
                 if self.lagging(tp) and self.max_wait_s > 0:
                     break  # its next fetch may hold an earlier record than the other heads
         self.buffered -= len(out)
         return out
+
+    def sizes(self) -> dict[TP, int]:
+        """Records buffered per partition (the consumer pauses partitions that run far ahead)."""
+        return {tp: len(buf) for tp, buf in self._buffers.items()}
 
     def pending(self) -> dict[TP, int]:
         """The first buffered (not yet released) offset of each partition: where to commit up to."""

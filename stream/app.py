@@ -94,6 +94,9 @@ _MEMBERSHIP_LOST = frozenset(
 #: another instance is active now.
 _PRODUCER_FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
 
+#: Records the aligner may hold for one partition before the consumer pauses it.
+_ALIGN_PAUSE_AT = 10_000
+
 #: Exit codes of ``run``: refusing the state found (missing or incompatible checkpoints), fatal Kafka error.
 EXIT_STATE = 3
 EXIT_FATAL = 1
@@ -208,6 +211,7 @@ class Application:
         self._background: _Background | None = None
         self._recent: collections.deque[list[Message]] = collections.deque()
         #: Releases fetched records across partitions in event-time order (None: fetch order).
+        self._paused: set[TP] = set()
         self._aligner: Aligner[Message] | None = (
             Aligner(config.processing.align_wait_ms / 1000.0, self._lagging) if config.processing.align else None
         )
@@ -499,6 +503,7 @@ class Application:
         if self._aligner is not None:
             self._aligner.clear()
             self._aligner.assign(tps)
+        self._paused.clear()  # a new assignment starts unpaused
         self._recent.clear()
         self._recent_n = 0
         self._since_checkpoint = 0
@@ -631,6 +636,7 @@ class Application:
         self._assignment = []
         if self._aligner is not None:
             self._aligner.clear()
+        self._paused.clear()  # unassigning resumes
         self._catchup = {}
         self._active = False
         log.info("deactivated", extra={"committed": committed})
@@ -660,6 +666,10 @@ class Application:
                 for failed in aligner.add(batch):
                     self._consume_error(failed)
                 batch = aligner.release()
+                if aligner.buffered >= _ALIGN_PAUSE_AT:
+                    self._pause_runaways(aligner)
+                elif self._paused:
+                    self._resume_paused()
             if batch:
                 started = time.perf_counter()
                 if self._catchup or faults.ARMED:
@@ -688,6 +698,23 @@ class Application:
                 self.commit()
                 next_commit = time.monotonic() + interval
 
+    def _pause_runaways(self, aligner: Aligner[Message]) -> None:
+        """Pause the partitions that run far ahead of the others in event time (a backlog held
+        back for an earlier one): the aligner's buffers stay bounded, as Kafka Streams'
+        ``buffered.records.per.partition`` keeps its queues."""
+        assert self.consumer is not None
+        sizes = aligner.sizes()
+        full = [TopicPartition(*tp) for tp, n in sizes.items() if n >= _ALIGN_PAUSE_AT and tp not in self._paused]
+        if full:
+            self.consumer.pause(full)
+            self._paused.update((tp.topic, tp.partition) for tp in full)
+
+    def _resume_paused(self) -> None:
+        assert self.consumer is not None
+        with contextlib.suppress(KafkaException):  # a partition revoked meanwhile
+            self.consumer.resume([TopicPartition(*tp) for tp in self._paused])
+        self._paused.clear()
+
     def _lagging(self, tp: TP) -> bool:
         """Whether the broker holds records of ``tp`` this consumer has not fetched yet (from the
         high watermark of its last fetch; unknown before the first one counts as lagging). A lag
@@ -698,7 +725,9 @@ class Application:
         if high < 0:
             return True
         position = self.consumer.position([part])[0].offset
-        return position >= 0 and high - position > 1
+        if position < 0:  # nothing handed to us yet: where it starts is where we assigned it
+            position = self._offsets.get(tp, 0)
+        return high - position > 1
 
     def _process_slow(self, batch: list[Message]) -> None:
         """The loop body while some partition is relearning up to its committed
@@ -927,6 +956,7 @@ class Application:
         self._assignment = []
         if self._aligner is not None:
             self._aligner.clear()
+        self._paused.clear()  # unassigning resumes
         self._catchup = {}
         # Keep the producer (not fenced): the next activation reuses it.
         self._active = False
