@@ -38,20 +38,16 @@ from typing import Any, Literal
 import river
 from river import base as river_base
 
+from stream.checkpoint import Checkpoint, CheckpointInfo, Offsets, build, encode
 from stream.checkpoint_topic import checkpoint_storage
 from stream.config import Config, build_learners
 from stream.state import (
-    Checkpoint,
     CheckpointError,
-    CheckpointInfo,
     CheckpointStore,
     IncompatibleCheckpoint,
     LocalStorage,
-    Offsets,
     StateError,
-    build,
     describe_offsets,
-    encode,
     missing_state,
     read_any,
     swap_model,

@@ -315,7 +315,7 @@ class Pseudonymizer:
     def mask_records(self, records: Iterable[Any]) -> list[Any]:
         """Holdout records as checkpoints keep them: key and value masked; records whose
         value is not a JSON object are left out (they cannot be told free of identifiers)."""
-        from stream.state import StoredRecord
+        from stream.checkpoint import StoredRecord
 
         out = []
         for r in records:

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from stream.checkpoint import StoredRecord
 from stream.learners import Learner
 from stream.learners.configured import as_dict
 from stream.pipeline import Pipeline
-from stream.state import StoredRecord
 
 __all__ = ["HoldoutScore", "holdout_error"]
 

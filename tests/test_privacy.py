@@ -21,6 +21,7 @@ import msgspec
 import pytest
 from prometheus_client import generate_latest
 
+from stream.checkpoint import StoredRecord
 from stream.config import ConfigError, build_learners, parse_config
 from stream.events import EVENT_TYPES, Decoder
 from stream.metrics import PipelineMetrics, new_registry
@@ -28,7 +29,6 @@ from stream.pipeline import Pipeline
 from stream.privacy import Pseudonymizer, load_key
 from stream.recording import RecordedMessage
 from stream.simulate import SimConfig, Simulation
-from stream.state import StoredRecord
 
 KEY = b"0123456789abcdef0123456789abcdef"
 OTHER_KEY = b"fedcba9876543210fedcba9876543210"

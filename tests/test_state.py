@@ -21,21 +21,23 @@ import pytest
 import river
 
 from stream import faults
-from stream.config import Config, build_learners, parse_config
-from stream.state import (
+from stream.checkpoint import (
     MAGIC,
     CheckpointInfo,
     CheckpointKeys,
-    CheckpointStore,
-    CorruptCheckpoint,
-    IncompatibleCheckpoint,
-    LocalStorage,
     StoredRecord,
-    UnauthenticatedCheckpoint,
     decode,
     decode_header,
     encode,
     load_keys,
+)
+from stream.config import Config, build_learners, parse_config
+from stream.state import (
+    CheckpointStore,
+    CorruptCheckpoint,
+    IncompatibleCheckpoint,
+    LocalStorage,
+    UnauthenticatedCheckpoint,
     swap_model,
 )
 from stream.validation import holdout_error
@@ -646,7 +648,7 @@ def test_load_keys_from_the_environment_or_a_key_file(
     with pytest.raises(ConfigError, match="at least 32"):
         load_keys(cfg, environ={"STREAM_CHECKPOINT_KEY": "s3cr3t"})
     # No key: one warning per process, however many stores are made.
-    monkeypatch.setattr("stream.state._warned_unauthenticated", False)
+    monkeypatch.setattr("stream.checkpoint._warned_unauthenticated", False)
     caplog.set_level("WARNING")
     assert load_keys(config(tmp_path), environ={}) is None and load_keys(config(tmp_path), environ={}) is None
     assert sum("checkpoints are unauthenticated" in r.getMessage() for r in caplog.records) == 1
