@@ -56,6 +56,7 @@ def _config(args: argparse.Namespace, *, learners: bool = False) -> Config:
         "kafka.group_id": getattr(args, "group_id", None),
         "metrics.port": getattr(args, "metrics_port", None),
         "metrics.host": getattr(args, "metrics_host", None),
+        "checkpoints.storage": getattr(args, "checkpoint_storage", None),
     }
     config = load_config(args.config, overrides=overrides)
     if learners and not config.learners:
@@ -457,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, metavar="N", help="Prometheus /metrics port (0 disables)")
     run.add_argument("--metrics-host", metavar="ADDR", help="address /metrics listens on (default 0.0.0.0: all)")
     run.add_argument("--group-id", metavar="G", help="consumer group id (overrides config)")
+    run.add_argument("--checkpoint-storage", choices=("directory", "kafka"),
+                     help="where checkpoints live (overrides [checkpoints] storage; kafka: a compacted topic)")  # fmt: skip
     run.set_defaults(handler=cmd_run)
 
     topics = sub.add_parser("topics", help="manage the configured topics")

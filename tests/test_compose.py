@@ -61,7 +61,7 @@ def command(block: str) -> list[str]:
 
 def test_no_tabs_and_the_expected_services() -> None:
     assert "\t" not in compose_text()
-    assert set(services()) == {"kafka", "topics", "stream", "simulator", "prometheus", "grafana"}
+    assert set(services()) == {"kafka", "topics", "stream", "stream-2", "simulator", "prometheus", "grafana"}
     assert re.search(r"^    image: apache/kafka:[\d.]+$", services()["kafka"], flags=re.M)
     assert "KAFKA_PROCESS_ROLES: broker,controller" in services()["kafka"]  # KRaft, no ZooKeeper
 
@@ -88,8 +88,12 @@ def test_stream_commands_are_the_documented_ones_and_parse() -> None:
         "--events",
     ]
     parser = build_parser()
-    for name in ("topics", "stream"):
+    for name in ("topics", "stream", "stream-2"):
         parser.parse_args(command(s[name]))  # SystemExit on a wrong flag
+    # Two instances of one group, checkpoints in Kafka: nothing shared but the cluster.
+    for name in ("stream", "stream-2"):
+        assert command(s[name])[-2:] == ["--checkpoint-storage", "kafka"] and "volumes:" not in s[name], name
+    assert "STREAM_INSTANCE_ID: stream-1" in s["stream"] and "STREAM_INSTANCE_ID: stream-2" in s["stream-2"]
     subcommands: Any = next(a for a in parser._actions if a.dest == "command").choices
     if "simulate" in subcommands:
         parser.parse_args([arg.replace("${SIM_EVENTS:-500000}", "500000") for arg in simulate])
@@ -101,7 +105,7 @@ def test_stream_commands_are_the_documented_ones_and_parse() -> None:
 def test_ordering_between_services() -> None:
     s = services()
     assert re.search(r"kafka:\n\s+condition: service_healthy", s["topics"])
-    for name in ("stream", "simulator"):
+    for name in ("stream", "stream-2", "simulator"):
         assert re.search(r"topics:\n\s+condition: service_completed_successfully", s[name]), name
     assert "healthcheck:" in s["kafka"]
 
@@ -125,7 +129,7 @@ def test_host_ports_are_unique_and_documented() -> None:
     published = re.findall(r'^\s+- "(\d+):(\d+)"\s*$', compose_text(), flags=re.M)
     hosts = [h for h, _ in published]
     assert len(hosts) == len(set(hosts))
-    assert set(hosts) == {"29092", "9100", "9090", "3000"}
+    assert set(hosts) == {"29092", "9100", "9101", "9090", "3000"}
     docs = DOCS.read_text()
     for url in ("http://localhost:3000", "http://localhost:9090", "http://localhost:9100/metrics"):
         assert url in docs and url in compose_text(), url
@@ -133,7 +137,7 @@ def test_host_ports_are_unique_and_documented() -> None:
 
 def test_the_pieces_point_at_each_other() -> None:
     s = services()
-    assert 'targets: ["stream:9100"]' in (ROOT / "configs" / "prometheus" / "prometheus.yml").read_text()
+    assert 'targets: ["stream:9100", "stream-2:9100"]' in (ROOT / "configs" / "prometheus" / "prometheus.yml").read_text()
     assert "--metrics-port 9100" in " ".join(command(s["stream"])) and '"9100:9100"' in s["stream"]
     datasource = (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text()
     assert "url: http://prometheus:9090" in datasource and '"9090:9090"' in s["prometheus"]
