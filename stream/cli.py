@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-host", metavar="ADDR", help="address /metrics listens on (default 0.0.0.0: all)")
     run.add_argument("--group-id", metavar="G", help="consumer group id (overrides config)")
     run.add_argument("--checkpoint-storage", choices=("directory", "kafka"),
-                     help="where checkpoints live (overrides [checkpoints] storage; kafka: a compacted topic)")  # fmt: skip
+                     help="where checkpoints live (overrides [checkpoints] storage)")  # fmt: skip
     run.set_defaults(handler=cmd_run)
 
     topics = sub.add_parser("topics", help="manage the configured topics")

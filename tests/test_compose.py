@@ -137,7 +137,8 @@ def test_host_ports_are_unique_and_documented() -> None:
 
 def test_the_pieces_point_at_each_other() -> None:
     s = services()
-    assert 'targets: ["stream:9100", "stream-2:9100"]' in (ROOT / "configs" / "prometheus" / "prometheus.yml").read_text()
+    prometheus = (ROOT / "configs" / "prometheus" / "prometheus.yml").read_text()
+    assert 'targets: ["stream:9100", "stream-2:9100"]' in prometheus
     assert "--metrics-port 9100" in " ".join(command(s["stream"])) and '"9100:9100"' in s["stream"]
     datasource = (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text()
     assert "url: http://prometheus:9090" in datasource and '"9090:9090"' in s["prometheus"]
