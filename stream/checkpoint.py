@@ -28,11 +28,7 @@ whole state is its pickled self: River model, label joins, per-key state,
 evaluation, drift detectors) plus a small holdout of recent input records,
 used to validate an imported or rolled-back model before it serves.
 
-Offsets semantics: a checkpoint's learners have learned exactly the events
-*before* its offsets, once each. On start the application loads the best
-checkpoint whose offsets are <= the group's committed offsets, seeks there,
-and relearns up to the committed offsets without publishing (see
-``stream.app`` and docs/guarantees.md).
+Which checkpoint is restored, and what its offsets mean: ``stream.state``.
 """
 
 from __future__ import annotations

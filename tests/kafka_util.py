@@ -112,3 +112,24 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
     if proc.poll() is None:
         proc.send_signal(sig)
     return proc.wait(timeout=timeout)
+
+
+def group_toml(prefix: str, bootstrap: str, group: str, partitions: int) -> str:
+    """The ``[kafka]``, ``[kafka.consumer]`` and ``[topics]`` tables every Kafka test's config starts
+    with: its own topics (``<prefix>-clicks`` ...), its own group, a short session timeout."""
+    return f"""
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{group}"
+
+[kafka.consumer]
+"session.timeout.ms" = 6000
+
+[topics]
+clicks = "{prefix}-clicks"
+purchases = "{prefix}-purchases"
+prices = "{prefix}-prices"
+fraud_labels = "{prefix}-fraud-labels"
+dead_letters = "{prefix}-dead-letters"
+partitions = {partitions}
+"""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
-from kafka_util import committed, end_offsets, stop, stream_cli
+from kafka_util import committed, end_offsets, group_toml, stop, stream_cli
 from test_run_loop import wait_for
 
 from stream.backtest import run_backtest
@@ -37,22 +37,7 @@ def shop(start_ts: int) -> SimConfig:
 
 
 def config_text(prefix: str, bootstrap: str, group: str, checkpoints: Path, align: bool) -> str:
-    return f"""
-[kafka]
-bootstrap_servers = "{bootstrap}"
-group_id = "{group}"
-
-[kafka.consumer]
-"session.timeout.ms" = 6000
-
-[topics]
-clicks = "{prefix}-clicks"
-purchases = "{prefix}-purchases"
-prices = "{prefix}-prices"
-fraud_labels = "{prefix}-fraud-labels"
-dead_letters = "{prefix}-dead-letters"
-partitions = {PARTITIONS}
-
+    return group_toml(prefix, bootstrap, group, PARTITIONS) + f"""
 [processing]
 commit_interval_s = 0.5
 align = {str(align).lower()}

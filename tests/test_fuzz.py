@@ -31,7 +31,7 @@ import pytest
 from confluent_kafka import Message, Producer
 from corpus import EVENT_TYPES, Bad, bad_records, good_doc, good_key, huge, is_valid
 from kafka_broker import create_topics
-from kafka_util import committed, end_offsets, read_all, stop, stream_cli
+from kafka_util import committed, end_offsets, group_toml, read_all, stop, stream_cli
 
 from stream.events import Decoder, InvalidEvent
 from stream.pipeline import H_TRUNCATED, H_VALUE_SHA256, H_VALUE_SIZE
@@ -49,22 +49,7 @@ TOPIC_SUFFIX = {"clicks": "clicks", "purchases": "purchases", "prices": "prices"
 def config_text(
     prefix: str, bootstrap: str, group: str, ckpt: Path, partitions: int = PARTITIONS, guarantee: str = "at_least_once"
 ) -> str:
-    return f"""
-[kafka]
-bootstrap_servers = "{bootstrap}"
-group_id = "{group}"
-
-[kafka.consumer]
-"session.timeout.ms" = 6000
-
-[topics]
-clicks = "{prefix}-clicks"
-purchases = "{prefix}-purchases"
-prices = "{prefix}-prices"
-fraud_labels = "{prefix}-fraud-labels"
-dead_letters = "{prefix}-dead-letters"
-partitions = {partitions}
-
+    return group_toml(prefix, bootstrap, group, partitions) + f"""
 [processing]
 guarantee = "{guarantee}"
 batch_size = 200

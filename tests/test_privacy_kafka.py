@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka_util import committed, end_offsets, produce, read_all, stop, stream_cli
+from kafka_util import committed, end_offsets, group_toml, produce, read_all, stop, stream_cli
 from test_run_loop import wait_for
 
 from stream.config import load_config
@@ -33,22 +33,7 @@ N = 60
 
 def config_text(prefix: str, bootstrap: str, group: str, ckpt_dir: Path, mode: str, key_file: Path | None) -> str:
     key = f'key_file = "{key_file}"' if key_file is not None else 'key_env = "TEST_PRIVACY_KEY"'
-    return f"""
-[kafka]
-bootstrap_servers = "{bootstrap}"
-group_id = "{group}"
-
-[kafka.consumer]
-"session.timeout.ms" = 6000
-
-[topics]
-clicks = "{prefix}-clicks"
-purchases = "{prefix}-purchases"
-prices = "{prefix}-prices"
-fraud_labels = "{prefix}-fraud-labels"
-dead_letters = "{prefix}-dead-letters"
-partitions = 1
-
+    return group_toml(prefix, bootstrap, group, 1) + f"""
 [processing]
 batch_size = 50
 commit_interval_s = 0.5

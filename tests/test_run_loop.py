@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Message
-from kafka_util import committed, end_offsets, produce, read_all, stop, stream_cli
+from kafka_util import committed, end_offsets, group_toml, produce, read_all, stop, stream_cli
 
 pytestmark = pytest.mark.kafka
 
@@ -25,22 +25,7 @@ TS = 1_700_000_000_000
 
 
 def config_text(prefix: str, bootstrap: str, group: str) -> str:
-    return f"""
-[kafka]
-bootstrap_servers = "{bootstrap}"
-group_id = "{group}"
-
-[kafka.consumer]
-"session.timeout.ms" = 6000
-
-[topics]
-clicks = "{prefix}-clicks"
-purchases = "{prefix}-purchases"
-prices = "{prefix}-prices"
-fraud_labels = "{prefix}-fraud-labels"
-dead_letters = "{prefix}-dead-letters"
-partitions = {PARTITIONS}
-
+    return group_toml(prefix, bootstrap, group, PARTITIONS) + f"""
 [processing]
 batch_size = 100
 commit_interval_s = 0.5
