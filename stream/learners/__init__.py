@@ -9,13 +9,14 @@ from __future__ import annotations
 from stream.learners.base import Learner
 from stream.learners.configured import CustomSpec
 from stream.learners.pricing import PricingSpec
+from stream.learners.ranking import RankingSpec
 from stream.learners.recommendation import RecommendationSpec
 from stream.learners.risk import RiskSpec
 
 __all__ = ["Learner", "LearnerSpec", "build_learner"]
 
 #: Tagged on ``kind``; each spec validates itself and builds its learner.
-LearnerSpec = CustomSpec | PricingSpec | RecommendationSpec | RiskSpec
+LearnerSpec = CustomSpec | PricingSpec | RecommendationSpec | RiskSpec | RankingSpec
 
 
 def build_learner(name: str, spec: LearnerSpec, topics: dict[str, str]) -> Learner:
