@@ -173,6 +173,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             fraud_rate=args.fraud_rate,
             bad_records=args.bad_records,
             drifts=args.drifts,
+            searches_per_session=args.searches_per_session,
         )
         sim = Simulation(sim_config)
         if args.out:
@@ -292,6 +293,8 @@ def _add_replay_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     sim.add_argument("--bad-records", type=int, default=0, metavar="N", help="invalid records to mix in")
     sim.add_argument("--partitions", type=int, default=1, metavar="N", help="partitions per topic with --out")
     sim.add_argument("--no-drifts", dest="drifts", action="store_false", help="no scheduled drifts")
+    sim.add_argument("--searches-per-session", type=float, default=0.0, metavar="F",
+                     help="search and ads requests per session, topic `searches` (default 0: none)")  # fmt: skip
     sim.add_argument("--create-topics", action="store_true", help="create missing input topics with --to-kafka")
     _add_kafka_args(sim, config_required=False)
     no_progress(sim)

@@ -369,6 +369,25 @@ class GroundTruth:
         z += REL_QUALITY * search.quality[ix]
         return np.where(known, 1.0 / (1.0 + np.exp(-z)), 1.0 / (1.0 + math.exp(-REL_BASE)))
 
+    def ranking_ndcg(self, user_id: str, query: str | None, ordered: Sequence[str], ts: int, k: int = 10) -> float:
+        """NDCG@k of ``ordered`` item ids, the gains their true attractiveness for the user and query."""
+        rel = self.relevance(user_id, query, ordered, ts)
+        discount = 1.0 / np.log2(np.arange(len(rel)) + 2.0)
+        dcg = float((rel[:k] * discount[:k]).sum())
+        ideal = float((np.sort(rel)[::-1][:k] * discount[:k]).sum())
+        return dcg / ideal if ideal > 0 else 0.0
+
+    def ads_value(
+        self, user_id: str, query: str | None, ordered: Sequence[str], bids: Sequence[float], ts: int
+    ) -> float:
+        """Expected revenue of the ads ``ordered`` (their ``bids``) in the slots: examination x attractiveness x bid."""
+        search = self.search
+        if search is None:
+            raise ValueError("this simulation has no search stream")
+        rel = self.relevance(user_id, query, ordered, ts)
+        exam = search.examination(len(rel), ads=True)
+        return float((exam * rel * np.asarray(bids, dtype=float)).sum())
+
     def is_fraud(self, order_id: str) -> bool:
         return order_id in self.frauds
 

@@ -491,7 +491,7 @@ class RankingLearner(Learner):
         return np.array(out, dtype=np.intp), explored
 
     def _ranking(self, event: Search, scored: _Scored) -> Ranking:
-        exam = self.examination[event.kind]
+        exam = self.examination[event.kind].tolist()
         d = len(exam)
         order = scored.order.tolist()
         attr = scored.attr.tolist()
