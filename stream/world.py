@@ -365,7 +365,7 @@ class GroundTruth:
             z += REL_QUERY * (cats == self._cat_index[q])
         taste = self.taste(user_id, ts)
         if taste is not None:
-            z += REL_TASTE * np.clip(np.log(len(self.categories) * taste[cats]), -3.0, 2.0)
+            z += REL_TASTE * np.clip(np.log(len(self.categories) * np.maximum(taste[cats], 1e-9)), -3.0, 2.0)
         z += REL_QUALITY * search.quality[ix]
         return np.where(known, 1.0 / (1.0 + np.exp(-z)), 1.0 / (1.0 + math.exp(-REL_BASE)))
 
