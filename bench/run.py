@@ -14,6 +14,10 @@ because absolute times on shared machines are noisy:
              produce -> consume hop of the inputs (the broker's share)
 5. growth    events/s and resident memory as distinct users and the catalog grow
 6. checkpoint time and size of a checkpoint, and time to restore, as the model grows
+7. ranking   the ranking learner (search and ads) on simulated requests, per seed: NDCG@10
+             on the true relevance of our order vs the engine's, ads expected revenue per
+             request vs ranking by bid alone, the replay estimate of the top ad slot, and
+             the cost per request (scoring 50 candidates; everything the learner does)
 
 The suite is never part of the tests' pass/fail. Without ``--bootstrap-servers``
 sections 3 and 4 start a jar-based broker (tests/kafka_broker.py).
@@ -413,7 +417,10 @@ def growth_point(users: int, items: int, n: int) -> dict[str, Any]:
 def run_growth_point(users: int, items: int, n: int) -> dict[str, Any]:
     out = subprocess.run(
         pinned([sys.executable, __file__, "--growth-point", f"{users},{items},{n}"]),
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -485,8 +492,10 @@ def bench_checkpoint(max_users: int, tmp: Path) -> dict[str, Any]:
         pause_s, background_s = background_checkpoint(store, learners, seen)
         rows[str(u)] = {"checkpoint_seconds": write_s, "restore_seconds": restore_s, "size_mb": size / 2**20,
                         "background_pause_seconds": pause_s, "background_seconds": background_s}  # fmt: skip
-        log(f"checkpoint: users={u} write={write_s:.3f}s restore={restore_s:.3f}s size={size / 2**20:.1f}MB "
-            f"background: loop paused {pause_s * 1000:.1f} ms, child wrote in {background_s:.3f}s")
+        log(
+            f"checkpoint: users={u} write={write_s:.3f}s restore={restore_s:.3f}s size={size / 2**20:.1f}MB "
+            f"background: loop paused {pause_s * 1000:.1f} ms, child wrote in {background_s:.3f}s"
+        )
         u *= 10
     largest = rows[max(rows, key=int)]
     return {"checkpoint_by_users": rows, "checkpoint_seconds": largest["checkpoint_seconds"],
@@ -497,7 +506,106 @@ def bench_checkpoint(max_users: int, tmp: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main
 
 
-SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint")
+# --------------------------------------------------------------------------- 7. ranking
+
+
+def ranking_run(seed: int, requests: int, config: Config) -> dict[str, Any]:
+    """One seed: the default config's ranking learner on a simulated stream with about
+    ``requests`` search and ads requests (50 candidates a search, 20 ads, 3 ad slots),
+    scored on the simulator's true relevance; the quality figures are over the last
+    fifth of the requests (the learner at ``requests``), the cost over all of them."""
+    from stream.learners.ranking import RankingLearner
+    from stream.scoring import _Replay
+    from stream.simulate import Simulation
+
+    spec = config.learners["ranking"]
+    sim = Simulation(SimConfig(seed=seed, events=int(requests * 5.2), searches_per_session=2.0))
+    decode = {s: Decoder(EVENT_TYPES[s]).decode for s in ("searches", "clicks", "purchases")}
+    events = [(s, decode[s](v)) for s, _, v, _ in sim if s in decode]
+    truth = sim.truth
+    learner = spec.build("ranking", config.input_topics())
+    assert isinstance(learner, RankingLearner)
+    pc = time.perf_counter
+    spent = {"searches": 0.0, "clicks": 0.0, "purchases": 0.0}
+    predict_s = 0.0
+    predict_search_s = 0.0
+    outputs: list[tuple[Any, Any]] = []
+    for stream, e in events:
+        t0 = pc()
+        out = learner.predict(e)
+        t1 = pc()
+        learner.learn(e)
+        spent[stream] += pc() - t0
+        if out is not None:
+            predict_s += t1 - t0
+            if e.kind == "search":
+                predict_search_s += t1 - t0
+            outputs.append((e, [r.item_id for r in out.items]))
+    n = len(outputs)
+    late = outputs[n - n // 5 :]
+    ndcg, ndcg0, rev, rev_bid = [], [], [], []
+    replay = _Replay()
+    for e, ours in late:
+        user, query, ts = e.user_id, e.query, e.ts
+        if e.kind == "search":
+            ndcg.append(truth.ranking_ndcg(user, query, ours, ts))
+            ndcg0.append(truth.ranking_ndcg(user, query, e.candidates, ts))
+        else:
+            bid = {c.item_id: c.bid for c in reversed(e.candidates)}
+            by_bid = sorted(bid, key=lambda i: -bid[i])
+            rev.append(truth.ads_value(user, query, ours, [bid[i] for i in ours], ts))
+            rev_bid.append(truth.ads_value(user, query, by_bid, [bid[i] for i in by_bid], ts))
+    late_ids = {e.request_id: ours for e, ours in late if e.kind == "ads"}
+    for stream, e in events:  # replay of the top ad slot over the same requests, from the logged clicks
+        if stream == "searches" and e.request_id in late_ids:
+            bid = {c.item_id: c.bid for c in reversed(e.candidates)}
+            replay.request(e, late_ids[e.request_id][0], max(bid, key=lambda i: bid[i]))
+        elif stream == "clicks":
+            replay.click(e)
+    n_search = sum(1 for e, _ in outputs if e.kind == "search")
+    quality = {(m, w): v for m, w, v in learner.quality()}
+    return {
+        "seed": seed,
+        "events": len(events),
+        "requests": n,
+        "search_requests": n_search,
+        "ndcg_at_10_truth": float(np.mean(ndcg)),
+        "ndcg_at_10_truth_original": float(np.mean(ndcg0)),
+        "ndcg_gain": float(np.mean(ndcg) / np.mean(ndcg0) - 1),
+        "ads_revenue_per_request": float(np.mean(rev)),
+        "ads_revenue_per_request_by_bid": float(np.mean(rev_bid)),
+        "ads_revenue_gain": float(np.mean(rev) / np.mean(rev_bid) - 1),
+        **replay.results(),
+        "exploration_rate": learner.ranking.get("exploration_rate", "cumulative"),
+        "examination_estimate": [round(float(v), 3) for v in learner.examination["search"][:5]],
+        "examination_true": [round(float(v), 3) for v in truth.search.examination(5)],  # type: ignore[union-attr]
+        "us_per_request_predict": predict_s / n * 1e6,
+        "us_per_search_predict_50_candidates": predict_search_s / n_search * 1e6,
+        "us_per_request_searches": spent["searches"] / n * 1e6,
+        "us_per_request_all": sum(spent.values()) / n * 1e6,
+        "us_per_click": spent["clicks"] / max(1, sum(1 for s, _ in events if s == "clicks")) * 1e6,
+        "online_ndcg_at_10": learner.ranking.get("ndcg_at_10", "cumulative"),
+        "online_ndcg_at_10_original": learner.ranking.get("ndcg_at_10_original", "cumulative"),
+        "quality_keys": sorted({m for m, _ in quality}),
+    }
+
+
+def bench_ranking(config: Config, seeds: Sequence[int], requests: int) -> dict[str, Any]:
+    runs = []
+    for seed in seeds:
+        r = ranking_run(seed, requests, config)
+        log(
+            f"7 ranking seed {seed}: {r['requests']:,} requests; NDCG@10 {r['ndcg_at_10_truth']:.4f} vs engine "
+            f"{r['ndcg_at_10_truth_original']:.4f} ({r['ndcg_gain']:+.1%}); ads {r['ads_revenue_per_request']:.4f} "
+            f"vs by bid {r['ads_revenue_per_request_by_bid']:.4f} ({r['ads_revenue_gain']:+.1%}); "
+            f"{r['us_per_search_predict_50_candidates']:.0f} us scoring 50 candidates, "
+            f"{r['us_per_request_all']:.0f} us all per request"
+        )
+        runs.append(r)
+    return {"ranking": runs}
+
+
+SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "ranking")
 
 
 def machine() -> dict[str, Any]:
@@ -516,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-users", type=int, default=1_000_000)
     p.add_argument("--max-items", type=int, default=100_000)
     p.add_argument("--latency-seconds", type=float, default=20.0)
+    p.add_argument("--ranking-seeds", default="1,2,3", help="seeds of section 7 (default 1,2,3)")
+    p.add_argument("--ranking-requests", type=int, default=50_000, help="requests per seed in section 7")
     p.add_argument("--growth-point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.growth_point:
@@ -546,12 +656,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rate = 0.5 * fig.get("kafka_events_per_s", 5_000)
                 fig |= bench_latency(bootstrap, rate, args.latency_seconds, tmp)
                 p50, p99 = fig["latency_p50_ms"], fig["latency_p99_ms"]
-                log(f"4 latency at {rate:,.0f}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms; one plain Kafka hop: "
-                    f"p50 {fig['raw_hop_latency_p50_ms']:.1f} ms, p99 {fig['raw_hop_latency_p99_ms']:.1f} ms")
+                log(
+                    f"4 latency at {rate:,.0f}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms; one plain Kafka hop: "
+                    f"p50 {fig['raw_hop_latency_p50_ms']:.1f} ms, p99 {fig['raw_hop_latency_p99_ms']:.1f} ms"
+                )
         if "growth" not in skip:
             fig |= bench_growth(args.max_users, args.max_items)
         if "checkpoint" not in skip:
             fig |= bench_checkpoint(args.max_users, tmp)
+        if "ranking" not in skip:
+            seeds = [int(x) for x in args.ranking_seeds.split(",")]
+            fig |= bench_ranking(config, seeds, args.ranking_requests)
     limit = fig.get("limit_events_per_s")
     if limit:
         if "backtest_events_per_s" in fig:

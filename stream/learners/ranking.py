@@ -68,6 +68,7 @@ Against the simulator's ground truth: ``stream.scoring`` and ``bench/run.py``
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
@@ -165,7 +166,7 @@ class RankingSpec(msgspec.Struct, tag="ranking", tag_field="kind", forbid_unknow
     popularity_half_life_s: PositiveFloat = 3_600.0
     #: Rolling window of the quality metrics; the click model's metrics on 1 example in N.
     evaluation_window: PositiveInt = 10_000
-    evaluate_every: PositiveInt = 4
+    evaluate_every: PositiveInt = 16
     #: Concept drift on the click model's log loss.
     drift: DriftSpec = msgspec.field(default_factory=DriftSpec)
 
@@ -190,6 +191,12 @@ _TOKEN = re.compile(r"[a-z0-9]+")
 _CTR_PRIOR = 5.0
 _EPS = 1e-15
 _LN2 = math.log(2)
+#: Columns of the item table.
+_CLK, _EXM, _POP, _POPTS, _PRICE, _SEEN = range(6)
+
+
+def _zeros(n: int) -> Iterator[int]:
+    return itertools.repeat(0, n)
 
 
 def query_terms(text: str | None) -> frozenset[str]:
@@ -291,13 +298,12 @@ class RankingLearner(Learner):
         self._slot: dict[str, int] = {}
         self._free: list[int] = []
         size = 1024
-        self._clicks = np.zeros(size)
-        self._exams = np.zeros(size)
-        self._pop = np.zeros(size)
-        self._pop_ts = np.zeros(size)
-        self._price = np.zeros(size)  # log price / 5, 0 unknown
+        #: Per item slot: clicks, expected examinations, popularity and its time, log price / 5
+        #: (0 unknown), last event time touched (eviction order); its category index (-1 unknown).
+        self._tab = np.zeros((size, 6))
         self._cat = np.full(size, -1, dtype=np.intp)
-        self._seen = np.zeros(size)  # last event time the item was touched (eviction order)
+        #: Query terms -> match of each category (cleared when categories are added, or when full).
+        self._match_cache: dict[frozenset[str], np.ndarray] = {}
         self._n_slots = 1
         self._tot_clicks = 1.0
         self._tot_exams = 10.0
@@ -402,16 +408,16 @@ class RankingLearner(Learner):
         """The feature matrix of the candidates ``ids`` of ``event`` (rows in the engine's order)."""
         n = len(ids)
         slot_of = self._slot
-        s = np.fromiter((slot_of.get(i, 0) for i in ids), np.intp, n)
+        s = np.fromiter(map(slot_of.get, ids, _zeros(n)), np.intp, n)
         x = np.empty((n, _F))
-        exams = self._exams[s]
+        tab = self._tab[s]
+        exams = tab[:, _EXM]
         rate = self._tot_clicks / self._tot_exams
-        ctr = (self._clicks[s] + _CTR_PRIOR * rate) / (exams + _CTR_PRIOR)
-        x[:, 0] = np.log(ctr / rate)
+        x[:, 0] = np.log((tab[:, _CLK] + _CTR_PRIOR * rate) / ((exams + _CTR_PRIOR) * rate))
         ts = event.ts
-        pop = self._pop[s] * np.exp(np.minimum(self._pop_ts[s] - ts, 0.0) / self._pop_tau_ms)
+        pop = tab[:, _POP] * np.exp(np.minimum(tab[:, _POPTS] - ts, 0.0) / self._pop_tau_ms)
         x[:, 1] = np.log1p(pop) / 3.0
-        x[:, 2] = self._price[s]
+        x[:, 2] = tab[:, _PRICE]
         cats = self._cat[s]
         user = self._users.get(event.user_id, ts)
         n_cat = len(self._cat_terms)
@@ -420,19 +426,22 @@ class RankingLearner(Learner):
             for k, w in user.cats.items():
                 share[k] = w
             x[:, 3] = share[cats] / user.total
-            recent = user.recent
-            x[:, 4] = np.fromiter((i in recent for i in ids), float, n) if recent else 0.0
+            recent = set(user.recent)
+            x[:, 4] = np.fromiter(map(recent.__contains__, ids), float, n)
         else:
             x[:, 3] = 0.0
             x[:, 4] = 0.0
         terms = query_terms(event.query)
         if terms and n_cat:
-            known = np.unique(cats)
-            match = np.zeros(n_cat + 1)
-            cat_terms = self._cat_terms
-            for k in known.tolist():
-                if k >= 0 and terms & cat_terms[k]:
-                    match[k] = 1.0
+            match = self._match_cache.get(terms)
+            if match is None:
+                if len(self._match_cache) >= 4096:
+                    self._match_cache.clear()
+                match = np.zeros(n_cat + 1)  # the last: unknown category
+                for k, names in enumerate(self._cat_terms):
+                    if terms & names:
+                        match[k] = 1.0
+                self._match_cache[terms] = match
             x[:, 5] = match[cats]
         else:
             x[:, 5] = 0.0
@@ -527,6 +536,7 @@ class RankingLearner(Learner):
                 return -1
             k = self._cats[name] = len(self._cat_terms)
             self._cat_terms.append(query_terms(name))
+            self._match_cache.clear()
         return k
 
     def _item(self, item_id: str, ts: int) -> int:
@@ -535,7 +545,7 @@ class RankingLearner(Learner):
             if self._free:
                 s = self._free.pop()
             else:
-                if self._n_slots == len(self._clicks):
+                if self._n_slots == len(self._tab):
                     if self._n_slots - 1 >= self.spec.max_items:
                         self._forget_items()
                         s = self._free.pop()
@@ -545,25 +555,26 @@ class RankingLearner(Learner):
                     s = self._n_slots
                     self._n_slots += 1
             self._slot[item_id] = s
-            self._clicks[s] = self._exams[s] = self._pop[s] = self._price[s] = 0.0
-            self._pop_ts[s] = ts
+            row = self._tab[s]
+            row[:] = 0.0
+            row[_POPTS] = ts
             self._cat[s] = -1
-        self._seen[s] = self.now if self.now > ts else ts
+        self._tab[s, _SEEN] = self.now if self.now > ts else ts
         return s
 
     def _grow(self) -> None:
-        new = min(2 * len(self._clicks), self.spec.max_items + 1)
-        for name in ("_clicks", "_exams", "_pop", "_pop_ts", "_price", "_cat", "_seen"):
-            old = getattr(self, name)
-            arr = np.zeros(new, dtype=old.dtype)
-            arr[: len(old)] = old
-            setattr(self, name, arr)
+        new = min(2 * len(self._tab), self.spec.max_items + 1)
+        tab = np.zeros((new, self._tab.shape[1]))
+        tab[: len(self._tab)] = self._tab
+        cat = np.full(new, -1, dtype=np.intp)
+        cat[: len(self._cat)] = self._cat
+        self._tab, self._cat = tab, cat
 
     def _forget_items(self) -> None:
         """The catalog bound is reached: forget the least recently seen tenth."""
         n = self._n_slots
         k = max(1, (n - 1) // 10)
-        oldest = 1 + np.argsort(self._seen[1:n], kind="stable")[:k]
+        oldest = 1 + np.argsort(self._tab[1:n, _SEEN], kind="stable")[:k]
         drop = set(oldest.tolist())
         for item, s in list(self._slot.items()):
             if s in drop:
@@ -573,11 +584,16 @@ class RankingLearner(Learner):
     def _observe(self, user_id: str, item_id: str, category: str | None, price: float | None, ts: int) -> None:
         """A click or purchase: the item's popularity and attributes, the user's interests."""
         s = self._item(item_id, ts)
-        dt = min(self._pop_ts[s] - ts, 0.0)
-        self._pop[s] = self._pop[s] * math.exp(dt / self._pop_tau_ms) + 1.0
-        self._pop_ts[s] = max(self._pop_ts[s], ts)
+        row = self._tab[s]
+        pop, pop_ts, _ = row[_POP : _PRICE + 1].tolist()
+        dt = pop_ts - ts
+        if dt < 0:
+            row[_POP] = pop * math.exp(dt / self._pop_tau_ms) + 1.0
+            row[_POPTS] = ts
+        else:
+            row[_POP] = pop + 1.0
         if price is not None:
-            self._price[s] = math.log(price) / 5.0
+            row[_PRICE] = math.log(price) / 5.0
         k = self._category(category)
         if k >= 0:
             self._cat[s] = k
@@ -684,11 +700,11 @@ class RankingLearner(Learner):
         # Item statistics: expected examinations of every shown item, clicks of the clicked.
         exam = self.examination[req.kind]
         slots = [self._item(req.ids[i], req.ts) for i in shown.tolist()]
-        self._exams[slots] += exam[:d]
+        self._tab[slots, _EXM] += exam[:d]
         self._tot_exams += float(exam[:d].sum())
         clicked_pos = [k for k, i in enumerate(shown.tolist()) if i in clicks]
         for k in clicked_pos:
-            self._clicks[slots[k]] += 1.0
+            self._tab[slots[k], _CLK] += 1.0
             self._tot_clicks += 1.0
         # Examination by position.
         self._pos_attr[req.kind][:d] += req.attr[shown]
