@@ -417,10 +417,7 @@ def growth_point(users: int, items: int, n: int) -> dict[str, Any]:
 def run_growth_point(users: int, items: int, n: int) -> dict[str, Any]:
     out = subprocess.run(
         pinned([sys.executable, __file__, "--growth-point", f"{users},{items},{n}"]),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
+        cwd=ROOT, capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -492,10 +489,8 @@ def bench_checkpoint(max_users: int, tmp: Path) -> dict[str, Any]:
         pause_s, background_s = background_checkpoint(store, learners, seen)
         rows[str(u)] = {"checkpoint_seconds": write_s, "restore_seconds": restore_s, "size_mb": size / 2**20,
                         "background_pause_seconds": pause_s, "background_seconds": background_s}  # fmt: skip
-        log(
-            f"checkpoint: users={u} write={write_s:.3f}s restore={restore_s:.3f}s size={size / 2**20:.1f}MB "
-            f"background: loop paused {pause_s * 1000:.1f} ms, child wrote in {background_s:.3f}s"
-        )
+        log(f"checkpoint: users={u} write={write_s:.3f}s restore={restore_s:.3f}s size={size / 2**20:.1f}MB "
+            f"background: loop paused {pause_s * 1000:.1f} ms, child wrote in {background_s:.3f}s")
         u *= 10
     largest = rows[max(rows, key=int)]
     return {"checkpoint_by_users": rows, "checkpoint_seconds": largest["checkpoint_seconds"],
@@ -656,10 +651,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rate = 0.5 * fig.get("kafka_events_per_s", 5_000)
                 fig |= bench_latency(bootstrap, rate, args.latency_seconds, tmp)
                 p50, p99 = fig["latency_p50_ms"], fig["latency_p99_ms"]
-                log(
-                    f"4 latency at {rate:,.0f}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms; one plain Kafka hop: "
-                    f"p50 {fig['raw_hop_latency_p50_ms']:.1f} ms, p99 {fig['raw_hop_latency_p99_ms']:.1f} ms"
-                )
+                log(f"4 latency at {rate:,.0f}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms; one plain Kafka hop: "
+                    f"p50 {fig['raw_hop_latency_p50_ms']:.1f} ms, p99 {fig['raw_hop_latency_p99_ms']:.1f} ms")
         if "growth" not in skip:
             fig |= bench_growth(args.max_users, args.max_items)
         if "checkpoint" not in skip:
