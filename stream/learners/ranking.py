@@ -143,6 +143,9 @@ class RankingSpec(msgspec.Struct, tag="ranking", tag_field="kind", forbid_unknow
     purchase_weight: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     #: Positions whose examination is estimated and learned from (deeper clicks are ignored).
     max_positions: Annotated[int, msgspec.Meta(ge=1, le=200)] = 20
+    #: Share of the unclicked (negative) examples learned, each weighted ``1 / negative_sampling``
+    #: (unbiased; learning is most of a request's cost). 1: all of them.
+    negative_sampling: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     #: Inverse-propensity weights are at most ``1 / min_propensity``.
     min_propensity: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.1
     #: Pseudo-requests pulling the examination estimate towards ``1 / (1 + position)``.
@@ -309,6 +312,7 @@ class RankingLearner(Learner):
         self._tot_exams = 10.0
         self._pop_tau_ms = spec.popularity_half_life_s * 1000 / _LN2
         self._user_tau_ms = spec.user_half_life_s * 1000 / _LN2
+        self._user_decay_ms = self._user_tau_ms * 0.05
         # Categories: index by name, and the terms of each name.
         self._cats: dict[str, int] = {}
         self._cat_terms: list[frozenset[str]] = []
@@ -603,11 +607,11 @@ class RankingLearner(Learner):
         user = users.get(user_id, ts)
         if user is None:
             user = _User(ts, self.spec.recent_items)
-        elif ts > user.ts:
+        elif ts - user.ts > self._user_decay_ms:
+            # Decayed in steps (each exact: the whole time since the last step).
             f = math.exp((user.ts - ts) / self._user_tau_ms)
-            if f < 0.999:
-                user.cats = {c: w * f for c, w in user.cats.items() if w * f > 0.01}
-                user.total = sum(user.cats.values())
+            user.cats = {c: w * f for c, w in user.cats.items() if w * f > 0.01}
+            user.total = sum(user.cats.values())
             user.ts = ts
         if k >= 0:
             user.cats[k] = user.cats.get(k, 0.0) + 1.0
@@ -699,7 +703,9 @@ class RankingLearner(Learner):
         clicks = req.clicks
         # Item statistics: expected examinations of every shown item, clicks of the clicked.
         exam = self.examination[req.kind]
-        slots = [self._item(req.ids[i], req.ts) for i in shown.tolist()]
+        slot_of, ids = self._slot.get, req.ids
+        slots = [slot_of(ids[i]) or self._item(ids[i], req.ts) for i in shown.tolist()]
+        self._tab[slots, _SEEN] = self.now
         self._tab[slots, _EXM] += exam[:d]
         self._tot_exams += float(exam[:d].sum())
         clicked_pos = [k for k, i in enumerate(shown.tolist()) if i in clicks]
@@ -723,20 +729,30 @@ class RankingLearner(Learner):
         model = self.model
         floor = spec.min_propensity
         learned = 0
-        for k in range(d if ads else clicked_pos[-1] + 1):
-            i = int(shown[k])
+        depth = d if ads else clicked_pos[-1] + 1
+        rate = spec.negative_sampling if self._weighted else 1.0
+        rng = self._rng
+        order = shown[:depth].tolist()
+        rows = req.x[order].tolist()
+        attr = req.attr[order].tolist()
+        for k in range(depth):
+            i = order[k]
             y = i in clicks
             if y:
                 w = clicks[i] / max(float(exam[k]), floor)
             else:
                 w = float(exam[k]) if ads and (not clicked_pos or k > clicked_pos[-1]) else 1.0
-            p = min(max(float(req.attr[i]), _EPS), 1 - _EPS)
+            p = min(max(attr[k], _EPS), 1 - _EPS)
             self._n_examples += 1
             if self._n_examples % spec.evaluate_every == 0:
                 self.evaluation.binary(y, p, req.deadline)
             else:
                 self.evaluation.error(-math.log(p if y else 1 - p), req.deadline)
-            x = dict(zip(FEATURES, req.x[i].tolist(), strict=True))
+            if not y and rate < 1.0:
+                if rng.random() >= rate:
+                    continue
+                w /= rate
+            x = dict(zip(FEATURES, rows[k], strict=True))
             if self._weighted and w != 1.0:
                 model.learn_one(x, y, w=w)
             else:
