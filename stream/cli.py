@@ -216,6 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             bootstrap_servers=args.bootstrap_servers,
             progress=args.progress,
             keep_topics=args.keep_topics,
+            searches_per_session=args.searches_per_session,
         )
     except ConfigError:
         raise
@@ -311,6 +312,8 @@ def _add_replay_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     demo.add_argument("--bootstrap-servers", metavar="H:P", help="go through this Kafka cluster (fresh topics)")
     demo.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     demo.add_argument("--keep-topics", action="store_true", help="with --bootstrap-servers: keep the demo topics")
+    demo.add_argument("--searches-per-session", type=float, default=0.0, metavar="F",
+                      help="add search and ads requests for the ranking learner (default 0: none)")  # fmt: skip
     no_progress(demo)
     demo.set_defaults(handler=cmd_demo)
 
