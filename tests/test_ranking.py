@@ -232,3 +232,19 @@ def test_any_river_classifier_serves_through_the_generic_path() -> None:
     assert len(out.items) == 2 and lr.n_learned == 2
     with pytest.raises(Exception, match="classifier"):
         RankingSpec(model={"class": "linear_model.LinearRegression"}).validate("x")
+
+
+def test_drift_watches_the_squared_error_and_can_switch_models() -> None:
+    from stream.drift import AdaptiveModel
+
+    lr = learner(min_requests=0, label_window_s=60, drift={"detector": "adwin", "reaction": "switch"})
+    assert isinstance(lr.model, AdaptiveModel) and lr.evaluation.drift.monitor is lr.model
+    dec = {s: Decoder(EVENT_TYPES[s]).decode for s in TOPICS}
+    for stream, _, value, _ in simulate(SimConfig(seed=1, events=6_000, n_users=300, n_items=150,
+                                                  searches_per_session=2.0)):  # fmt: skip
+        if stream in TOPICS:
+            feed(lr, dec[stream](value))
+    drift = lr.evaluation.drift
+    assert lr.n_learned > 500 and isinstance(drift.detections, int) and drift.worse <= drift.detections
+    restored = pickle.loads(pickle.dumps(lr))
+    assert restored.evaluation.drift.detections == drift.detections
