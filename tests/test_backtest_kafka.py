@@ -30,6 +30,7 @@ from stream.app import Application
 from stream.backtest import backtest, quality_of
 from stream.config import Config, load_config
 from stream.demo import isolated_config
+from stream.pipeline import BaseObserver
 from stream.recording import RecordedMessage, Recording, RecordingWriter
 from stream.replay import record, replay
 
@@ -97,7 +98,7 @@ def test_record_replay_round_trip(
     assert len(part) == sum(1 for m in clicks if m.offset() >= first.offset())
 
 
-class _Count:
+class _Count(BaseObserver):
     """Application observer: how many records the pipeline has consumed."""
 
     def __init__(self) -> None:
@@ -162,7 +163,9 @@ def test_backtest_equals_live_run(kafka_bootstrap: str, topic_prefix: str, tmp_p
     fixture = Recording(FIXTURE)
     topic_map = {recorded: config.input_topics()[stream] for stream, recorded in fixture.manifest.streams.items()}
     outputs = sorted({spec.output_topic for spec in config.learners.values()} | {config.topics.dead_letters})
-    create_topics(kafka_bootstrap, [*topic_map.values(), *outputs], partitions=1)
+    # Every input topic the learners read, the fixture's and the ones it has none of (searches).
+    inputs = {*topic_map.values(), *config.input_topics().values()}
+    create_topics(kafka_bootstrap, sorted({*inputs, *outputs}), partitions=1)
 
     expected = backtest(fixture, config, topic_map=topic_map, keep_outputs=True, progress=False, chart=False)
     assert expected.outputs, "the configured learners published nothing"

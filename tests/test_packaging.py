@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LEARNERS = ("basket_size", "pricing", "risk", "recommendation")
+DEFAULT_LEARNERS = ("basket_size", "pricing", "risk", "recommendation", "ranking")
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -65,7 +65,7 @@ def test_demo_from_anywhere_runs_the_default_learners(installed: Path, tmp_path:
                  cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     header = result.stdout.splitlines()[0]
-    assert "-> 4 learners from the packaged default.toml" in header, header
+    assert "-> 5 learners from the packaged default.toml" in header, header
     for name in DEFAULT_LEARNERS:
         assert name in header, name
     assert "none" not in header

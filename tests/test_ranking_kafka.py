@@ -12,14 +12,12 @@ from pathlib import Path
 import msgspec
 import pytest
 from kafka_broker import create_topics
-from test_backtest_kafka import _Count as _BareCount
-from test_backtest_kafka import _envelope, _read
+from test_backtest_kafka import _Count, _envelope, _read
 
 from stream.app import Application
 from stream.backtest import backtest, quality_of
 from stream.config import load_config, parse_config
 from stream.demo import isolated_config
-from stream.pipeline import BaseObserver
 from stream.recording import Recording
 from stream.replay import replay
 from stream.simulate import SimConfig, Simulation, write_recording
@@ -30,10 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.toml"
 SIM = SimConfig(seed=4, events=4_000, n_users=300, n_items=150, n_categories=6, searches_per_session=1.0,
                 search_candidates=50, bad_records=3)  # fmt: skip
-
-
-class _Count(_BareCount, BaseObserver):
-    """The consumed-record counter, with the rest of the ``Observer`` protocol."""
 
 
 def test_rankings_through_kafka_equal_the_backtest(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
