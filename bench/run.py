@@ -17,6 +17,10 @@ because absolute times on shared machines are noisy:
 7. flood     an identity flood: every user, item, order, device (and, at a set rate,
              category) is new; RSS sampled along the run must level off once the
              bounds are reached (growth per event, last half vs the first stretch)
+9. ranking   the ranking learner (search and ads) on simulated requests, per seed: NDCG@10
+             on the true relevance of our order vs the engine's, ads expected revenue per
+             request vs ranking by bid alone, the replay estimate of the top ad slot, and
+             the cost per request (scoring 50 candidates; everything the learner does)
 
 The suite is never part of the tests' pass/fail. Without ``--bootstrap-servers``
 sections 3 and 4 start a jar-based broker (tests/kafka_broker.py).
@@ -716,7 +720,108 @@ def bench_demand(config: Config, seeds: Sequence[int], events: int, warn_at: flo
     return {"demand": out}
 
 
-SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand")
+
+
+# --------------------------------------------------------------------------- 9. ranking
+
+
+def ranking_run(seed: int, requests: int, config: Config) -> dict[str, Any]:
+    """One seed: the default config's ranking learner on a simulated stream with about
+    ``requests`` search and ads requests (50 candidates a search, 20 ads, 3 ad slots),
+    scored on the simulator's true relevance; the quality figures are over the last
+    fifth of the requests (the learner at ``requests``), the cost over all of them."""
+    from stream.learners.ranking import RankingLearner
+    from stream.scoring import _Replay
+    from stream.simulate import Simulation
+
+    spec = config.learners["ranking"]
+    sim = Simulation(SimConfig(seed=seed, events=int(requests * 5.2), searches_per_session=2.0))
+    decode = {s: Decoder(EVENT_TYPES[s]).decode for s in ("searches", "clicks", "purchases")}
+    events = [(s, decode[s](v)) for s, _, v, _ in sim if s in decode]
+    truth = sim.truth
+    learner = spec.build("ranking", config.input_topics())
+    assert isinstance(learner, RankingLearner)
+    pc = time.perf_counter
+    spent = {"searches": 0.0, "clicks": 0.0, "purchases": 0.0}
+    predict_s = 0.0
+    predict_search_s = 0.0
+    outputs: list[tuple[Any, Any]] = []
+    for stream, e in events:
+        t0 = pc()
+        out = learner.predict(e)
+        t1 = pc()
+        learner.learn(e)
+        spent[stream] += pc() - t0
+        if out is not None:
+            predict_s += t1 - t0
+            if e.kind == "search":
+                predict_search_s += t1 - t0
+            outputs.append((e, [r.item_id for r in out.items]))
+    n = len(outputs)
+    late = outputs[n - n // 5 :]
+    ndcg, ndcg0, rev, rev_bid = [], [], [], []
+    replay = _Replay()
+    for e, ours in late:
+        user, query, ts = e.user_id, e.query, e.ts
+        if e.kind == "search":
+            ndcg.append(truth.ranking_ndcg(user, query, ours, ts))
+            ndcg0.append(truth.ranking_ndcg(user, query, e.candidates, ts))
+        else:
+            bid = {c.item_id: c.bid for c in reversed(e.candidates)}
+            by_bid = sorted(bid, key=lambda i: -bid[i])
+            rev.append(truth.ads_value(user, query, ours, [bid[i] for i in ours], ts))
+            rev_bid.append(truth.ads_value(user, query, by_bid, [bid[i] for i in by_bid], ts))
+    late_ids = {e.request_id: ours for e, ours in late if e.kind == "ads"}
+    for stream, e in events:  # replay of the top ad slot over the same requests, from the logged clicks
+        if stream == "searches" and e.request_id in late_ids:
+            bid = {c.item_id: c.bid for c in reversed(e.candidates)}
+            replay.request(e, late_ids[e.request_id][0], max(bid, key=lambda i: bid[i]))
+        elif stream == "clicks":
+            replay.click(e)
+    n_search = sum(1 for e, _ in outputs if e.kind == "search")
+    quality = {(m, w): v for m, w, v in learner.quality()}
+    return {
+        "seed": seed,
+        "events": len(events),
+        "requests": n,
+        "search_requests": n_search,
+        "ndcg_at_10_truth": float(np.mean(ndcg)),
+        "ndcg_at_10_truth_original": float(np.mean(ndcg0)),
+        "ndcg_gain": float(np.mean(ndcg) / np.mean(ndcg0) - 1),
+        "ads_revenue_per_request": float(np.mean(rev)),
+        "ads_revenue_per_request_by_bid": float(np.mean(rev_bid)),
+        "ads_revenue_gain": float(np.mean(rev) / np.mean(rev_bid) - 1),
+        **replay.results(),
+        "exploration_rate": learner.ranking.get("exploration_rate", "cumulative"),
+        "examination_estimate": [round(float(v), 3) for v in learner.examination["search"][:5]],
+        "examination_true": [round(float(v), 3) for v in truth.search.examination(5)],  # type: ignore[union-attr]
+        "us_per_request_predict": predict_s / n * 1e6,
+        "us_per_search_predict_50_candidates": predict_search_s / n_search * 1e6,
+        "us_per_request_searches": spent["searches"] / n * 1e6,
+        "us_per_request_all": sum(spent.values()) / n * 1e6,
+        "us_per_click": spent["clicks"] / max(1, sum(1 for s, _ in events if s == "clicks")) * 1e6,
+        "online_ndcg_at_10": learner.ranking.get("ndcg_at_10", "cumulative"),
+        "online_ndcg_at_10_original": learner.ranking.get("ndcg_at_10_original", "cumulative"),
+        "quality_keys": sorted({m for m, _ in quality}),
+    }
+
+
+def bench_ranking(config: Config, seeds: Sequence[int], requests: int) -> dict[str, Any]:
+    runs = []
+    for seed in seeds:
+        r = ranking_run(seed, requests, config)
+        log(
+            f"9 ranking seed {seed}: {r['requests']:,} requests; NDCG@10 {r['ndcg_at_10_truth']:.4f} vs engine "
+            f"{r['ndcg_at_10_truth_original']:.4f} ({r['ndcg_gain']:+.1%}); ads {r['ads_revenue_per_request']:.4f} "
+            f"vs by bid {r['ads_revenue_per_request_by_bid']:.4f} ({r['ads_revenue_gain']:+.1%}); "
+            f"{r['us_per_search_predict_50_candidates']:.0f} us scoring 50 candidates, "
+            f"{r['us_per_request_all']:.0f} us all per request"
+        )
+        runs.append(r)
+    return {"ranking": runs}
+
+
+SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand", "ranking")
 
 
 def machine() -> dict[str, Any]:
@@ -740,6 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--flood-category-every", type=int, default=8, help="a new category every N flood events")
     p.add_argument("--demand-seeds", default="0,1,2", help="seeds of the demand quality section")
     p.add_argument("--demand-events", type=int, default=100_000, help="events per seed of the demand section")
+    p.add_argument("--ranking-seeds", default="1,2,3", help="seeds of section 9 (default 1,2,3)")
+    p.add_argument("--ranking-requests", type=int, default=50_000, help="requests per seed in section 9")
     p.add_argument("--growth-point", help=argparse.SUPPRESS)
     p.add_argument("--flood-point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -787,6 +894,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fig |= bench_flood(args.flood_events, args.flood_scale, args.flood_category_every)
         if "demand" not in skip:
             fig |= bench_demand(config, [int(x) for x in args.demand_seeds.split(",")], args.demand_events)
+        if "ranking" not in skip:
+            seeds = [int(x) for x in args.ranking_seeds.split(",")]
+            fig |= bench_ranking(config, seeds, args.ranking_requests)
     limit = fig.get("limit_events_per_s")
     if limit:
         if "backtest_events_per_s" in fig:

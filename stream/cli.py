@@ -185,6 +185,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             fraud_rate=args.fraud_rate,
             bad_records=args.bad_records,
             drifts=args.drifts,
+            searches_per_session=args.searches_per_session,
         )
         sim = Simulation(sim_config)
         if args.out:
@@ -227,6 +228,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             bootstrap_servers=args.bootstrap_servers,
             progress=args.progress,
             keep_topics=args.keep_topics,
+            searches_per_session=args.searches_per_session,
         )
     except ConfigError:
         raise
@@ -304,6 +306,8 @@ def _add_replay_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     sim.add_argument("--bad-records", type=int, default=0, metavar="N", help="invalid records to mix in")
     sim.add_argument("--partitions", type=int, default=1, metavar="N", help="partitions per topic with --out")
     sim.add_argument("--no-drifts", dest="drifts", action="store_false", help="no scheduled drifts")
+    sim.add_argument("--searches-per-session", type=float, default=0.0, metavar="F",
+                     help="search and ads requests per session, topic `searches` (default 0: none)")  # fmt: skip
     sim.add_argument("--create-topics", action="store_true", help="create missing input topics with --to-kafka")
     _add_kafka_args(sim, config_required=False)
     no_progress(sim)
@@ -320,6 +324,8 @@ def _add_replay_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     demo.add_argument("--bootstrap-servers", metavar="H:P", help="go through this Kafka cluster (fresh topics)")
     demo.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     demo.add_argument("--keep-topics", action="store_true", help="with --bootstrap-servers: keep the demo topics")
+    demo.add_argument("--searches-per-session", type=float, default=0.0, metavar="F",
+                      help="add search and ads requests for the ranking learner (default 0: none)")  # fmt: skip
     no_progress(demo)
     demo.set_defaults(handler=cmd_demo)
 

@@ -196,6 +196,8 @@ class TopicsConfig(_Section):
     purchases: str = "purchases"
     prices: str = "prices"
     fraud_labels: str = "fraud-labels"
+    #: Search and ads requests with their candidates (the ranking learner's input).
+    searches: str = "searches"
     dead_letters: str = "dead-letters"
     #: Partition count used by ``stream topics create``.
     partitions: PositiveInt = 3
@@ -365,7 +367,9 @@ class Config(_Section):
     def input_topics(self) -> dict[str, str]:
         """Contract topic names by stream (``clicks`` -> the configured name)."""
         t = self.topics
-        return {"clicks": t.clicks, "purchases": t.purchases, "prices": t.prices, "fraud_labels": t.fraud_labels}
+        topics = {"clicks": t.clicks, "purchases": t.purchases, "prices": t.prices, "fraud_labels": t.fraud_labels}
+        topics["searches"] = t.searches
+        return topics
 
 
 def _safe(message: str) -> str:

@@ -90,8 +90,10 @@ def run_demo(
     progress: bool = True,
     keep_topics: bool = False,
     out: Callable[[str], None] = print,
+    searches_per_session: float = 0.0,
 ) -> dict[str, Any]:
-    """Run the demo and print its report; returns the report as a dict."""
+    """Run the demo and print its report; returns the report as a dict. ``searches_per_session``
+    adds search and ads requests (the ranking learner's input) to the simulation."""
     path = config_path  # None: the packaged default.toml
     config = load_config(
         path,
@@ -104,7 +106,11 @@ def run_demo(
     if not config.learners:
         where = path if path is not None else "the packaged default.toml"
         raise ConfigError(f"{where}: no learners configured (no [learners.NAME] table): nothing to demonstrate")
-    sim = Simulation(SimConfig(seed=seed, events=events, bad_records=max(events // 20_000, 4)))
+    sim = Simulation(
+        SimConfig(
+            seed=seed, events=events, bad_records=max(events // 20_000, 4), searches_per_session=searches_per_session
+        )
+    )
     # The ``kind`` of a learner spec is its msgspec tag.
     learners = [f"{name} ({type(spec).__struct_config__.tag})" for name, spec in config.learners.items()]
     out(

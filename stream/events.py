@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -28,7 +28,9 @@ from stream.errors import InvalidEvent
 __all__ = [
     "EVENT_TYPES",
     "MAX_AMOUNT",
+    "MAX_CANDIDATES",
     "MAX_TS_MS",
+    "AdCandidate",
     "Click",
     "Decoder",
     "Event",
@@ -36,6 +38,7 @@ __all__ = [
     "InvalidEvent",
     "Price",
     "Purchase",
+    "Search",
     "contract_string_fields",
 ]
 
@@ -61,6 +64,10 @@ EpochMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)]
 Positive = Annotated[float, msgspec.Meta(gt=0, le=MAX_AMOUNT)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0, le=MAX_AMOUNT)]
 AgeDays = Annotated[float, msgspec.Meta(ge=0, le=MAX_AGE_DAYS)]
+#: Candidates of one search or ads request, at most.
+MAX_CANDIDATES = 200
+#: A 0-based position in a ranked list.
+Position = Annotated[int, msgspec.Meta(ge=0, le=MAX_CANDIDATES - 1)]
 
 
 class _Event(msgspec.Struct, frozen=True, gc=False):
@@ -74,8 +81,10 @@ class _Event(msgspec.Struct, frozen=True, gc=False):
                 raise ValueError(f"`{name}` must be finite, got {value}")
 
 
-class Click(_Event, frozen=True, gc=False):
-    """A product view. Topic ``clicks``, key ``user_id``."""
+class Click(_Event, frozen=True, gc=False, omit_defaults=True):
+    """A product view. Topic ``clicks``, key ``user_id``. ``request_id`` and
+    ``position`` (0-based) name the search or ads request it came from, when known
+    (fields left at None are not encoded)."""
 
     event_id: Id
     ts: EpochMs
@@ -85,10 +94,13 @@ class Click(_Event, frozen=True, gc=False):
     category: Text | None = None
     price: Positive | None = None
     source: Text | None = None
+    request_id: Id | None = None
+    position: Position | None = None
 
 
-class Purchase(_Event, frozen=True, gc=False):
-    """An order line. Topic ``purchases``, key ``user_id``."""
+class Purchase(_Event, frozen=True, gc=False, omit_defaults=True):
+    """An order line. Topic ``purchases``, key ``user_id``. ``request_id`` and
+    ``position``: the search or ads request it came from, when known."""
 
     event_id: Id
     ts: EpochMs
@@ -103,6 +115,8 @@ class Purchase(_Event, frozen=True, gc=False):
     shipping_country: Text | None = None
     account_age_days: AgeDays | None = None
     device_id: Id | None = None
+    request_id: Id | None = None
+    position: Position | None = None
 
     @property
     def amount(self) -> float:
@@ -131,8 +145,43 @@ class FraudLabel(_Event, frozen=True, gc=False):
     is_fraud: bool
 
 
-Event = Click | Purchase | Price | FraudLabel
-E = TypeVar("E", bound=Click | Purchase | Price | FraudLabel)
+class AdCandidate(msgspec.Struct, frozen=True, gc=False):
+    """One ad of an ads request: the item advertised and the advertiser's bid per click."""
+
+    item_id: Id
+    bid: NonNegative
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.bid):
+            raise ValueError(f"`bid` must be finite, got {self.bid}")
+
+
+class Search(_Event, frozen=True, gc=False):
+    """A search or ads request and the candidates the shop's engine returned, in its order.
+    Topic ``searches``, key ``user_id``. ``kind = "search"``: ``candidates`` are item ids;
+    ``kind = "ads"``: objects ``{item_id, bid}``. At most ``MAX_CANDIDATES``."""
+
+    event_id: Id
+    ts: EpochMs
+    user_id: Id
+    request_id: Id
+    kind: Literal["search", "ads"]
+    candidates: Annotated[list[Id | AdCandidate], msgspec.Meta(max_length=MAX_CANDIDATES)]
+    query: Text | None = None
+    session_id: Id | None = None
+    category: Text | None = None
+
+    def __post_init__(self) -> None:
+        want = str if self.kind == "search" else AdCandidate
+        for c in self.candidates:
+            if type(c) is not want:
+                raise ValueError(
+                    "`candidates` of a search request are item ids, of an ads request `{item_id, bid}` objects"
+                )
+
+
+Event = Click | Purchase | Price | FraudLabel | Search
+E = TypeVar("E", bound=Click | Purchase | Price | FraudLabel | Search)
 
 #: Event type by its logical stream name (the ``[topics]`` keys in config).
 EVENT_TYPES: dict[str, type[Event]] = {
@@ -140,6 +189,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     "purchases": Purchase,
     "prices": Price,
     "fraud_labels": FraudLabel,
+    "searches": Search,
 }
 
 

@@ -9,6 +9,7 @@ use them.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,13 @@ class TruthScorer(BaseObserver):
         self.regret_after_change: dict[str, RunningMean] = {}
         self.fraud_scores: dict[str, dict[str, float]] = {}
         self.blocked: dict[str, list[int]] = {}  # learner -> [true pos, flagged, frauds scored]
+        #: Rankings: NDCG@10 of ours and of the engine's order on true relevance; ads: expected
+        #: revenue of ours and of ranking by bid alone; and the replay estimates (``_Replay``).
+        self.ndcg: dict[str, RunningMean] = {}
+        self.ndcg_original: dict[str, RunningMean] = {}
+        self.ads_revenue: dict[str, RunningMean] = {}
+        self.ads_revenue_by_bid: dict[str, RunningMean] = {}
+        self.replay: dict[str, _Replay] = {}
 
     def _since(self, kind: str, ts: int) -> bool:
         """Whether the drift ``kind`` has happened by ``ts`` (drifts are appended
@@ -63,6 +71,11 @@ class TruthScorer(BaseObserver):
                 sink.produce(topic, key, value, headers)
 
         return _Sink()
+
+    def processed(self, topic: str, record: Any, event: Any) -> None:
+        if self.replay and type(event).__name__ == "Click":
+            for replay in self.replay.values():
+                replay.click(event)
 
     def published(self, learner: Any, event: Any, record: Any) -> None:
         value, self._last = self._last, None
@@ -83,6 +96,10 @@ class TruthScorer(BaseObserver):
         if ts is None:
             return
         items = prediction.get("items")
+        if "request_id" in prediction and isinstance(items, list):
+            if items and truth.search is not None:
+                self._score_ranking(name, event, [i["item_id"] for i in items])
+            return
         if isinstance(items, list) and items:
             user = _get(event, "user_id")
             ids = [i.get("item_id") if isinstance(i, Mapping) else i for i in items]
@@ -119,6 +136,21 @@ class TruthScorer(BaseObserver):
                 counts[0] += fraud
             counts[2] += fraud
 
+    def _score_ranking(self, name: str, event: Any, ours: list[str]) -> None:
+        truth, user, query, ts = self.truth, event.user_id, event.query, event.ts
+        if event.kind == "search":
+            original = list(dict.fromkeys(event.candidates))
+            self.ndcg.setdefault(name, RunningMean()).update(truth.ranking_ndcg(user, query, ours, ts))
+            self.ndcg_original.setdefault(name, RunningMean()).update(truth.ranking_ndcg(user, query, original, ts))
+            return
+        bid = {c.item_id: c.bid for c in reversed(event.candidates)}
+        by_bid = sorted(bid, key=lambda i: -bid[i])
+        value = truth.ads_value(user, query, ours, [bid[i] for i in ours], ts)
+        self.ads_revenue.setdefault(name, RunningMean()).update(value)
+        base = truth.ads_value(user, query, by_bid, [bid[i] for i in by_bid], ts)
+        self.ads_revenue_by_bid.setdefault(name, RunningMean()).update(base)
+        self.replay.setdefault(name, _Replay()).request(event, ours[0], by_bid[0])
+
     def results(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
 
@@ -145,6 +177,77 @@ class TruthScorer(BaseObserver):
             put(name, "flagged_precision", tp / flagged if flagged else None)
             put(name, "flagged_recall", tp / frauds if frauds else None)
             put(name, "orders_scored", len(scores))
+        for name, m in self.ndcg.items():
+            put(name, "ndcg_at_10_truth", m.mean)
+            put(name, "ndcg_at_10_truth_original_order", self.ndcg_original[name].mean)
+            put(name, "searches_scored", m.n)
+        for name, m in self.ads_revenue.items():
+            put(name, "ads_expected_revenue_per_request", m.mean)
+            put(name, "ads_expected_revenue_per_request_by_bid", self.ads_revenue_by_bid[name].mean)
+            put(name, "ads_scored", m.n)
+        for name, replay in self.replay.items():
+            for key, value in replay.results().items():
+                put(name, key, value)
+        return out
+
+
+class _Replay:
+    """The replay method (Li et al., 2011) for the top ad slot on a recorded stream whose
+    logged top ad was drawn uniformly at random (the simulator's ads): a policy's revenue
+    per request is estimated on the requests where the logged top ad is the one the policy
+    puts first, from the clicks on it (carrying the request's id at position 0, or by the
+    same user on that item within ``window_ms`` when they carry none). Estimated for our
+    order, for ranking by bid alone, and for the logging policy itself (every request)."""
+
+    def __init__(self, window_ms: int = 1_800_000, capacity: int = 100_000) -> None:
+        self.window_ms = window_ms
+        self.capacity = capacity
+        # request id -> [user, ts, logged top ad, its bid, ours matches, by-bid matches, clicked]
+        self._open: OrderedDict[str, list[Any]] = OrderedDict()
+        self._by_user: dict[str, str] = {}
+        self.n = {"ours": 0, "bid": 0, "logged": 0}
+        self.revenue = {"ours": 0.0, "bid": 0.0, "logged": 0.0}
+
+    def request(self, event: Any, ours_top: str, bid_top: str) -> None:
+        if not event.candidates:
+            return
+        logged = event.candidates[0]
+        entry = [event.user_id, event.ts, logged.item_id, logged.bid, logged.item_id == ours_top,
+                 logged.item_id == bid_top, False]  # fmt: skip
+        self.n["logged"] += 1
+        self.n["ours"] += entry[4]
+        self.n["bid"] += entry[5]
+        self._open[event.request_id] = entry
+        self._by_user[event.user_id] = event.request_id
+        if len(self._open) > self.capacity:
+            self._open.popitem(last=False)
+
+    def click(self, click: Any) -> None:
+        rid = click.request_id
+        if rid is not None:
+            entry = self._open.get(rid)
+            if entry is None or click.position not in (None, 0):
+                return
+        else:
+            rid = self._by_user.get(click.user_id)
+            entry = self._open.get(rid) if rid is not None else None
+            if entry is None or click.ts - entry[1] > self.window_ms:
+                return
+        if entry[6] or click.item_id != entry[2]:
+            return
+        entry[6] = True
+        self.revenue["logged"] += entry[3]
+        if entry[4]:
+            self.revenue["ours"] += entry[3]
+        if entry[5]:
+            self.revenue["bid"] += entry[3]
+
+    def results(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for policy in ("ours", "bid", "logged"):
+            n = self.n[policy]
+            out[f"replay_top_ad_revenue_{policy}"] = self.revenue[policy] / n if n else None
+            out[f"replay_top_ad_requests_{policy}"] = n
         return out
 
 

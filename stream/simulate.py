@@ -45,7 +45,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from stream.events import Click, FraudLabel, Price, Purchase
+from stream.events import AdCandidate, Click, FraudLabel, Price, Purchase, Search
 from stream.kafka import KafkaWriter, ensure_topics
 from stream.progress import Progress
 from stream.recording import TIMESTAMP_CREATE_TIME, RecordingWriter
@@ -56,10 +56,12 @@ from stream.world import (
     COUNTRIES,
     COUNTRY_WEIGHTS,
     DAY_MS,
+    GENERIC_QUERIES,
     NEVER,
     PAYMENT_METHODS,
     PAYMENT_WEIGHTS,
     PRICE_GRID,
+    QUERY_MODIFIERS,
     STREAMS,
     DetectionScore,
     DriftPoint,
@@ -364,6 +366,7 @@ class _State:
         self.seq = 0
         self.n_click = self.n_purchase = self.n_price = self.n_label = 0
         self.n_session = self.n_order = self.n_new_user = self.n_new_device = 0
+        self.n_search = 0
         self.fraud_pattern_b = False
         self.fraud_b_category = int(np.argmax(np.array([sim.list_price[ix].mean() for ix in sim.cat_items])))
         self.demand = Demand(sim) if c.demand is not None else None
@@ -536,6 +539,123 @@ class _State:
             out += self._purchases(ts[buy], u[buy], item[buy], price[buy], enc)
         n_legit = int(buy.sum())
         out += self._frauds(t0, t1, n_legit, enc)
+        if c.searches_per_session > 0:
+            out += self._searches(start, users, sess_ids, enc)
+        return out
+
+    # -- search and ads requests (their own generator: nothing above changes) -------------
+
+    def _searches(self, start: np.ndarray, users: np.ndarray, sess_ids: np.ndarray, enc: Any) -> list[Any]:
+        """Requests of the sessions starting in this window: a query from the user's tastes,
+        the engine's candidates in its (noisy) order, or ads with bids in a uniformly random
+        order (the logging policy of the replay method); each position examined with
+        probability ``(1 + k) ** -position_bias``, an examined item clicked with its true
+        attractiveness (``GroundTruth.relevance``), some clicks followed by a purchase."""
+        sim, c = self.sim, self.sim.config
+        rng = sim._rng_search
+        truth = sim.truth
+        search = truth.search
+        assert search is not None
+        n_req = rng.poisson(c.searches_per_session, len(users))
+        out: list[Any] = []
+        cats = sim.cat_names
+        span = max(self.max_session_ms // 2 - 180_000, 1_000)
+        for s_ix in np.flatnonzero(n_req).tolist():
+            uu = int(users[s_ix])
+            user = sim.user_ids[uu]
+            times = np.sort(int(start[s_ix]) + rng.integers(0, span, int(n_req[s_ix])))
+            for t in times.tolist():
+                self.n_search += 1
+                rid = f"q{self.n_search}"
+                ads = rng.random() < c.ads_share
+                if rng.random() < 0.15:
+                    qcat = -1
+                    query = GENERIC_QUERIES[int(rng.integers(len(GENERIC_QUERIES)))]
+                else:
+                    qcat = int(_sample_rows(sim.taste_cdf[[uu]], rng.random(1))[0])
+                    mod = QUERY_MODIFIERS[int(rng.integers(len(QUERY_MODIFIERS)))]
+                    query = f"{mod} {cats[qcat]}".strip()
+                n_cand = min(c.ad_candidates if ads else c.search_candidates, c.n_items)
+                items = self._engine_candidates(rng, qcat, n_cand)
+                if ads:
+                    order = rng.permutation(len(items))
+                else:
+                    score = np.log(sim.popularity[items] * c.n_items) * 0.5 + rng.normal(
+                        0.0, c.engine_noise, len(items)
+                    )
+                    if qcat >= 0:
+                        score += 2.0 * (sim.item_cat[items] == qcat)
+                    order = np.argsort(-score, kind="stable")
+                items = items[order]
+                ids = [sim.item_ids[i] for i in items.tolist()]
+                category = cats[qcat] if qcat >= 0 and rng.random() < 0.5 else None
+                candidates: list[Any]
+                if ads:
+                    bids = np.round(np.exp(rng.normal(-0.5, 0.6, len(items))), 2) + 0.01
+                    candidates = [AdCandidate(i, b) for i, b in zip(ids, bids.tolist(), strict=True)]
+                else:
+                    candidates = ids
+                req = Search(f"sr{self.n_search}", t, user, rid, "ads" if ads else "search", candidates, query,
+                             f"s{int(sess_ids[s_ix])}", category)  # fmt: skip
+                out.append((t, self.next_seq(1)[0], "searches", sim.user_id_b[uu], enc(req)))
+                out += self._request_clicks(rng, t, uu, user, rid, query, items, ids, ads, s_ix, sess_ids, enc)
+        return out
+
+    def _engine_candidates(self, rng: Any, qcat: int, n: int) -> np.ndarray:
+        """``n`` distinct items: most from the query's category (by popularity), the rest popular anywhere."""
+        sim = self.sim
+        picked: list[int] = []
+        if qcat >= 0:
+            ix = sim.cat_items[qcat]
+            k = min(len(ix), int(n * 0.6))
+            p = sim.popularity[ix] / sim.popularity[ix].sum()
+            picked = rng.choice(ix, k, replace=False, p=p).tolist()
+        rest = n - len(picked)
+        if rest > 0:
+            pool = rng.choice(len(sim.popularity), min(4 * n, len(sim.popularity)), replace=False, p=sim.popularity)
+            have = set(picked)
+            for i in pool.tolist():
+                if i not in have:
+                    picked.append(i)
+                    have.add(i)
+                    if len(picked) == n:
+                        break
+        return np.array(picked, dtype=np.intp)
+
+    def _request_clicks(
+        self, rng: Any, t: int, uu: int, user: str, rid: str, query: str, items: np.ndarray, ids: list[str],
+        ads: bool, s_ix: int, sess_ids: np.ndarray, enc: Any,
+    ) -> list[Any]:  # fmt: skip
+        sim, c = self.sim, self.sim.config
+        search = sim.truth.search
+        assert search is not None
+        n = len(ids)
+        alpha = sim.truth.relevance(user, query, ids, t)
+        exam = search.examination(n, ads)
+        clicked = np.flatnonzero((rng.random(n) < exam) & (rng.random(n) < alpha))
+        if not len(clicked):
+            return []
+        out: list[Any] = []
+        click_ts = t + np.cumsum(rng.integers(2_000, 20_000, len(clicked)))
+        attributed = rng.random(len(clicked)) < c.click_attribution
+        price = self.price_at(items[clicked], click_ts)
+        buy = rng.random(len(clicked)) < c.base_conversion * 3
+        source = "ads" if ads else "search"
+        for k, ct, pr, at, b in zip(clicked.tolist(), click_ts.tolist(), price.tolist(), attributed.tolist(),
+                                    buy.tolist(), strict=True):  # fmt: skip
+            it = int(items[k])
+            self.n_click += 1
+            click = Click(f"c{self.n_click}", ct, user, ids[k], f"s{int(sess_ids[s_ix])}",
+                          sim.cat_names[int(sim.item_cat[it])], pr, source,
+                          rid if at else None, k if at else None)  # fmt: skip
+            out.append((ct, self.next_seq(1)[0], "clicks", sim.user_id_b[uu], enc(click)))
+            if b:
+                pt = ct + int(rng.integers(5_000, 60_000))
+                home = COUNTRIES[int(sim.user_country[uu])]
+                age = round((pt - int(sim.user_created[uu])) / DAY_MS, 2)
+                pay = PAYMENT_METHODS[int(sim.user_payment[uu])]
+                out.append(self._purchase(enc, pt, self.next_seq(1)[0], user, it, 1, pr, pay, home, home, age,
+                                          f"d{uu}x0"))  # fmt: skip
         return out
 
     def _purchases(
@@ -721,6 +841,8 @@ def write_recording(
     """Write the simulation as a recording (``stream.recording`` format) with its
     ``truth.json``; ``topics`` maps stream names to topic names. Returns the manifest."""
     out = Path(out_dir)
+    if not sim.config.searches_per_session:
+        topics = {s: t for s, t in topics.items() if s in STREAMS}  # no search stream in this recording
     # numpy's version: the random streams (so the bytes) are the same for the same seed and numpy.
     source = {"kind": "simulator", "seed": sim.config.seed, "numpy": np.__version__, "config": sim.config.to_dict()}
     writer = RecordingWriter(out, source=source, streams=dict(topics), truth="truth.json")

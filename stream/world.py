@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "SEARCH_SETTINGS",
     "STREAMS",
     "DemandSim",
     "DetectionScore",
     "DriftPoint",
     "GroundTruth",
+    "SearchTruth",
     "SimConfig",
     "SimEvent",
     "World",
@@ -55,6 +57,8 @@ CLICK_SOURCES = ("search", "home", "category", "recommendation", "email")
 PRICE_GRID = (0.8, 0.9, 1.0, 1.1, 1.2)
 BAD_KINDS = ("invalid_json", "non_utf8", "missing_field", "negative_price")
 
+#: The search generator's spawn key (its own stream, whatever other subsystems spawn).
+SEARCH_SPAWN_KEY = 0x5EA2C4
 DAY_MS = 86_400_000
 NEVER = np.iinfo(np.int64).max
 
@@ -145,6 +149,22 @@ class SimConfig:
     max_session_s: float = 1200.0
     #: Demand seasonality, promotions, stock-outs and restocks (None: off, the streams as before).
     demand: DemandSim | None = None
+    # -- search and ads requests (stream ``searches``), from their own generator; off by default,
+    # so the four other streams are the same bytes with or without these fields.
+    #: Search or ads requests per session (Poisson mean); 0: none.
+    searches_per_session: float = 0.0
+    #: Share of the requests that are ads requests.
+    ads_share: float = 0.3
+    #: Candidates of a search request, and of an ads request; ad slots shown.
+    search_candidates: int = 50
+    ad_candidates: int = 20
+    ad_slots: int = 3
+    #: Noise (standard deviation, in logits) of the engine's ranking score.
+    engine_noise: float = 1.0
+    #: Examination of position k (0-based): ``(1 + k) ** -position_bias``.
+    position_bias: float = 1.0
+    #: Share of the clicks on a request's candidates that carry its ``request_id`` and ``position``.
+    click_attribution: float = 0.8
 
     def __post_init__(self) -> None:
         if (self.events is None) == (self.duration_s is None):
@@ -166,6 +186,12 @@ class SimConfig:
         out = dataclasses.asdict(self)
         if out["demand"] is None:
             del out["demand"]  # off: the documents stay byte-identical to those before it existed
+        if not self.searches_per_session:
+            # Without searches their settings change nothing: left out, so manifests and
+            # truth files stay byte-identical to those written before the search stream existed.
+            for name in SEARCH_SETTINGS:
+                if out[name] == _SEARCH_DEFAULTS[name]:
+                    del out[name]
         return out
 
     @property
@@ -185,7 +211,38 @@ class SimConfig:
         return float(min(max(round(span / 100, 1), 10.0), 600.0))
 
 
+#: SimConfig fields of the search and ads simulation.
+SEARCH_SETTINGS = ("searches_per_session", "ads_share", "search_candidates", "ad_candidates", "ad_slots",
+                   "engine_noise", "position_bias", "click_attribution")  # fmt: skip
+_SEARCH_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SimConfig) if f.name in SEARCH_SETTINGS}
+#: Generic queries (no category in them): relevance is the user's taste and the item's quality.
+GENERIC_QUERIES = ("gift ideas", "deals", "new arrivals", "best sellers")
+QUERY_MODIFIERS = ("", "cheap", "best", "new", "sale", "top")
+#: True attractiveness of an item for a query (see ``SearchTruth``): logit coefficients.
+REL_BASE, REL_QUERY, REL_TASTE, REL_QUALITY = -2.0, 2.0, 0.6, 1.0
+
+
 # --------------------------------------------------------------------------- ground truth
+
+
+@dataclass
+class SearchTruth:
+    """The hidden parameters of search relevance: the probability that a user who
+    examines an item clicks it (its attractiveness) is
+    ``sigmoid(REL_BASE + REL_QUERY [item in the query's category] + REL_TASTE log(n_cat taste) + REL_QUALITY q)``
+    with ``taste`` the user's true share of the item's category (clipped to [-3, 2] after the log)
+    and ``q`` the item's hidden quality (standard normal)."""
+
+    quality: np.ndarray
+    position_bias: float
+    ad_slots: int
+
+    def examination(self, n: int, ads: bool = False) -> np.ndarray:
+        """Probability that position k (0-based) is examined; ads beyond the slots are not shown."""
+        e = (1.0 + np.arange(n)) ** -self.position_bias
+        if ads:
+            e[self.ad_slots :] = 0.0
+        return e
 
 
 @dataclass
@@ -246,6 +303,8 @@ class GroundTruth:
         self.end_ts = config.start_ts
         #: ``{"index", "stream", "kind"}`` of every deliberately invalid record.
         self.bad_records: list[dict[str, Any]] = []
+        #: Search relevance (None when the simulation has no search stream).
+        self.search: SearchTruth | None = None
         self._item_index = {item: i for i, item in enumerate(self.item_ids)}
         self._user_index = {user: i for i, user in enumerate(self.user_ids)}
         self._cat_index = {c: i for i, c in enumerate(self.categories)}
@@ -317,6 +376,54 @@ class GroundTruth:
         """Relative profit lost by charging ``price`` instead of the optimal price (0 = optimal)."""
         best = self.expected_profit(item_id, self.optimal_price(item_id, ts), ts)
         return (best - self.expected_profit(item_id, price, ts)) / best if best > 0 else 0.0
+
+    def query_category(self, query: str | None) -> str | None:
+        """The category a simulated query is about (its first category term), if any."""
+        if not query:
+            return None
+        for term in query.split():
+            if term in self._cat_index:
+                return term
+        return None
+
+    def relevance(self, user_id: str, query: str | None, item_ids: Sequence[str], ts: int) -> np.ndarray:
+        """True attractiveness (click probability when examined) of each item for the
+        user and query at ``ts``; unknown items get the base rate."""
+        search = self.search
+        if search is None:
+            raise ValueError("this simulation has no search stream")
+        idx = np.fromiter((self._item_index.get(i, -1) for i in item_ids), np.intp, len(item_ids))
+        known = idx >= 0
+        ix = np.where(known, idx, 0)
+        cats = self.item_category[ix]
+        z = np.full(len(ix), REL_BASE)
+        q = self.query_category(query)
+        if q is not None:
+            z += REL_QUERY * (cats == self._cat_index[q])
+        taste = self.taste(user_id, ts)
+        if taste is not None:
+            z += REL_TASTE * np.clip(np.log(len(self.categories) * np.maximum(taste[cats], 1e-9)), -3.0, 2.0)
+        z += REL_QUALITY * search.quality[ix]
+        return np.where(known, 1.0 / (1.0 + np.exp(-z)), 1.0 / (1.0 + math.exp(-REL_BASE)))
+
+    def ranking_ndcg(self, user_id: str, query: str | None, ordered: Sequence[str], ts: int, k: int = 10) -> float:
+        """NDCG@k of ``ordered`` item ids, the gains their true attractiveness for the user and query."""
+        rel = self.relevance(user_id, query, ordered, ts)
+        discount = 1.0 / np.log2(np.arange(len(rel)) + 2.0)
+        dcg = float((rel[:k] * discount[:k]).sum())
+        ideal = float((np.sort(rel)[::-1][:k] * discount[:k]).sum())
+        return dcg / ideal if ideal > 0 else 0.0
+
+    def ads_value(
+        self, user_id: str, query: str | None, ordered: Sequence[str], bids: Sequence[float], ts: int
+    ) -> float:
+        """Expected revenue of the ads ``ordered`` (their ``bids``) in the slots: examination x attractiveness x bid."""
+        search = self.search
+        if search is None:
+            raise ValueError("this simulation has no search stream")
+        rel = self.relevance(user_id, query, ordered, ts)
+        exam = search.examination(len(rel), ads=True)
+        return float((exam * rel * np.asarray(bids, dtype=float)).sum())
 
     def is_fraud(self, order_id: str) -> bool:
         return order_id in self.frauds
@@ -490,7 +597,13 @@ class GroundTruth:
             "fraud": {"orders": self.orders, "frauds": self.frauds},
             "bad_records": self.bad_records,
             **({"demand": self.demand} if self.demand is not None else {}),
-        }
+        } | self._search_dict()
+
+    def _search_dict(self) -> dict[str, Any]:
+        if self.search is None:
+            return {}
+        s = self.search
+        return {"search": {"quality": _round(s.quality, 5), "position_bias": s.position_bias, "ad_slots": s.ad_slots}}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n")
@@ -530,6 +643,9 @@ class GroundTruth:
         truth.bad_records = doc["bad_records"]
         if "demand" in doc:
             truth.demand = doc["demand"]
+        if "search" in doc:
+            sd = doc["search"]
+            truth.search = SearchTruth(np.array(sd["quality"], dtype=float), sd["position_bias"], sd["ad_slots"])
         for d in doc["drifts"]:
             point = DriftPoint(
                 d["kind"], d["ts"], d["index"], d["streams"], d["description"], d["details"], d.get("learners", [])
@@ -573,6 +689,18 @@ class World:
         # The demand world's own generator (the seventh child: the six above are unchanged).
         self._rng_demand = np.random.default_rng(np.random.SeedSequence(c.seed).spawn(7)[6])
         self._build_world()
+        self._build_search()
+
+    def _build_search(self) -> None:
+        """The search world, from its own generator (spawn key "search"): drawn only when
+        searches are simulated, so nothing else changes."""
+        c = self.config
+        self._rng_search = np.random.default_rng(np.random.SeedSequence(c.seed, spawn_key=(SEARCH_SPAWN_KEY,)))
+        if not c.searches_per_session:
+            return
+        quality = self._rng_search.normal(0.0, 1.0, c.n_items)
+        self.truth.search = SearchTruth(quality, c.position_bias, c.ad_slots)
+        self.truth.counts["searches"] = 0
 
     # -- the world ---------------------------------------------------------------
 

@@ -37,6 +37,16 @@ _BASE: dict[str, dict[str, Any]] = {
     ),
     "prices": {"event_id": "r", "ts": TS, "item_id": "i1", "price": 20.0, "cost": 12.0, "stock": 5},
     "fraud_labels": {"event_id": "l", "ts": TS, "order_id": "o1", "is_fraud": False},
+    "searches": {
+        "event_id": "q",
+        "ts": TS,
+        "user_id": "u1",
+        "request_id": "r1",
+        "kind": "search",
+        "candidates": ["i1", "i2", "i3"],
+        "query": "red shoes",
+        "category": "shoes",
+    },
 }
 
 
@@ -44,7 +54,7 @@ _BASE: dict[str, dict[str, Any]] = {
 class FieldInfo:
     name: str
     required: bool
-    kind: str  # str, int, float, bool
+    kind: str  # str, int, float, bool, enum (a string literal), list
     constraints: Any  # the msgspec.inspect type (bounds, lengths)
 
 
@@ -55,7 +65,9 @@ def contract_fields(stream: str) -> list[FieldInfo]:
         t = f.type
         if isinstance(t, mi.UnionType):
             t = next(x for x in t.types if not isinstance(x, mi.NoneType))
-        kind = {mi.StrType: "str", mi.IntType: "int", mi.FloatType: "float", mi.BoolType: "bool"}[type(t)]
+        kinds = {mi.StrType: "str", mi.IntType: "int", mi.FloatType: "float", mi.BoolType: "bool",
+                 mi.LiteralType: "enum", mi.ListType: "list"}  # fmt: skip
+        kind = kinds[type(t)]
         out.append(FieldInfo(f.name, f.required, kind, t))
     return out
 
@@ -70,13 +82,21 @@ def good_doc(stream: str, i: int) -> dict[str, Any]:
         doc.update(order_id=f"o{i}", user_id=f"u{i % 7}", quantity=1 + i % 3, unit_price=5.0 + i % 2)
     elif stream == "prices":
         doc.update(item_id=f"i{i % 5}", price=20.0 + i % 6, stock=i % 9)
+    elif stream == "searches":
+        cands = [f"i{(i + k) % 7}" for k in range(1 + i % 5)]
+        doc.update(user_id=f"u{i % 7}", request_id=f"r{i}", query=f"cat{i % 3} thing")
+        if i % 3 == 0:
+            doc.update(kind="ads", candidates=[{"item_id": c, "bid": 0.1 * (1 + k)} for k, c in enumerate(cands)])
+        else:
+            doc.update(kind="search", candidates=cands)
     else:
         doc.update(order_id=f"o{i}", is_fraud=i % 10 == 0)
     return doc
 
 
 def good_key(stream: str, doc: dict[str, Any]) -> bytes:
-    field = {"clicks": "user_id", "purchases": "user_id", "prices": "item_id", "fraud_labels": "order_id"}[stream]
+    field = {"clicks": "user_id", "purchases": "user_id", "prices": "item_id", "fraud_labels": "order_id",
+             "searches": "user_id"}[stream]  # fmt: skip
     return str(doc[field]).encode()
 
 
@@ -96,6 +116,8 @@ _WRONG: dict[str, dict[str, str]] = {
     "int": {"str": '"12"', "float": "1.5", "bool": "true", "list": "[1]", "object": '{"a": 1}'},
     "float": {"str": '"1.5"', "bool": "true", "list": "[1.5]", "object": '{"a": 1.5}'},
     "bool": {"str": '"yes"', "int": "1", "float": "0.0", "list": "[true]", "object": "{}"},
+    "enum": {"int": "17", "float": "1.5", "bool": "true", "list": '["search"]', "object": '{"a": 1}'},
+    "list": {"str": '"i1"', "int": "1", "float": "1.5", "bool": "true", "object": '{"a": 1}'},
 }
 
 HUGE_INT = "1" + "0" * 399  # 400 digits
@@ -138,6 +160,11 @@ def bad_records(
             if upper is not None:
                 over = upper + 1 if f.kind == "int" else upper * 10
                 yield bad(f"number:{f.name}:over_upper_bound", _with_raw(doc, f.name, json.dumps(over)))
+        if f.kind == "enum":
+            yield bad(f"enum:{f.name}:unknown", _with_raw(doc, f.name, '"bogus"'))
+            yield bad(f"enum:{f.name}:empty", _with_raw(doc, f.name, '""'))
+        if f.kind == "list":
+            yield from _bad_lists(stream, doc, f, bad)
         if f.kind == "str":
             yield bad(f"string:{f.name}:lone_surrogate", _with_raw(doc, f.name, '"a\\ud800b"'))
             yield bad(f"string:{f.name}:lone_low_surrogate", _with_raw(doc, f.name, '"\\udfff"'))
@@ -172,6 +199,33 @@ def bad_records(
         yield bad("over_producer_limit_1040006", _pad(doc, 1_040_006))
         yield bad("over_topic_limit_500000", _pad(doc, 500_000))
         yield bad("huge_key_and_value", _pad(doc, 700_000), k=b"k" * 700_000)
+
+
+def _bad_lists(stream: str, doc: dict[str, Any], f: FieldInfo, bad: Any) -> Iterator[Bad]:
+    """A list field: too long, and elements of the wrong type or out of bounds (for the
+    candidates of a request: item ids of a search, ``{item_id, bid}`` of an ads request)."""
+    if stream == "searches":
+        doc = {**doc, "kind": "search"}
+    upper = getattr(f.constraints, "max_length", None)
+    if upper is not None:
+        yield bad(f"list:{f.name}:too_long", _with_raw(doc, f.name, json.dumps([f"i{k}" for k in range(upper + 1)])))
+    for name, raw in [
+        ("element_int", "[1]"), ("element_null", "[null]"), ("element_list", '[["i1"]]'),
+        ("element_empty_id", '[""]'), ("element_long_id", json.dumps(["x" * 257])),
+        ("element_lone_surrogate", '["a\\ud800b"]'), ("ad_in_search", '[{"item_id": "i1", "bid": 1.0}]'),
+    ]:  # fmt: skip
+        yield bad(f"list:{f.name}:{name}", _with_raw(doc, f.name, raw))
+    if stream == "searches":
+        ads = {**doc, "kind": "ads"}
+        for name, raw in [
+            ("ad_id_only", '["i1"]'), ("ad_bid_nan", '[{"item_id": "i1", "bid": NaN}]'),
+            ("ad_bid_1e400", '[{"item_id": "i1", "bid": 1e400}]'),
+            ("ad_bid_negative", '[{"item_id": "i1", "bid": -1}]'),
+            ("ad_bid_over_upper_bound", '[{"item_id": "i1", "bid": 1e10}]'),
+            ("ad_bid_str", '[{"item_id": "i1", "bid": "1"}]'), ("ad_missing_bid", '[{"item_id": "i1"}]'),
+            ("ad_missing_item", '[{"bid": 1.0}]'), ("ad_empty_item", '[{"item_id": "", "bid": 1.0}]'),
+        ]:  # fmt: skip
+            yield bad(f"list:{f.name}:{name}", _with_raw(ads, f.name, raw))
 
 
 def _pad(doc: dict[str, Any], size: int) -> bytes:

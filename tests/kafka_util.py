@@ -130,6 +130,7 @@ clicks = "{prefix}-clicks"
 purchases = "{prefix}-purchases"
 prices = "{prefix}-prices"
 fraud_labels = "{prefix}-fraud-labels"
+searches = "{prefix}-searches"
 dead_letters = "{prefix}-dead-letters"
 partitions = {partitions}
 """

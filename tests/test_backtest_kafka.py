@@ -160,7 +160,9 @@ def test_backtest_equals_live_run(kafka_bootstrap: str, topic_prefix: str, tmp_p
     fixture = Recording(FIXTURE)
     topic_map = {recorded: config.input_topics()[stream] for stream, recorded in fixture.manifest.streams.items()}
     outputs = sorted({spec.output_topic for spec in config.learners.values()} | {config.topics.dead_letters})
-    create_topics(kafka_bootstrap, [*topic_map.values(), *outputs], partitions=1)
+    # Every input topic the learners read, the fixture's and the ones it has none of (searches).
+    inputs = {*topic_map.values(), *config.input_topics().values()}
+    create_topics(kafka_bootstrap, sorted({*inputs, *outputs}), partitions=1)
 
     expected = backtest(fixture, config, topic_map=topic_map, keep_outputs=True, progress=False, chart=False)
     assert expected.outputs, "the configured learners published nothing"

@@ -5,7 +5,7 @@ every field of every contract with a wrong type, missing, null, NaN/Infinity,
 1e400, 400-digit integers, out of bounds, lone surrogates, invalid UTF-8; random
 bytes, truncated JSON, trailing garbage, nesting 10,000 deep, empty values,
 tombstones, null keys; values over the producer's limit, the dead-letter topic's
-limit and the broker's), shuffled (seeded) among good records across the four
+limit and the broker's), shuffled (seeded) among good records across the five
 input topics. The process must stay up, dead-letter each bad record exactly
 once with its provenance (oversized ones cut, with the original's size and
 sha256), and publish exactly one output per good record.
@@ -43,7 +43,8 @@ PARTITIONS = 2
 DL_TOPIC_MAX = 400_000
 #: Input topics accept more than the broker's default (10 MiB in tests/kafka_broker.py).
 INPUT_TOPIC_MAX = 16 * 1024 * 1024
-TOPIC_SUFFIX = {"clicks": "clicks", "purchases": "purchases", "prices": "prices", "fraud_labels": "fraud-labels"}
+TOPIC_SUFFIX = {"clicks": "clicks", "purchases": "purchases", "prices": "prices", "fraud_labels": "fraud-labels",
+                "searches": "searches"}  # fmt: skip
 
 
 def config_text(
@@ -88,6 +89,10 @@ label = "price"
 task = "regression"
 features = ["stock"]
 model = {{ class = "linear_model.LinearRegression" }}
+
+[learners.ranking]
+kind = "ranking"
+output_topic = "{prefix}-out-searches"
 
 [learners.fraud_rate]
 kind = "custom"
@@ -196,7 +201,7 @@ def test_fuzz_corpus_through_the_real_loop(
     assert stream_cli("topics", "create", "--config", str(cfg), log=log).wait(60) == 0
 
     # The corpus: every kind of every contract (the big ones on two topics, to keep it quick),
-    # the broker-sized ones once, and good records, shuffled across the four topics.
+    # the broker-sized ones once, and good records, shuffled across the five topics.
     bads: list[Bad] = []
     for stream in EVENT_TYPES:
         bads.extend(bad_records(stream, rng, big=stream in ("clicks", "purchases")))

@@ -17,6 +17,7 @@ read through the learner's ``reads`` like the pipeline does.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import io
 import itertools
@@ -97,6 +98,20 @@ class BinaryFields(msgspec.Struct):
     probability: float
 
 
+class RankedFields(msgspec.Struct):
+    item_id: str
+    score: float
+    p_click: float
+
+
+class RankingFields(msgspec.Struct):
+    request_id: str
+    kind: Literal["search", "ads"]
+    items: list[RankedFields]
+    source: Literal["model", "original"]
+    explored: int
+
+
 class MulticlassFields(msgspec.Struct):
     label: str | None
     probabilities: dict[str, float]
@@ -152,6 +167,9 @@ NEXT_CATEGORY = {"kind": "custom", "input": "clicks", "output_topic": "next-cate
                  "task": "multiclass", "features": ["price", "source"],
                  "model": {"class": "tree.HoeffdingTreeClassifier"}}  # fmt: skip
 
+#: The same shop with search and ads requests.
+SEARCHES = dataclasses.replace(SHOP, searches_per_session=1.0, search_candidates=30)
+
 #: Every learner under contract: one line each.
 CASES = [
     Case("recommendation", {"kind": "recommendation", "max_items": 500}, RecommendationFields),
@@ -161,6 +179,7 @@ CASES = [
     Case("custom_regression", BASKET_SIZE, RegressionFields),
     Case("demand", {"kind": "demand", "min_outcomes": 20, "horizons_s": [600, 3600], "bucket_s": 300}, DemandFields),
     Case("custom_multiclass", NEXT_CATEGORY, MulticlassFields),
+    Case("ranking", {"kind": "ranking", "min_requests": 20, "label_window_s": 300}, RankingFields, "clicks", SEARCHES),
 ]
 
 

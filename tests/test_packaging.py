@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LEARNERS = ("basket_size", "pricing", "risk", "recommendation", "demand")
+DEFAULT_LEARNERS = ("basket_size", "pricing", "risk", "recommendation", "demand", "ranking")
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -40,7 +40,8 @@ from stream.pipeline import (
 )
 from stream.recording import RecordedMessage
 
-CONTRACTS = {"clicks": "clicks", "purchases": "purchases", "prices": "prices", "fraud_labels": "fraud-labels"}
+CONTRACTS = {"clicks": "clicks", "purchases": "purchases", "prices": "prices", "fraud_labels": "fraud-labels",
+             "searches": "searches"}  # fmt: skip
 TOPIC_OF = {stream: topic for stream, topic in CONTRACTS.items()}
 GENERIC = "generic-json"
 TOPICS = [*CONTRACTS.values(), GENERIC]

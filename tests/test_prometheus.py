@@ -256,6 +256,10 @@ def running(
 ) -> Iterator[tuple[str, PipelineMetrics, int]]:
     events, out, dead = unique_topics("events", "out", "dead")
     create_topics(kafka_bootstrap, [events, out, dead], partitions=2)
+    # The ranking learner's topics: its quality series (the ranking panels) exist from the start.
+    ranking_topics = unique_topics("searches", "clicks", "purchases", "rankings")
+    ranking_inputs = dict(zip(("searches", "clicks", "purchases"), ranking_topics[:3], strict=True))
+    create_topics(kafka_bootstrap, ranking_topics, partitions=1)
     config = parse_config(
         {
             "kafka": {
@@ -263,7 +267,7 @@ def running(
                 "group_id": f"g-{events}",
                 "consumer": {"session.timeout.ms": 6000},
             },
-            "topics": {"dead_letters": dead},
+            "topics": {"dead_letters": dead, **ranking_inputs},
             "processing": {"batch_size": 200, "poll_timeout_s": 0.1, "commit_interval_s": 0.5},
             "metrics": {"port": 0, "stats_interval_s": 1.0, "feature_sample_every": 1, "feature_window": 100},
             "learners": {
@@ -276,7 +280,8 @@ def running(
                     "features": ["a", "b"],
                     "model": {"class": "naive_bayes.GaussianNB"},
                     "drift": {"detector": "adwin", "reaction": "switch", "min_samples": 100},
-                }
+                },
+                "ranking": {"kind": "ranking", "output_topic": ranking_topics[3]},
             },
         }
     )
@@ -285,7 +290,8 @@ def running(
     metrics = PipelineMetrics(registry, config.metrics)
     metrics_port = metrics.serve(0, addr="127.0.0.1", registry=registry)
     metrics.checkpoint_saved()  # stands for the checkpoint writer's call
-    app = Application(config, learners=[learner], observer=metrics)
+    ranking = config.learners["ranking"].build("ranking", config.input_topics())
+    app = Application(config, learners=[learner, ranking], observer=metrics)
     app_thread = threading.Thread(target=app.run, name="app", daemon=True)
     stop = threading.Event()
     prometheus: subprocess.Popen[bytes] | None = None

@@ -10,13 +10,14 @@ from stream.learners.base import Learner
 from stream.learners.configured import CustomSpec
 from stream.learners.demand import DemandSpec
 from stream.learners.pricing import PricingSpec
+from stream.learners.ranking import RankingSpec
 from stream.learners.recommendation import RecommendationSpec
 from stream.learners.risk import RiskSpec
 
 __all__ = ["Learner", "LearnerSpec", "build_learner"]
 
 #: Tagged on ``kind``; each spec validates itself and builds its learner.
-LearnerSpec = CustomSpec | PricingSpec | RecommendationSpec | RiskSpec | DemandSpec
+LearnerSpec = CustomSpec | PricingSpec | RecommendationSpec | RiskSpec | DemandSpec | RankingSpec
 
 
 def build_learner(name: str, spec: LearnerSpec, topics: dict[str, str]) -> Learner:
