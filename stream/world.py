@@ -60,6 +60,8 @@ BAD_KINDS = ("invalid_json", "non_utf8", "missing_field", "negative_price")
 #: The search generator's spawn key (its own stream, whatever other subsystems spawn).
 SEARCH_SPAWN_KEY = 0x5EA2C4
 DAY_MS = 86_400_000
+#: Learner kinds whose drifts the simulator schedules by name (``DriftPoint.learners``).
+BUILTIN_KINDS = frozenset({"recommendation", "pricing", "risk", "demand", "ranking"})
 NEVER = np.iinfo(np.int64).max
 
 
@@ -454,10 +456,11 @@ class GroundTruth:
         return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
     def drift_points(self, streams: Sequence[str] | None = None, learner: str | None = None) -> list[DriftPoint]:
-        """Drifts meant for the learner kind ``learner`` (``recommendation``,
-        ``pricing``, ``risk``) if given and known, else drifts that change any
-        of ``streams``, else all."""
-        if learner is not None and any(learner in d.learners for d in self.drifts):
+        """Drifts meant for the learner kind ``learner`` if it is a built-in kind (``recommendation``,
+        ``pricing``, ``risk``, ``demand``, ``ranking``: none when no drift is meant for it, e.g. the
+        demand world is off), else drifts that change any of ``streams`` (a config-defined learner
+        reading them), else all."""
+        if learner is not None and (learner in BUILTIN_KINDS or any(learner in d.learners for d in self.drifts)):
             return [d for d in self.drifts if learner in d.learners]
         if streams is None:
             return list(self.drifts)
