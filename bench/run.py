@@ -17,6 +17,10 @@ because absolute times on shared machines are noisy:
 7. flood     an identity flood: every user, item, order, device (and, at a set rate,
              category) is new; RSS sampled along the run must level off once the
              bounds are reached (growth per event, last half vs the first stretch)
+8. demand    the demand learner on the simulator's demand world
+9. quality   recommendation, pricing and risk against the simulator's ground truth
+             and simple baselines, drift detections against the true drifts
+             (bench/quality.py: seeds x lengths, report / switch / drift-free runs)
 
 The suite is never part of the tests' pass/fail. Without ``--bootstrap-servers``
 sections 3 and 4 start a jar-based broker (tests/kafka_broker.py).
@@ -716,7 +720,7 @@ def bench_demand(config: Config, seeds: Sequence[int], events: int, warn_at: flo
     return {"demand": out}
 
 
-SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand")
+SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand", "quality")
 
 
 def machine() -> dict[str, Any]:
@@ -740,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--flood-category-every", type=int, default=8, help="a new category every N flood events")
     p.add_argument("--demand-seeds", default="0,1,2", help="seeds of the demand quality section")
     p.add_argument("--demand-events", type=int, default=100_000, help="events per seed of the demand section")
+    p.add_argument("--quality-seeds", default="0,1,2", help="seeds of the quality section (bench/quality.py)")
+    p.add_argument("--quality-lengths", default="30000,300000", help="stream lengths of the quality section")
     p.add_argument("--growth-point", help=argparse.SUPPRESS)
     p.add_argument("--flood-point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -787,6 +793,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             fig |= bench_flood(args.flood_events, args.flood_scale, args.flood_category_every)
         if "demand" not in skip:
             fig |= bench_demand(config, [int(x) for x in args.demand_seeds.split(",")], args.demand_events)
+        if "quality" not in skip:
+            from quality import bench_quality  # bench/quality.py, next to this file
+
+            seeds = [int(x) for x in args.quality_seeds.split(",")]
+            fig |= bench_quality(seeds, [int(x) for x in args.quality_lengths.split(",")])
     limit = fig.get("limit_events_per_s")
     if limit:
         if "backtest_events_per_s" in fig:
