@@ -76,9 +76,9 @@ class Recorder:
     def last_direction(self) -> str | None:
         return getattr(getattr(self.inner, "monitor", self.inner), "last_direction", None)
 
-    def update(self, error: float, ts: int) -> bool:
+    def update(self, error: float, ts: int, outcome: tuple[bool, float] | None = None) -> bool:
         before = self.inner.detections
-        out = bool(self.inner.update(error, ts))
+        out = bool(self.inner.update(error, ts) if outcome is None else self.inner.update(error, ts, outcome))
         self.errors.append(error)
         self.ts.append(ts)
         if self.inner.detections != before:

@@ -220,6 +220,8 @@ class BacktestResult:
 
 
 def _fmt(v: float) -> str:
+    if v != v:  # NaN: undefined (ROC AUC before both classes were seen)
+        return "n/a"
     return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.1f}"
 
 
