@@ -17,10 +17,15 @@ because absolute times on shared machines are noisy:
 7. flood     an identity flood: every user, item, order, device (and, at a set rate,
              category) is new; RSS sampled along the run must level off once the
              bounds are reached (growth per event, last half vs the first stretch)
+8. demand    the demand learner on the simulator's demand world: WAPE vs the seasonal
+             naive baseline, interval coverage, stock-out warnings, cost per event
 9. ranking   the ranking learner (search and ads) on simulated requests, per seed: NDCG@10
              on the true relevance of our order vs the engine's, ads expected revenue per
              request vs ranking by bid alone, the replay estimate of the top ad slot, and
              the cost per request (scoring 50 candidates; everything the learner does)
+10. quality  recommendation, pricing and risk against the simulator's ground truth
+             and simple baselines, drift detections against the true drifts
+             (bench/quality.py: seeds x lengths, report / switch / drift-free runs)
 
 The suite is never part of the tests' pass/fail. Without ``--bootstrap-servers``
 sections 3 and 4 start a jar-based broker (tests/kafka_broker.py).
@@ -821,7 +826,7 @@ def bench_ranking(config: Config, seeds: Sequence[int], requests: int) -> dict[s
     return {"ranking": runs}
 
 
-SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand", "ranking")
+SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand", "ranking", "quality")
 
 
 def machine() -> dict[str, Any]:
@@ -847,6 +852,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--demand-events", type=int, default=100_000, help="events per seed of the demand section")
     p.add_argument("--ranking-seeds", default="1,2,3", help="seeds of section 9 (default 1,2,3)")
     p.add_argument("--ranking-requests", type=int, default=50_000, help="requests per seed in section 9")
+    p.add_argument("--quality-seeds", default="0,1,2", help="seeds of the quality section (bench/quality.py)")
+    p.add_argument("--quality-lengths", default="30000,300000", help="stream lengths of the quality section")
     p.add_argument("--growth-point", help=argparse.SUPPRESS)
     p.add_argument("--flood-point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -897,6 +904,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "ranking" not in skip:
             seeds = [int(x) for x in args.ranking_seeds.split(",")]
             fig |= bench_ranking(config, seeds, args.ranking_requests)
+        if "quality" not in skip:
+            from quality import bench_quality  # bench/quality.py, next to this file
+
+            seeds = [int(x) for x in args.quality_seeds.split(",")]
+            fig |= bench_quality(seeds, [int(x) for x in args.quality_lengths.split(",")])
     limit = fig.get("limit_events_per_s")
     if limit:
         if "backtest_events_per_s" in fig:

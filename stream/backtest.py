@@ -220,6 +220,8 @@ class BacktestResult:
 
 
 def _fmt(v: float) -> str:
+    if v != v:  # NaN: undefined (ROC AUC before both classes were seen)
+        return "n/a"
     return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.1f}"
 
 
@@ -412,17 +414,20 @@ def run_backtest(
     truth: Any = None,
     desc: str = "backtest",
     title: str = "Backtest",
+    scorer: TruthScorer | None = None,
 ) -> tuple[BacktestResult, _BacktestRun]:
     """Run ``records`` through the configured learners and the pipeline, no broker.
 
-    ``truth`` (a simulator's ``GroundTruth``) adds scores against it. Returns
-    the result and the run (its learners, for further inspection)."""
+    ``truth`` (a simulator's ``GroundTruth``) adds scores against it, by
+    ``scorer`` if given (a ``TruthScorer`` of that truth), else a new one.
+    Returns the result and the run (its learners, for further inspection)."""
     out = Path(out_dir) if out_dir is not None else None
     files = _OutputSink(out, config.topics.dead_letters, keep_outputs)
     sink: Any = files
-    scorer = None
-    if truth is not None:
-        scorer = TruthScorer(truth)
+    if truth is None:
+        scorer = None
+    else:
+        scorer = scorer if scorer is not None else TruthScorer(truth)
         sink = scorer.wrap_sink(files)
     sample_every = max((total or 100_000) // 200, 100)
     observers = [o for o in (scorer, observer) if o is not None]

@@ -17,6 +17,7 @@ Quality is read at scrape time through ``values()``, never on the hot path.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -113,7 +114,21 @@ class _RingMean:
 
 
 class Evaluation:
-    """Quality metrics of one learner, plus the error stream for drift detection."""
+    """Quality metrics of one learner, plus the error stream for drift detection.
+
+    With ``hold_ms`` (``order_outcomes``), outcomes reported with the event
+    time of their prediction reach the drift monitor in *prediction* order:
+    a label that arrives before its window closes (a conversion, a
+    chargeback) is held until ``predicted_ts + hold_ms``, when the outcomes
+    of the predictions made at the same time without a label (negatives,
+    known when the window closes) arrive too. Without it, delayed labels
+    put the positives of every moment ahead of its negatives, and the error
+    stream swings with the traffic although the model does not change.
+    """
+
+    _hold_ms = 0
+    _held: list[tuple[int, int, float, Any]] | None = None
+    _held_seq = 0
 
     def __init__(self, window: int, drift: Any = None) -> None:
         self.window = window
@@ -157,7 +172,13 @@ class Evaluation:
 
     # -- updates (called when an outcome is known) -------------------------------
 
-    def binary(self, y_true: bool, p_true: float, ts: int) -> None:
+    def order_outcomes(self, hold_ms: int) -> Evaluation:
+        """Feed the drift monitor in prediction order (see the class); returns self."""
+        self._hold_ms = int(hold_ms)
+        self._held = []
+        return self
+
+    def binary(self, y_true: bool, p_true: float, ts: int, predicted_ts: int | None = None) -> None:
         p = min(max(p_true, _EPS), 1 - _EPS)
         proba = {True: p, False: 1 - p}
         m = self._metrics
@@ -166,7 +187,9 @@ class Evaluation:
         m["accuracy"].update(y_true, p >= 0.5)
         self._means["predicted_rate"].update(p)
         self._means["observed_rate"].update(float(y_true))
-        self._error(-math.log(p if y_true else 1 - p), ts)
+        # The outcome too: a detector that supports it (cusum) watches the surprise of
+        # each outcome given its probability, not the mean error (drowned by the common class).
+        self._error(-math.log(p if y_true else 1 - p), ts, (bool(y_true), p), predicted_ts)
 
     def multiclass(self, y_true: Any, proba: dict[Any, float], ts: int) -> None:
         y_pred = max(proba, key=proba.__getitem__) if proba else None
@@ -183,18 +206,51 @@ class Evaluation:
         """Add one observation of a mean-type metric (not an error: no drift update)."""
         self._means[name].update(value)
 
-    def error(self, error: float, ts: int) -> None:
-        """Report the error of one evaluated prediction (for mean-type evaluations)."""
-        self._error(error, ts)
+    def error(
+        self, error: float, ts: int, outcome: tuple[bool, float] | None = None, predicted_ts: int | None = None
+    ) -> None:
+        """Report the error of one evaluated prediction (for mean-type evaluations,
+        or a binary outcome not scored by the metrics: ``outcome`` = its true class
+        and the probability predicted)."""
+        self._error(error, ts, outcome, predicted_ts)
 
-    def _error(self, error: float, ts: int) -> None:
+    def _error(
+        self, error: float, ts: int, outcome: tuple[bool, float] | None = None, predicted_ts: int | None = None
+    ) -> None:
         self.n_evaluated += 1
+        held = self._held
+        if held is not None and self.drift is not None:
+            while held and held[0][0] <= ts:
+                due, _, e, o = heapq.heappop(held)
+                self._feed(e, due, o)
+            if predicted_ts is not None and predicted_ts + self._hold_ms > ts:
+                self._held_seq += 1
+                heapq.heappush(held, (predicted_ts + self._hold_ms, self._held_seq, error, outcome))
+                return
+        self._feed(error, ts, outcome)
+
+    def _feed(self, error: float, ts: int, outcome: tuple[bool, float] | None) -> None:
         if self.drift is not None:
-            self.drift.update(error, ts)
+            if outcome is None:
+                self.drift.update(error, ts)
+            else:
+                self.drift.update(error, ts, outcome)
 
     # -- reading (scrape time) ---------------------------------------------------
 
     def get(self, name: str, window: str) -> float:
+        """The metric's value, NaN while it is undefined (ROC AUC before both classes were seen).
+
+        >>> ev = Evaluation.for_binary(window=10)
+        >>> ev.binary(True, 0.9, ts=0)
+        >>> ev.get("roc_auc", "cumulative"), ev.get("accuracy", "cumulative")
+        (nan, 1.0)
+        """
+        if name == "roc_auc" and name in self._metrics:
+            seen = self._means["observed_rate"]
+            rate = (seen.cumulative if window == "cumulative" else seen.rolling).get()
+            if not 0.0 < rate < 1.0:
+                return math.nan
         m = self._metrics.get(name)
         if m is not None:
             return float((m.cumulative if window == "cumulative" else m.rolling).get())
@@ -202,7 +258,8 @@ class Evaluation:
         return float((mean.cumulative if window == "cumulative" else mean.rolling).get())
 
     def values(self) -> Iterator[tuple[str, str, float]]:
-        """``(metric, window, value)`` for every metric, window in {cumulative, rolling}."""
+        """``(metric, window, value)`` for every metric, window in {cumulative, rolling};
+        the value is NaN while undefined (exported as nothing, printed as n/a)."""
         for name in (*self._metrics, *self._means):
             for window in ("cumulative", "rolling"):
                 yield name, window, self.get(name, window)

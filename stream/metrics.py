@@ -470,7 +470,8 @@ class PipelineMetrics:
                     log.debug("could not read learner state at scrape", exc_info=True, extra={"learner": name})
                     quality, stats = [], {}
         for metric, window, value in quality:
-            out["stream_model_quality"].add_metric([name, metric, window], value)
+            if value == value:  # NaN: undefined so far (ROC AUC with one class), nothing exported
+                out["stream_model_quality"].add_metric([name, metric, window], value)
         for outcome, count in sorted(stats.items())[:16]:
             out["stream_labels"].add_metric([name, str(outcome)], count)
         monitor = getattr(getattr(learner, "evaluation", None), "drift", None)

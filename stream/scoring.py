@@ -35,8 +35,12 @@ class TruthScorer(BaseObserver):
     the two back to back for every prediction.
     """
 
-    def __init__(self, truth: GroundTruth) -> None:
+    def __init__(self, truth: GroundTruth, *, trace: bool = False) -> None:
         self.truth = truth
+        #: With ``trace``: every score with its event time, ``(learner, what) -> [(ts, value, baseline)]``
+        #: for ``hit`` (taste hit-rate, popularity's), ``regret`` (recommended price, current price)
+        #: and ``fraud`` (probability, 1.0 if a fraud): quality over time, for the quality bench.
+        self.trace: dict[tuple[str, str], list[tuple[int, float, float]]] | None = {} if trace else None
         self._decode = msgspec.json.Decoder().decode
         self._last: bytes | None = None
         self.hits: dict[str, RunningMean] = {}
@@ -110,17 +114,23 @@ class TruthScorer(BaseObserver):
                 # popular item falls in the user's top categories.
                 tops = truth.top_categories(user, ts)
                 base = sum(float(truth.category_weights[truth.categories.index(c)]) for c in tops)
-                self.hit_baseline.setdefault(name, RunningMean()).update(base / float(truth.category_weights.sum()))
+                base /= float(truth.category_weights.sum())
+                self.hit_baseline.setdefault(name, RunningMean()).update(base)
+                if self.trace is not None:
+                    self.trace.setdefault((name, "hit"), []).append((ts, hit, base))
                 if self._since("taste_shift", ts):
                     self.hits_after_shift.setdefault(name, RunningMean()).update(hit)
         price = prediction.get("recommended_price")
         item = _get(event, "item_id")
         if isinstance(price, (int, float)) and price > 0 and isinstance(item, str) and truth.category_of(item):
-            self.regret.setdefault(name, RunningMean()).update(truth.pricing_regret(item, float(price), ts))
+            mine = truth.pricing_regret(item, float(price), ts)
+            self.regret.setdefault(name, RunningMean()).update(mine)
             current = _get(event, "unit_price") or _get(event, "price")
             if isinstance(current, (int, float)) and current > 0:
                 regret = truth.pricing_regret(item, float(current), ts)
                 self.regret_baseline.setdefault(name, RunningMean()).update(regret)
+                if self.trace is not None:
+                    self.trace.setdefault((name, "regret"), []).append((ts, mine, regret))
             if self._since("elasticity_change", ts):
                 regret = truth.pricing_regret(item, float(price), ts)
                 self.regret_after_change.setdefault(name, RunningMean()).update(regret)
@@ -131,6 +141,8 @@ class TruthScorer(BaseObserver):
             decision = prediction.get("decision")
             counts = self.blocked.setdefault(name, [0, 0, 0])
             fraud = truth.is_fraud(order)
+            if self.trace is not None:
+                self.trace.setdefault((name, "fraud"), []).append((ts, float(p), float(fraud)))
             if decision in ("block", "review"):
                 counts[1] += 1
                 counts[0] += fraud

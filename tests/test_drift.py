@@ -313,3 +313,72 @@ def test_psi_and_ks_match_independent_implementations() -> None:
 def test_drift_spec_round_trips_through_msgspec() -> None:
     spec = DriftSpec(detector="page_hinkley", params={"threshold": 20.0}, reaction="switch", margin=0.1)
     assert msgspec.convert(msgspec.to_builtins(spec), DriftSpec) == spec
+
+
+# -- cusum: a controlled false-alarm rate, binary outcomes, prediction order -----------
+
+
+def test_cusum_quiet_on_calibrated_binary_outcomes_and_catches_a_new_rare_class_pattern() -> None:
+    rng = random.Random(3)
+    monitor = ConceptDrift("cusum")
+    alarms = []
+    for i in range(60_000):
+        p = 0.01 + 0.03 * rng.random()  # a calibrated model of a rare class
+        true_p = p if i < 40_000 else min(1.0, 3 * p)  # then the class becomes 3x as frequent as predicted
+        y = rng.random() < true_p
+        if monitor.update(0.0, ts=i, outcome=(y, p)):
+            alarms.append(i)
+    assert alarms and all(i >= 40_000 for i in alarms), alarms
+    assert alarms[0] < 45_000, "the rise should be caught within 5,000 outcomes"
+    assert monitor.last_direction == "worse"
+
+
+def test_cusum_quiet_on_a_stationary_error_rate_and_on_a_falling_one() -> None:
+    rng = random.Random(4)
+    monitor = ConceptDrift("cusum")
+    for i in range(100_000):
+        rate = 0.35 if i < 50_000 else 0.25  # a model that gets better: no alarm
+        monitor.update(float(rng.random() < rate), ts=i)
+    quiet = monitor.detections
+    assert quiet <= 1, "the target: at most one false alarm per 100,000 stationary outcomes"
+    for i in range(100_000, 110_000):
+        monitor.update(float(rng.random() < 0.5), ts=i)
+    assert monitor.detections > quiet and monitor.worse == monitor.detections
+
+
+def test_cusum_parameters_are_validated() -> None:
+    with pytest.raises(ValueError, match=r"drift\.params"):
+        DriftSpec(detector="cusum", params={"nope": 1}).validate()
+    with pytest.raises(ValueError, match="cusum"):
+        ConceptDrift("cusum", theta=0.5)
+
+
+def test_outcomes_reach_the_monitor_in_prediction_order() -> None:
+    class Seen:
+        detections = 0
+        last_detection_ts = None
+
+        def __init__(self) -> None:
+            self.ts: list[int] = []
+
+        def update(self, error: float, ts: int, outcome: Any = None) -> bool:
+            self.ts.append(ts)
+            return False
+
+    seen = Seen()
+    ev = Evaluation.for_binary(100, drift=seen).order_outcomes(600)
+    ev.binary(True, 0.5, ts=100, predicted_ts=50)  # a conversion, known early: held until 650
+    ev.binary(False, 0.5, ts=640, predicted_ts=40)  # a negative, known when its window closed
+    ev.binary(False, 0.5, ts=700, predicted_ts=100)
+    assert seen.ts == [640, 650, 700]
+    assert ev.n_evaluated == 3
+
+
+def test_roc_auc_is_undefined_until_both_classes_are_seen() -> None:
+    ev = Evaluation.for_binary(100)
+    for p in (0.9, 0.8):
+        ev.binary(True, p, ts=0)
+    values = {(m, w): v for m, w, v in ev.values()}
+    assert math.isnan(values[("roc_auc", "cumulative")]) and math.isnan(values[("roc_auc", "rolling")])
+    ev.binary(False, 0.1, ts=1)
+    assert ev.get("roc_auc", "cumulative") == 1.0

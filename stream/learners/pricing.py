@@ -322,7 +322,8 @@ class PricingLearner(Learner):
         self.spec = spec
         model = build_model(with_seed(spec.model, spec.seed))
         self.model, monitor = spec.drift.build(model, task="binary", name=name, on_switch=self._model_switched)
-        self.evaluation = Evaluation.for_binary(spec.evaluation_window, drift=monitor)
+        hold_ms = int(spec.label_window_s * 1000)
+        self.evaluation = Evaluation.for_binary(spec.evaluation_window, drift=monitor).order_outcomes(hold_ms)
         #: Model-estimated gain of the recommendations (a mean, not an error: no drift).
         self.uplift = Evaluation.for_means(spec.evaluation_window, ("margin_uplift",))
         self._items: BoundedDict[str, _Item] = BoundedDict(
@@ -558,10 +559,10 @@ class PricingLearner(Learner):
     def _learn_view(self, view: _View, converted: bool, ts: int) -> None:
         self._outcomes += 1
         if self._outcomes % self.spec.evaluate_every == 0:
-            self.evaluation.binary(converted, view.p, ts)
+            self.evaluation.binary(converted, view.p, ts, view.ts)
         else:
             p = min(max(view.p, _EPS), 1 - _EPS)
-            self.evaluation.error(-math.log(p if converted else 1 - p), ts)
+            self.evaluation.error(-math.log(p if converted else 1 - p), ts, (converted, p), view.ts)
         if converted:
             w = 1.0
         elif self._negative_rate < 1.0:

@@ -238,8 +238,9 @@ class _BrierFeed:
     def __init__(self, monitor: Any) -> None:
         self.monitor = monitor
 
-    def update(self, error: float, ts: int) -> bool:
-        return bool(self.monitor.update((1.0 - math.exp(-error)) ** 2, ts))
+    def update(self, error: float, ts: int, outcome: tuple[bool, float] | None = None) -> bool:
+        # A detector of binary outcomes (cusum) reads ``outcome``; the others the squared error.
+        return bool(self.monitor.update((1.0 - math.exp(-error)) ** 2, ts, outcome))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or "monitor" not in self.__dict__:

@@ -246,11 +246,12 @@ class _User:
 class _Order:
     """An order line waiting for its label."""
 
-    __slots__ = ("features", "p")
+    __slots__ = ("features", "p", "ts")
 
-    def __init__(self, features: Features, p: float) -> None:
+    def __init__(self, features: Features, p: float, ts: int | None = None) -> None:
         self.features = features
         self.p = p
+        self.ts = ts
 
 
 _EPS = 1e-15
@@ -271,7 +272,8 @@ class RiskLearner(Learner):
             model, task="binary", name=name, error=self._model_error, on_switch=self._model_switched
         )
         self._weighted = accepts_sample_weight(model)
-        self.evaluation = Evaluation.for_binary(spec.evaluation_window, drift=monitor)
+        hold_ms = int(spec.label_window_s * 1000)
+        self.evaluation = Evaluation.for_binary(spec.evaluation_window, drift=monitor).order_outcomes(hold_ms)
         self.detector: Any = anomaly.HalfSpaceTrees(
             n_trees=spec.anomaly_trees, height=spec.anomaly_height, window_size=spec.anomaly_window, seed=spec.seed
         )
@@ -327,7 +329,7 @@ class RiskLearner(Learner):
         if self.source == "anomaly":
             self.detector.learn_one(_scaled(f[0]))
         self._remember(event)
-        self.joins.add(event.order_id, _Order(f, p), event.ts)
+        self.joins.add(event.order_id, _Order(f, p, event.ts), event.ts)
         self._swept += 1
         if self._swept >= 4096:
             # The TTL of users who never buy again would otherwise apply only when they are pushed out.
@@ -477,7 +479,7 @@ class RiskLearner(Learner):
         self._outcome(order, False, deadline)
 
     def _outcome(self, order: _Order, fraud: bool, ts: int) -> None:
-        self.evaluation.binary(fraud, order.p, ts)
+        self.evaluation.binary(fraud, order.p, ts, getattr(order, "ts", None))
         x = as_dict(order.features)
         self._touch_one_hot(order.features)
         model = self.model

@@ -1,0 +1,462 @@
+"""The quality bench: the learners against the simulator's ground truth and simple baselines.
+
+    .venv/bin/python bench/quality.py [--seeds 0,1,2] [--lengths 30000,300000] [--json PATH] [--plot PNG]
+
+(also section ``quality`` of ``bench/run.py``). For every seed and stream
+length, the default config's recommendation, pricing and risk learners run
+over the simulator's stream (test-then-train, through the backtest pipeline)
+three times:
+
+* ``report``: the default config, with the scheduled drifts (taste shift at
+  40 %, elasticity change at 60 %, fraud pattern at 75 % of the stream);
+* ``switch``: the same with ``reaction = "switch"`` (recovery compared with ``report``);
+* ``stationary``: the same seed without drifts (false alarms per 100,000 events).
+
+Per goal of the quality issue it prints one row: the measured values (per
+seed), the target and met / missed. Everything is scored on the ground truth
+(``stream.scoring.TruthScorer`` with ``trace``) and on each drift monitor's
+error stream (recorded by wrapping the learner's ``Evaluation.drift``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from array import array
+from bisect import bisect_left
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from stream.backtest import run_backtest  # noqa: E402
+from stream.config import Config, build_learners, load_config  # noqa: E402
+from stream.demo import simulated_records  # noqa: E402
+from stream.scoring import TruthScorer  # noqa: E402
+from stream.simulate import SimConfig, Simulation  # noqa: E402
+
+LEARNERS = ("recommendation", "pricing", "risk")
+#: Goal: a drift that raises the error is detected within this many of the learner's outcomes.
+MAX_DELAY_OUTCOMES = 5_000
+#: Outcomes before / after a drift compared to tell whether it raised the learner's error.
+ERROR_SPAN = 2_000
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Recorder:
+    """Stands in for a learner's drift monitor: forwards every error and
+    records it with its event time, and every detection with the outcome count."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.errors = array("d")
+        self.ts = array("q")
+        #: ``(outcomes so far, ts, direction)`` of every detection.
+        self.found: list[tuple[int, int, str | None]] = []
+
+    @property
+    def detections(self) -> int:
+        return int(self.inner.detections)
+
+    @property
+    def last_detection_ts(self) -> int | None:
+        return self.inner.last_detection_ts  # type: ignore[no-any-return]
+
+    @property
+    def last_direction(self) -> str | None:
+        return getattr(getattr(self.inner, "monitor", self.inner), "last_direction", None)
+
+    def update(self, error: float, ts: int, outcome: tuple[bool, float] | None = None) -> bool:
+        before = self.inner.detections
+        out = bool(self.inner.update(error, ts) if outcome is None else self.inner.update(error, ts, outcome))
+        self.errors.append(error)
+        self.ts.append(ts)
+        if self.inner.detections != before:
+            self.found.append((len(self.errors), ts, self.last_direction))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "inner" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["inner"], name)
+
+
+def quality_config(reaction: str = "report", base: Config | None = None) -> Config:
+    config = base if base is not None else load_config(None)
+    learners = {k: v for k, v in config.learners.items() if k in LEARNERS}
+    if reaction != "report":
+        for name, spec in learners.items():
+            drift = getattr(spec, "drift", None)
+            if drift is not None and not callable(drift):
+                learners[name] = msgspec.structs.replace(  # type: ignore[type-var]
+                    spec, drift=msgspec.structs.replace(drift, reaction=reaction)
+                )
+    return msgspec.structs.replace(config, learners=learners)
+
+
+def auc(y: np.ndarray, s: np.ndarray) -> float | None:
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="stable")
+    sorted_s = s[order]
+    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    ranks = np.empty(len(s))
+    ranks[order] = np.repeat(first + (counts - 1) / 2.0 + 1, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def one_run(seed: int, events: int, reaction: str = "report", drifts: bool = True) -> dict[str, Any]:
+    """One backtest of the simulator's stream, scored; returns the figures of the run."""
+    config = quality_config(reaction)
+    sim = Simulation(SimConfig(seed=seed, events=events, drifts=drifts))
+    learners = build_learners(config)
+    recorders: dict[str, Recorder] = {}
+    for learner in learners:
+        ev = learner.evaluation  # type: ignore[attr-defined]
+        recorders[learner.name] = ev.drift = Recorder(ev.drift)
+    scorer = TruthScorer(sim.truth, trace=True)
+    t0 = time.perf_counter()
+    _, run = run_backtest(
+        simulated_records(sim, config.input_topics()), config, total=events, learners=learners,
+        truth=sim.truth, scorer=scorer, progress=False,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - t0
+    truth = sim.truth
+    # event index <-> event time, from the quality samples (every events/200 records)
+    idx = np.array([0] + [p["index"] for p in run.timeline], dtype=float)
+    tss = np.array([truth.start_ts] + [p["ts"] for p in run.timeline], dtype=float)
+    tss = np.maximum.accumulate(tss)
+
+    def ts_at(index: float) -> float:
+        return float(np.interp(index, idx, tss))
+
+    out: dict[str, Any] = {"seed": seed, "events": events, "reaction": reaction, "drifts": drifts,
+                           "elapsed_s": round(elapsed, 1), "learners": {}}  # fmt: skip
+    end_ts = truth.end_ts
+    for learner in learners:
+        name, kind = learner.name, getattr(learner, "kind", learner.name)
+        rec = recorders[name]
+        errors = np.frombuffer(rec.errors, dtype=float) if len(rec.errors) else np.zeros(0)
+        row: dict[str, Any] = {"outcomes": len(errors), "detections": len(rec.found)}
+        # -- concept drift: each relevant true drift, detected or not, and the delay
+        drift_rows = []
+        matched: set[int] = set()
+        near: set[int] = set()
+        for d in truth.drift_points(learner=kind) if drifts else []:
+            n_d = bisect_left(rec.ts, d.ts)
+            pre = errors[max(n_d - ERROR_SPAN, 0) : n_d]
+            post = errors[n_d : n_d + ERROR_SPAN]
+            raise_ = float(post.mean() / pre.mean()) if len(pre) and len(post) and pre.mean() > 0 else None
+            hit = None
+            for k, (n, _ts, _direction) in enumerate(rec.found):
+                if n > n_d and n - n_d <= MAX_DELAY_OUTCOMES:
+                    near.add(k)
+                    if hit is None:
+                        hit = k
+            drow: dict[str, Any] = {"kind": d.kind, "index": d.index, "outcome": n_d, "error_ratio": raise_,
+                                    "outcomes_after": len(errors) - n_d, "delay_outcomes": None,
+                                    "delay_events": None}  # fmt: skip
+            if hit is not None:
+                matched.add(hit)
+                n = rec.found[hit][0]
+                drow["delay_outcomes"] = n - n_d
+                det_index = run.detections[name][hit]["index"] if hit < len(run.detections[name]) else None
+                if det_index is not None and d.index is not None:
+                    drow["delay_events"] = det_index - d.index
+            # recovery: outcomes after the drift until the rolling error (500) is back
+            # within 5 % of its mean over the ERROR_SPAN outcomes before the drift
+            if len(pre) and len(errors) > n_d + 500:
+                roll = np.convolve(errors[n_d:], np.ones(500) / 500, mode="valid")
+                back = np.flatnonzero(roll <= pre.mean() * 1.05)
+                drow["recovery_outcomes"] = int(back[0]) + 500 if back.size else None
+                drow["error_after_5000"] = float(errors[n_d : n_d + MAX_DELAY_OUTCOMES].mean())
+                drow["error_before"] = float(pre.mean())
+            drift_rows.append(drow)
+        row["drifts"] = drift_rows
+        row["false_alarms"] = len(rec.found) - len(near)
+        row["detections_ts"] = [ts for _, ts, _ in rec.found]
+        # a downsampled rolling error curve (for the reaction chart)
+        if len(errors) >= 1000:
+            w = max(len(errors) // 100, 200)
+            roll = np.convolve(errors, np.ones(w) / w, mode="valid")
+            step = max(len(roll) // 200, 1)
+            row["error_curve"] = {"window": w, "outcome": list(range(w, w + len(roll), step)),
+                                  "ts": [int(rec.ts[i + w - 1]) for i in range(0, len(roll), step)],
+                                  "error": [round(float(v), 5) for v in roll[::step]]}  # fmt: skip
+        # -- scores against the ground truth
+        tr = scorer.trace or {}
+        last_tenth = truth.start_ts + 0.9 * (end_ts - truth.start_ts)
+        hits = tr.get((name, "hit"))
+        if hits:
+            a = np.array(hits)
+            tail = a[a[:, 0] >= last_tenth]
+            row["taste_hit_rate"] = float(a[:, 1].mean())
+            row["popularity_hit_rate"] = float(a[:, 2].mean())
+            row["taste_hit_rate_last_tenth"] = float(tail[:, 1].mean())
+            row["popularity_hit_rate_last_tenth"] = float(tail[:, 2].mean())
+            row["hit_ratio_last_tenth"] = row["taste_hit_rate_last_tenth"] / row["popularity_hit_rate_last_tenth"]
+        regrets = tr.get((name, "regret"))
+        if regrets:
+            a = np.array(regrets)
+            row["regret"] = float(a[:, 1].mean())
+            row["regret_current_price"] = float(a[:, 2].mean())
+            # per tenth of the stream (event time): the learner's regret / the current price's
+            edges = np.linspace(truth.start_ts, end_ts + 1, 11)
+            bins = np.digitize(a[:, 0], edges) - 1
+            row["regret_ratio_by_tenth"] = [
+                round(float(a[bins == b, 1].mean() / a[bins == b, 2].mean()), 4) if (bins == b).any() else None
+                for b in range(10)
+            ]
+            warm = getattr(learner, "spec", None)
+            row["regret_last_tenth"] = float(a[bins == 9, 1].mean()) if (bins == 9).any() else None
+            row["regret_current_last_tenth"] = float(a[bins == 9, 2].mean()) if (bins == 9).any() else None
+            # after warm-up: from the first quote that is not the current price on
+            moved = np.flatnonzero(np.abs(a[:, 1] - a[:, 2]) > 1e-12)
+            if moved.size:
+                after = a[moved[0] :]
+                row["warmup_end_ts_share"] = float((after[0, 0] - truth.start_ts) / (end_ts - truth.start_ts))
+                row["regret_after_warmup"] = float(after[:, 1].mean())
+                row["regret_current_after_warmup"] = float(after[:, 2].mean())
+            del warm
+        frauds = tr.get((name, "fraud"))
+        if frauds:
+            a = np.array(frauds)
+            y = a[:, 2] > 0.5
+            row["fraud_auc"] = auc(y, a[:, 1])
+            row["frauds"] = int(y.sum())
+            pattern = [d for d in truth.drifts if d.kind == "fraud_pattern" and d.index is not None]
+            if pattern:
+                d = pattern[0]
+                t10k = ts_at(d.index + 10_000)
+                before = a[:, 0] < d.ts
+                first = (a[:, 0] >= d.ts) & (a[:, 0] < t10k)
+                later = a[:, 0] >= t10k
+                row["fraud_auc_before_change"] = auc(y[before], a[before, 1])
+                row["fraud_auc_first_10k_after_change"] = auc(y[first], a[first, 1])
+                row["fraud_auc_after_10k_after_change"] = auc(y[later], a[later, 1]) if later.any() else None
+        out["learners"][name] = row
+    return out
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def table(runs: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """The rows per goal (text) and a summary (JSON)."""
+    by = {(r["seed"], r["events"], r["reaction"], r["drifts"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    lengths = sorted({r["events"] for r in runs})
+    lines: list[str] = []
+    summary: dict[str, Any] = {}
+
+    def cell(values: list[Any], digits: int = 3) -> str:
+        return " / ".join(_fmt(v, digits) for v in values)
+
+    lines.append(f"quality bench: seeds {seeds}, lengths {lengths}; values per seed ({' / '.join(map(str, seeds))})")
+    # 1. concept drift
+    lines.append("")
+    lines.append("CONCEPT DRIFT (report): delay in the learner's outcomes (target <= 5,000), error ratio after/before")
+    for name in LEARNERS:
+        for n in lengths:
+            rows = [by.get((s, n, "report", True), {}).get("learners", {}).get(name, {}) for s in seeds]
+            for k, d in enumerate(rows[0].get("drifts", [])):
+                delays = [r["drifts"][k]["delay_outcomes"] if r.get("drifts") else None for r in rows]
+                ratios = [r["drifts"][k]["error_ratio"] if r.get("drifts") else None for r in rows]
+                raised = [x is not None and x > 1.0 for x in ratios]
+                ok = all((dl is not None) or not up for dl, up in zip(delays, raised, strict=True))
+                lines.append(f"  {name:<15} {n:>7,} {d['kind']:<18} delay {cell(delays)}  error ratio {cell(ratios, 2)}"
+                             f"  -> {'met' if ok else 'MISSED'}")  # fmt: skip
+                summary.setdefault("drift_delay", {})[f"{name}/{n}"] = {"delays": delays, "error_ratio": ratios,
+                                                                        "met": ok}  # fmt: skip
+    lines.append("FALSE ALARMS per 100,000 stationary events (drift-free runs; target <= 1 per learner);"
+                 " unmatched detections in the drifting runs")  # fmt: skip
+    for name in LEARNERS:
+        fa_total, ev_total, per = 0, 0, []
+        for n in lengths:
+            for s in seeds:
+                r = by.get((s, n, "report", False))
+                if r is None:
+                    continue
+                fa = r["learners"][name]["detections"]
+                per.append(fa)
+                fa_total += fa
+                ev_total += n
+        rate = 1e5 * fa_total / ev_total if ev_total else None
+        unmatched = [by[(s, n, "report", True)]["learners"][name]["false_alarms"]
+                     for n in lengths for s in seeds if (s, n, "report", True) in by]  # fmt: skip
+        met = rate is not None and rate <= 1.0
+        lines.append(f"  {name:<15} {fa_total} detections in {ev_total:,} stationary events = {_fmt(rate, 2)} "
+                     f"per 100k (per run {per}); unmatched in drifting runs {unmatched} "
+                     f"-> {'met' if met else 'MISSED'}")  # fmt: skip
+        summary.setdefault("false_alarms_per_100k", {})[name] = {"rate": rate, "per_run": per,
+                                                                 "unmatched_drifting": unmatched}  # fmt: skip
+    # 2. reaction
+    lines.append("")
+    lines.append("REACTION: switch vs report, mean error over the 5,000 outcomes after the drift / recovery (outcomes)")
+    for name in LEARNERS:
+        for n in lengths:
+            rep = [by.get((s, n, "report", True), {}).get("learners", {}).get(name, {}) for s in seeds]
+            sw = [by.get((s, n, "switch", True), {}).get("learners", {}).get(name, {}) for s in seeds]
+            if not any(sw):
+                continue
+            e_rep = [r["drifts"][0].get("error_after_5000") if r.get("drifts") else None for r in rep]
+            e_sw = [r["drifts"][0].get("error_after_5000") if r.get("drifts") else None for r in sw]
+            r_rep = [r["drifts"][0].get("recovery_outcomes") if r.get("drifts") else None for r in rep]
+            r_sw = [r["drifts"][0].get("recovery_outcomes") if r.get("drifts") else None for r in sw]
+            sws = [r.get("switches") for r in sw]
+            lines.append(f"  {name:<15} {n:>7,} error report {cell(e_rep)} switch {cell(e_sw)}; recovery report "
+                         f"{cell(r_rep)} switch {cell(r_sw)}{'' if not any(sws) else f'; switches {sws}'}")  # fmt: skip
+            summary.setdefault("reaction", {})[f"{name}/{n}"] = {
+                "error_report": e_rep,
+                "error_switch": e_sw,
+                "recovery_report": r_rep,
+                "recovery_switch": r_sw,
+            }
+    # 3. recommendation
+    lines.append("")
+    lines.append(
+        "RECOMMENDATION: taste hit-rate / popularity's, last tenth of the run (target 1.5x at 30k, 2x at 300k)"
+    )
+    for n in lengths:
+        rows = [by.get((s, n, "report", True), {}).get("learners", {}).get("recommendation", {}) for s in seeds]
+        ratio = [r.get("hit_ratio_last_tenth") for r in rows]
+        hit = [r.get("taste_hit_rate_last_tenth") for r in rows]
+        pop = [r.get("popularity_hit_rate_last_tenth") for r in rows]
+        target = 1.5 if n < 100_000 else 2.0
+        met = all(x is not None and x >= target for x in ratio)
+        lines.append(f"  {n:>7,} hit {cell(hit)} popularity {cell(pop)} ratio {cell(ratio, 2)} (target {target}x) "
+                     f"-> {'met' if met else 'MISSED'}")  # fmt: skip
+        summary.setdefault("recommendation", {})[str(n)] = {"hit": hit, "popularity": pop, "ratio": ratio, "met": met}
+    # 4. pricing
+    lines.append("")
+    lines.append(
+        "PRICING: regret after warm-up vs keeping the current price (target below; <= 0.5x at 300k, last tenth)"
+    )
+    for n in lengths:
+        rows = [by.get((s, n, "report", True), {}).get("learners", {}).get("pricing", {}) for s in seeds]
+        mine = [r.get("regret_after_warmup") for r in rows]
+        cur = [r.get("regret_current_after_warmup") for r in rows]
+        tenths = [r.get("regret_ratio_by_tenth") for r in rows]
+        last = [(r.get("regret_last_tenth") or math.nan) / (r.get("regret_current_last_tenth") or math.nan)
+                for r in rows]  # fmt: skip
+        worst = [max((x for x in (t or [])[1:] if x is not None), default=None) for t in tenths]
+        met = all(x is not None and x < 1.0 for x in worst) and (n < 100_000 or all(x <= 0.5 for x in last))
+        lines.append(f"  {n:>7,} regret {cell(mine, 4)} current price {cell(cur, 4)}; worst tenth ratio "
+                     f"{cell(worst, 2)}; last tenth ratio {cell(last, 2)} -> {'met' if met else 'MISSED'}")  # fmt: skip
+        summary.setdefault("pricing", {})[str(n)] = {"regret": mine, "current": cur, "ratio_by_tenth": tenths,
+                                                     "last_tenth_ratio": last, "met": met}  # fmt: skip
+    # 5. risk
+    lines.append("")
+    lines.append("RISK: ROC AUC vs the true frauds (target >= 0.95 by 30k; >= 0.95 within 10k events of the change)")
+    for n in lengths:
+        rows = [by.get((s, n, "report", True), {}).get("learners", {}).get("risk", {}) for s in seeds]
+        whole = [r.get("fraud_auc") for r in rows]
+        frauds = [r.get("frauds") for r in rows]
+        before = [r.get("fraud_auc_before_change") for r in rows]
+        first = [r.get("fraud_auc_first_10k_after_change") for r in rows]
+        later = [r.get("fraud_auc_after_10k_after_change") for r in rows]
+        met = all(x is not None and x >= 0.95 for x in whole) and (
+            n < 100_000 or all(x is not None and x >= 0.95 for x in later)
+        )
+        lines.append(f"  {n:>7,} AUC whole run {cell(whole)} (frauds {frauds}); before the change {cell(before)}; "
+                     f"first 10k events after {cell(first)}; from 10k after on {cell(later)} -> "
+                     f"{'met' if met else 'MISSED'}")  # fmt: skip
+        summary.setdefault("risk", {})[str(n)] = {"auc": whole, "frauds": frauds, "before": before,
+                                                  "first_10k_after": first, "after_10k": later, "met": met}  # fmt: skip
+    return lines, summary
+
+
+def plot(runs: Sequence[dict[str, Any]], path: Path) -> str | None:
+    """Rolling error of each learner, report vs switch, true drift and detections marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed"
+    longest = max(r["events"] for r in runs)
+    seed = min(r["seed"] for r in runs)
+    pick = {r["reaction"]: r for r in runs if r["events"] == longest and r["seed"] == seed and r["drifts"]}
+    if not pick:
+        return "no runs to plot"
+    fig, axes = plt.subplots(len(LEARNERS), 1, figsize=(10, 2.8 * len(LEARNERS)), squeeze=False)
+    for ax, name in zip(axes[:, 0], LEARNERS, strict=True):
+        for reaction, r in sorted(pick.items()):
+            row = r["learners"].get(name, {})
+            curve = row.get("error_curve")
+            if curve:
+                ax.plot(curve["outcome"], curve["error"], label=f"{reaction} (rolling {curve['window']})", lw=1.1)
+            for d in row.get("drifts", []):
+                ax.axvline(d["outcome"], color="green", lw=1.5, alpha=0.6)
+        ax.set_title(f"{name}: rolling error per outcome, seed {seed}, {longest:,} events (green: true drift)",
+                     fontsize=9, loc="left")  # fmt: skip
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("learner outcomes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
+
+
+def bench_quality(seeds: Sequence[int], lengths: Sequence[int], *, reactions: Sequence[str] = ("report", "switch"),
+                  stationary: bool = True, plot_path: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    runs = []
+    for n in lengths:
+        for s in seeds:
+            plan = [(r, True) for r in reactions] + ([("report", False)] if stationary else [])
+            for reaction, drifts in plan:
+                r = one_run(s, n, reaction, drifts)
+                log(f"quality: seed {s}, {n:,} events, {reaction}{'' if drifts else ', no drifts'}: {r['elapsed_s']} s")
+                runs.append(r)
+    lines, summary = table(runs)
+    for line in lines:
+        log(line)
+    out: dict[str, Any] = {"quality": {"seeds": list(seeds), "lengths": list(lengths), "table": lines,
+                                       "summary": summary, "runs": runs}}  # fmt: skip
+    if plot_path is not None:
+        why = plot(runs, plot_path)
+        out["quality"]["chart"] = str(plot_path) if why is None else why
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--lengths", default="30000,300000")
+    p.add_argument("--reactions", default="report,switch")
+    p.add_argument("--no-stationary", action="store_true", help="skip the drift-free runs (false alarms)")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path)
+    args = p.parse_args(argv)
+    fig = bench_quality([int(x) for x in args.seeds.split(",")], [int(x) for x in args.lengths.split(",")],
+                        reactions=args.reactions.split(","), stationary=not args.no_stationary,
+                        plot_path=args.plot)  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(fig, indent=1, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
