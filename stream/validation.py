@@ -28,7 +28,7 @@ class _ErrorMean:
         self.n = 0
         self.total = 0.0
 
-    def update(self, error: float, ts: Any = None) -> bool:
+    def update(self, error: float, ts: Any = None, outcome: tuple[bool, float] | None = None) -> bool:
         if math.isfinite(error):
             self.n += 1
             self.total += error
@@ -93,6 +93,10 @@ def holdout_error(learner: Learner, records: Iterable[StoredRecord], config: Any
     evaluation = getattr(lr, "evaluation", None)
     if evaluation is not None and hasattr(evaluation, "drift"):
         evaluation.drift = acc
+        if hasattr(evaluation, "order_outcomes"):
+            # Every error as it comes: holding outcomes back to prediction order (for drift
+            # detection) would leave the last label window of the holdout unscored.
+            evaluation.order_outcomes(0)
         for r in records:
             if r.topic() in pipe.routes:
                 pipe.process(r)

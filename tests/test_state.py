@@ -740,3 +740,20 @@ def test_cli_sign_enables_a_key_on_an_existing_deployment(
     ck = keyed.latest()
     assert ck is not None and ck.info.seq == 2 and not marker.exists()
     assert _cli("model", "rollback", "--config", str(cfg_path), "--to", "1", "--offline", "--force") == 0
+
+
+def test_holdout_scores_a_learner_that_holds_outcomes_for_drift_detection() -> None:
+    """The risk learner feeds its drift detector in prediction order (outcomes held back until their
+    label window closes); scoring a holdout must still see every outcome, not a detector's view."""
+    from stream.checkpoint import StoredRecord as Stored
+    from stream.config import load_config
+    from stream.simulate import SimConfig, Simulation
+
+    cfg = load_config(None)
+    risk = next(lr for lr in build_learners(cfg) if lr.name == "risk")
+    topics = cfg.input_topics()
+    sim = Simulation(SimConfig(seed=3, events=6000, fraud_rate=0.2, label_delay_median_s=60.0))
+    records = [Stored(topics[s], 0, n, ts, k, v) for n, (s, k, v, ts) in enumerate(sim)]
+    score = holdout_error(risk, records, cfg)
+    assert score is not None and score.failed == 0
+    assert score.n > 0, score
