@@ -195,14 +195,18 @@ def bench_config_text(bootstrap: str, prefix: str, group: str) -> str:
 
 
 def produce_events(bootstrap: str, events: Sequence[SimEvent], topics: dict[str, str]) -> None:
+    """Produce the events with **current** Kafka timestamps (the producer's clock; the
+    event time stays in the payload's ``ts``): the simulator's event times are in 2023,
+    and a broker with time retention (7 days by default) deletes records that old within
+    minutes, so a run against a normal broker would read nothing."""
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
                          "queue.buffering.max.messages": 500_000})  # fmt: skip
-    for stream, key, value, ts in events:
+    for stream, key, value, _ts in events:
         while True:
             try:
-                producer.produce(topics[stream], value, key, timestamp=ts)
+                producer.produce(topics[stream], value, key)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -629,7 +633,10 @@ def bench_flood(n: int, scale: int, category_every: int) -> dict[str, Any]:
     log(f"flood: {n} events, bounds / {scale}, a new category every {category_every} events")
     out = subprocess.run(
         pinned([sys.executable, __file__, "--flood-point", f"{n},{scale},{category_every}"]),
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     point = json.loads(out.stdout.strip().splitlines()[-1])
     timeline = point["rss_mb_timeline"]
@@ -638,9 +645,11 @@ def bench_flood(n: int, scale: int, category_every: int) -> dict[str, Any]:
     before = growth_rate(timeline, 0, first)
     after = growth_rate(timeline, n // 2, n)
     ratio = after / before if before > 0 else float("nan")
-    log(f"7 flood: RSS {timeline[0][1]} -> {timeline[-1][1]} MB; {before:,.0f} bytes/event over the first "
+    log(
+        f"7 flood: RSS {timeline[0][1]} -> {timeline[-1][1]} MB; {before:,.0f} bytes/event over the first "
         f"{first:,} events, {after:,.0f} bytes/event over the last half (ratio {ratio:.3f}, target < 0.05: "
-        f"{'met' if ratio < 0.05 else 'missed'}); pickled learners {point['pickled_mb']} MB")
+        f"{'met' if ratio < 0.05 else 'missed'}); pickled learners {point['pickled_mb']} MB"
+    )
     log(f"  RSS timeline (events, MB): {timeline}")
     return {"flood_events": n, "flood_scale": scale, "flood_category_every": category_every,
             "flood_events_per_s": point["events_per_s"], "flood_rss_mb_timeline": timeline,
