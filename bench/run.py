@@ -17,6 +17,12 @@ because absolute times on shared machines are noisy:
 7. flood     an identity flood: every user, item, order, device (and, at a set rate,
              category) is new; RSS sampled along the run must level off once the
              bounds are reached (growth per event, last half vs the first stretch)
+8. demand    the demand learner's quality on the simulator's demand world
+9. peers     one job (StandardScaler | LinearRegression over purchase events in 3
+             partitions, one JSON prediction per event) run by ``stream run``, a plain
+             confluent-kafka loop, Quix Streams and Bytewax (``.[bench]`` extra) against
+             the same broker in the same run: steady events/s, CPU per event, ratios
+             (see bench/peers.py)
 
 The suite is never part of the tests' pass/fail. Without ``--bootstrap-servers``
 sections 3 and 4 start a jar-based broker (tests/kafka_broker.py).
@@ -47,6 +53,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from stream.config import (  # noqa: E402
     Config,
@@ -725,7 +732,7 @@ def bench_demand(config: Config, seeds: Sequence[int], events: int, warn_at: flo
     return {"demand": out}
 
 
-SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand")
+SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand", "peers")
 
 
 def machine() -> dict[str, Any]:
@@ -749,6 +756,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--flood-category-every", type=int, default=8, help="a new category every N flood events")
     p.add_argument("--demand-seeds", default="0,1,2", help="seeds of the demand quality section")
     p.add_argument("--demand-events", type=int, default=100_000, help="events per seed of the demand section")
+    p.add_argument("--peers-events", type=int, default=100_000, help="purchase events of the peers section")
+    p.add_argument("--peers-rounds", type=int, default=3, help="rounds of the peers section (median reported)")
     p.add_argument("--growth-point", help=argparse.SUPPRESS)
     p.add_argument("--flood-point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -775,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "backtest" not in skip:
             fig |= bench_backtest(config, as_messages(events, topics))
             log(f"2 backtest: {fig['backtest_events_per_s']:,.0f} events/s")
-        need_kafka = not {"kafka", "latency"} <= skip
+        need_kafka = not {"kafka", "latency", "peers"} <= skip
         with broker(args.bootstrap_servers) if need_kafka else contextlib.nullcontext("") as bootstrap:
             if "kafka" not in skip:
                 fig |= bench_kafka(bootstrap, events, tmp)
@@ -788,6 +797,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"4 latency at {rate:,.0f}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms; one plain Kafka hop: "
                     f"p50 {fig['raw_hop_latency_p50_ms']:.1f} ms, p99 {fig['raw_hop_latency_p99_ms']:.1f} ms"
                 )
+            if "peers" not in skip:
+                from peers import bench_peers
+
+                fig |= bench_peers(bootstrap, args.peers_events, args.peers_rounds, tmp, log)
         if "growth" not in skip:
             fig |= bench_growth(args.max_users, args.max_items)
         if "checkpoint" not in skip:
