@@ -25,6 +25,7 @@ process's CPU time (``/proc/PID/stat``, all threads) every 0.1 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -240,16 +241,23 @@ def available(system: str) -> bool:
     return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
-def run_one(system: str, bootstrap: str, topic: str, n: int, tmp: Path, timeout_s: float = 600.0) -> dict[str, Any]:
+def run_one(
+    system: str, bootstrap: str, topic: str, n: int, tmp: Path, timeout_s: float = 600.0, baseline: Path | None = None
+) -> dict[str, Any]:
     """Run one system over the input topic; steady events/s and CPU per event between 10 % and
-    90 % of the outputs."""
-    from confluent_kafka import Consumer, TopicPartition
+    90 % of the outputs. ``stream-base`` is ``stream run`` from the source tree ``baseline``
+    (``git archive <commit> | tar -x -C DIR``): a before/after comparison in the same run."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
     from kafka_broker import create_topics
 
     prefix = f"peer-{system}-{uuid.uuid4().hex[:6]}"
     out, group = f"{prefix}-out", f"{prefix}-group"
     create_topics(bootstrap, [out], partitions=3)
-    if system == "stream":
+    cwd = ROOT
+    if system == "stream-base":
+        assert baseline is not None
+        cwd = baseline  # `python -m stream` imports the package from the working directory first
+    if system.startswith("stream"):
         create_topics(bootstrap, [f"{prefix}-dead-letters"], partitions=3)
         cfg = stream_config(bootstrap, topic, out, group, prefix, tmp)
         cmd = [sys.executable, "-m", "stream", "run", "--config", str(cfg)]
@@ -259,11 +267,16 @@ def run_one(system: str, bootstrap: str, topic: str, n: int, tmp: Path, timeout_
     watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{prefix}-watch"})
     parts = [TopicPartition(out, p) for p in range(3)]
 
+    last = [0]
+
     def outputs() -> int:
-        return sum(watcher.get_watermark_offsets(tp, timeout=5, cached=False)[1] for tp in parts)
+        # A new topic's leader not known yet: the count so far.
+        with contextlib.suppress(KafkaException):
+            last[0] = sum(watcher.get_watermark_offsets(tp, timeout=5, cached=False)[1] for tp in parts)
+        return last[0]
 
     log = open(tmp / f"{prefix}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(_pinned(cmd), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(_pinned(cmd), cwd=cwd, stdout=subprocess.DEVNULL, stderr=log)
     samples: list[tuple[float, float, int]] = []
     try:
         deadline = time.monotonic() + timeout_s
@@ -306,12 +319,22 @@ def model_alone(n: int) -> dict[str, Any]:
     return {"events_per_s": n / t, "cpu_us_per_event": c / n * 1e6}
 
 
-def bench_peers(bootstrap: str, n: int, rounds: int, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def bench_peers(
+    bootstrap: str,
+    n: int,
+    rounds: int,
+    tmp: Path,
+    log: Callable[[str], None],
+    baseline: Path | None = None,
+    only: Sequence[str] = SYSTEMS,
+) -> dict[str, Any]:
     from confluent_kafka import Producer
     from kafka_broker import create_topics
 
-    systems = [s for s in SYSTEMS if available(s)]
-    missing = [s for s in SYSTEMS if s not in systems]
+    systems = [s for s in SYSTEMS if s in only and available(s)]
+    if baseline is not None:
+        systems.insert(1, "stream-base")
+    missing = [s for s in SYSTEMS if s in only and s not in systems]
     if missing:
         log(f"peers: not installed, skipped: {', '.join(missing)} (pip install -e '.[bench]')")
     topic = f"peers-{uuid.uuid4().hex[:6]}-purchases"
@@ -331,7 +354,7 @@ def bench_peers(bootstrap: str, n: int, rounds: int, tmp: Path, log: Callable[[s
     for r in range(rounds):
         # Alternate the order between rounds so no system always runs first (a cold broker page cache).
         for system in systems if r % 2 == 0 else systems[::-1]:
-            res = run_one(system, bootstrap, topic, n, tmp)
+            res = run_one(system, bootstrap, topic, n, tmp, baseline=baseline)
             runs[system].append(res)
             log(f"peers round {r + 1}: {system:8s} {res['events_per_s']:9,.0f} events/s  "
                 f"{res['cpu_us_per_event']:6.1f} µs CPU/event")  # fmt: skip
@@ -346,7 +369,7 @@ def bench_peers(bootstrap: str, n: int, rounds: int, tmp: Path, log: Callable[[s
     table["model_alone"] = alone
     result: dict[str, Any] = {"peers_events": n, "peers_rounds": rounds, "peers": table}
     ratios: dict[str, Any] = {}
-    for other in ("plain", "quix", "bytewax"):
+    for other in ("plain", "quix", "bytewax", "stream-base"):
         if "stream" in runs and other in runs:
             pairs = zip(runs["stream"], runs[other], strict=True)
             per_round = [a["events_per_s"] / b["events_per_s"] for a, b in pairs]

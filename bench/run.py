@@ -758,6 +758,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--demand-events", type=int, default=100_000, help="events per seed of the demand section")
     p.add_argument("--peers-events", type=int, default=100_000, help="purchase events of the peers section")
     p.add_argument("--peers-rounds", type=int, default=3, help="rounds of the peers section (median reported)")
+    p.add_argument("--peers-systems", default="stream,plain,quix,bytewax", help="systems of the peers section")
+    p.add_argument("--peers-baseline", type=Path, metavar="DIR",
+                   help="also run `stream run` from this source tree (git archive COMMIT | tar -x -C DIR): "
+                   "before/after in the same run, ratio stream/stream-base")  # fmt: skip
     p.add_argument("--growth-point", help=argparse.SUPPRESS)
     p.add_argument("--flood-point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -800,7 +804,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "peers" not in skip:
                 from peers import bench_peers
 
-                fig |= bench_peers(bootstrap, args.peers_events, args.peers_rounds, tmp, log)
+                fig |= bench_peers(bootstrap, args.peers_events, args.peers_rounds, tmp, log, args.peers_baseline,
+                                   args.peers_systems.split(","))  # fmt: skip
         if "growth" not in skip:
             fig |= bench_growth(args.max_users, args.max_items)
         if "checkpoint" not in skip:

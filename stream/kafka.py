@@ -279,7 +279,10 @@ class KafkaSink:
             on_delivery = self._dead_letter_report(key, value, headers or [])
         while True:
             try:
-                self._produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                if headers:
+                    self._produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                else:  # outputs: no headers argument to parse
+                    self._produce(topic, value, key, on_delivery=on_delivery)
                 return
             except BufferError:
                 self._poll(0.05)
