@@ -26,6 +26,11 @@ because absolute times on shared machines are noisy:
 10. quality  recommendation, pricing and risk against the simulator's ground truth
              and simple baselines, drift detections against the true drifts
              (bench/quality.py: seeds x lengths, report / switch / drift-free runs)
+11. peers    one job (StandardScaler | LinearRegression over purchase events in 3
+             partitions, one JSON prediction per event) run by ``stream run``, a plain
+             confluent-kafka loop, Quix Streams and Bytewax (``.[bench]`` extra) against
+             the same broker in the same run: steady events/s, CPU per event, ratios
+             (see bench/peers.py)
 
 The suite is never part of the tests' pass/fail. Without ``--bootstrap-servers``
 sections 3 and 4 start a jar-based broker (tests/kafka_broker.py).
@@ -56,6 +61,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from stream.config import (  # noqa: E402
     Config,
@@ -204,14 +210,18 @@ def bench_config_text(bootstrap: str, prefix: str, group: str) -> str:
 
 
 def produce_events(bootstrap: str, events: Sequence[SimEvent], topics: dict[str, str]) -> None:
+    """Produce the events with **current** Kafka timestamps (the producer's clock; the
+    event time stays in the payload's ``ts``): the simulator's event times are in 2023,
+    and a broker with time retention (7 days by default) deletes records that old within
+    minutes, so a run against a normal broker would read nothing."""
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
                          "queue.buffering.max.messages": 500_000})  # fmt: skip
-    for stream, key, value, ts in events:
+    for stream, key, value, _ts in events:
         while True:
             try:
-                producer.produce(topics[stream], value, key, timestamp=ts)
+                producer.produce(topics[stream], value, key)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -638,7 +648,10 @@ def bench_flood(n: int, scale: int, category_every: int) -> dict[str, Any]:
     log(f"flood: {n} events, bounds / {scale}, a new category every {category_every} events")
     out = subprocess.run(
         pinned([sys.executable, __file__, "--flood-point", f"{n},{scale},{category_every}"]),
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     point = json.loads(out.stdout.strip().splitlines()[-1])
     timeline = point["rss_mb_timeline"]
@@ -647,9 +660,11 @@ def bench_flood(n: int, scale: int, category_every: int) -> dict[str, Any]:
     before = growth_rate(timeline, 0, first)
     after = growth_rate(timeline, n // 2, n)
     ratio = after / before if before > 0 else float("nan")
-    log(f"7 flood: RSS {timeline[0][1]} -> {timeline[-1][1]} MB; {before:,.0f} bytes/event over the first "
+    log(
+        f"7 flood: RSS {timeline[0][1]} -> {timeline[-1][1]} MB; {before:,.0f} bytes/event over the first "
         f"{first:,} events, {after:,.0f} bytes/event over the last half (ratio {ratio:.3f}, target < 0.05: "
-        f"{'met' if ratio < 0.05 else 'missed'}); pickled learners {point['pickled_mb']} MB")
+        f"{'met' if ratio < 0.05 else 'missed'}); pickled learners {point['pickled_mb']} MB"
+    )
     log(f"  RSS timeline (events, MB): {timeline}")
     return {"flood_events": n, "flood_scale": scale, "flood_category_every": category_every,
             "flood_events_per_s": point["events_per_s"], "flood_rss_mb_timeline": timeline,
@@ -826,7 +841,9 @@ def bench_ranking(config: Config, seeds: Sequence[int], requests: int) -> dict[s
     return {"ranking": runs}
 
 
-SECTIONS = ("limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand", "ranking", "quality")
+SECTIONS = (
+    "limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand", "ranking", "quality", "peers",
+)  # fmt: skip
 
 
 def machine() -> dict[str, Any]:
@@ -854,6 +871,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ranking-requests", type=int, default=50_000, help="requests per seed in section 9")
     p.add_argument("--quality-seeds", default="0,1,2", help="seeds of the quality section (bench/quality.py)")
     p.add_argument("--quality-lengths", default="30000,300000", help="stream lengths of the quality section")
+    p.add_argument("--peers-events", type=int, default=100_000, help="purchase events of the peers section")
+    p.add_argument("--peers-rounds", type=int, default=3, help="rounds of the peers section (median reported)")
+    p.add_argument("--peers-systems", default="stream,plain,quix,bytewax", help="systems of the peers section")
+    p.add_argument("--peers-baseline", type=Path, metavar="DIR",
+                   help="also run `stream run` from this source tree (git archive COMMIT | tar -x -C DIR): "
+                   "before/after in the same run, ratio stream/stream-base")  # fmt: skip
     p.add_argument("--growth-point", help=argparse.SUPPRESS)
     p.add_argument("--flood-point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -880,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "backtest" not in skip:
             fig |= bench_backtest(config, as_messages(events, topics))
             log(f"2 backtest: {fig['backtest_events_per_s']:,.0f} events/s")
-        need_kafka = not {"kafka", "latency"} <= skip
+        need_kafka = not {"kafka", "latency", "peers"} <= skip
         with broker(args.bootstrap_servers) if need_kafka else contextlib.nullcontext("") as bootstrap:
             if "kafka" not in skip:
                 fig |= bench_kafka(bootstrap, events, tmp)
@@ -893,6 +916,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"4 latency at {rate:,.0f}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms; one plain Kafka hop: "
                     f"p50 {fig['raw_hop_latency_p50_ms']:.1f} ms, p99 {fig['raw_hop_latency_p99_ms']:.1f} ms"
                 )
+            if "peers" not in skip:
+                from peers import bench_peers
+
+                fig |= bench_peers(bootstrap, args.peers_events, args.peers_rounds, tmp, log, args.peers_baseline,
+                                   args.peers_systems.split(","))  # fmt: skip
         if "growth" not in skip:
             fig |= bench_growth(args.max_users, args.max_items)
         if "checkpoint" not in skip:

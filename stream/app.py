@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import gc
 import json
 import logging
 import os
@@ -538,6 +539,11 @@ class Application:
         if self.exactly_once:
             self._txn("begin_transaction", self.producer.begin_transaction)  # type: ignore[union-attr]
             self._in_txn = True
+        # What exists now (the restored learners, the clients, the modules) lives as long as this
+        # activation: moved out of the collector's generations, so the loop's collections scan
+        # only what it allocates (~5 % of a small job's time per event); undone on deactivation.
+        gc.collect()
+        gc.freeze()
         self._active = True
 
     def _adopt(self, restored: Sequence[Learner]) -> list[Learner]:
@@ -639,6 +645,7 @@ class Application:
         self._paused.clear()  # unassigning resumes
         self._catchup = {}
         self._active = False
+        gc.unfreeze()  # what the activation froze can be collected again (learners replaced by a restore)
         log.info("deactivated", extra={"committed": committed})
 
     # -- the loop ----------------------------------------------------------------

@@ -137,9 +137,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 create_topics=args.create_topics,
                 progress=args.progress,
                 stop=stop,
+                rewrite_timestamps=args.rewrite_timestamps,
             )
     except (StreamError, ValueError) as exc:
         return _fail(str(exc))
+    for warning in result.warnings:
+        print(f"stream: warning: {warning}", file=sys.stderr)
     parts = ", ".join(f"{t} {n:,}" for t, n in sorted(result.by_topic.items()))
     print(
         f"replayed {result.records:,} records to {config.kafka.bootstrap_servers} in {result.elapsed_s:.1f}s "
@@ -261,7 +264,12 @@ def _add_replay_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     rep = sub.add_parser("replay", help="produce a recording back to Kafka",
                          description="Produce a recording to Kafka with the same keys, values, timestamps, "
                          "headers and partition numbers, each partition in recorded order (idempotent "
-                         "producer, every delivery checked).")  # fmt: skip
+                         "producer, every delivery checked). The recorded timestamps become the records' Kafka "
+                         "timestamps (CreateTime): a broker deletes records older than the destination topic's "
+                         "retention.ms (7 days by default) soon after they are written, so an old recording "
+                         "replayed as it is can leave nothing to read. The replay warns when a destination "
+                         "topic's retention.ms is shorter than the age of the records; --rewrite-timestamps "
+                         "shifts them to now. The event time in the payloads is never changed.")  # fmt: skip
     rep.add_argument("recording", metavar="DIR", help="recording directory")
     rep.add_argument("--to-kafka", action="store_true", required=True, help="produce to Kafka (the destination)")
     rep.add_argument(
@@ -272,6 +280,10 @@ def _add_replay_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     )
     rep.add_argument("--topic-map", action="append", metavar="REC=DEST", help="produce a recorded topic to another")
     rep.add_argument("--create-topics", action="store_true", help="create missing topics with the recorded partitions")
+    rep.add_argument("--rewrite-timestamps", action="store_true",
+                     help="produce with Kafka timestamps shifted by one amount so the latest recorded one is now "
+                     "(order and spacing kept; payloads untouched): needed when the recording is older than the "
+                     "topic's retention.ms, or the broker deletes the records")  # fmt: skip
     _add_kafka_args(rep, config_required=False)
     no_progress(rep)
     rep.set_defaults(handler=cmd_replay)

@@ -30,6 +30,7 @@ __all__ = [
     "dead_letter_budget",
     "ensure_topics",
     "producer_config",
+    "topic_retention_ms",
     "wait_for_broker",
 ]
 
@@ -155,6 +156,33 @@ def topic_max_message_bytes(config: Config, topic: str, timeout_s: float = 10.0)
     return None
 
 
+def topic_retention_ms(config: Config, topics: Iterable[str], timeout_s: float = 10.0) -> dict[str, int]:
+    """Each topic's effective ``retention.ms`` (its override, else the broker's default;
+    -1 = no time limit), for the topics whose configuration can be read. A topic that
+    does not exist yet, or a missing DescribeConfigs permission, leaves it out."""
+    from confluent_kafka.admin import ConfigResource
+
+    wanted = sorted(set(topics))
+    if not wanted:
+        return {}
+    admin = AdminClient(admin_config(config) | {"error_cb": lambda e: None})
+    out: dict[str, int] = {}
+    try:
+        futures = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, t) for t in wanted],
+                                         request_timeout=timeout_s)  # fmt: skip
+    except (KafkaException, ValueError, TypeError) as exc:
+        log.warning("cannot read the topics' retention.ms", extra={"topics": wanted, "reason": str(exc)})
+        return out
+    for resource, future in futures.items():
+        try:
+            entry = future.result(timeout=timeout_s).get("retention.ms")
+            if entry is not None and entry.value is not None:
+                out[resource.name] = int(entry.value)
+        except Exception as exc:  # no such topic, no permission, a timeout: the caller goes on without it
+            log.warning("cannot read the topic's retention.ms", extra={"topic": resource.name, "reason": repr(exc)})
+    return out
+
+
 def dead_letter_budget(config: Config, producer_props: dict[str, Any]) -> tuple[int, int | None]:
     """The size budget of one dead letter, known before producing any: the smaller of the
     producer's ``message.max.bytes`` and the dead-letter topic's ``max.message.bytes``, with
@@ -251,7 +279,10 @@ class KafkaSink:
             on_delivery = self._dead_letter_report(key, value, headers or [])
         while True:
             try:
-                self._produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                if headers:
+                    self._produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                else:  # outputs: no headers argument to parse
+                    self._produce(topic, value, key, on_delivery=on_delivery)
                 return
             except BufferError:
                 self._poll(0.05)

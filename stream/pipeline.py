@@ -223,14 +223,15 @@ class Tally(BaseObserver):
             o.dead_lettered(topic, stage)
 
 
-class SourceRef(msgspec.Struct, array_like=False):
+class SourceRef(msgspec.Struct, array_like=False, gc=False):
     topic: str
     partition: int
     offset: int
 
 
-class Output(msgspec.Struct):
-    """The envelope of every prediction record."""
+class Output(msgspec.Struct, gc=False):
+    """The envelope of every prediction record (``gc=False``: one per output, never in a
+    reference cycle, so the garbage collector need not track it; the bytes are the same)."""
 
     event_id: str
     source: SourceRef

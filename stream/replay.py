@@ -6,6 +6,14 @@ timestamps and offsets); ``replay`` produces one back with the same keys,
 values, timestamps, headers and partition numbers, optionally paced by the
 recorded timestamps. The broker-less backtest of a recording is
 ``stream.backtest``.
+
+Recorded timestamps are produced as they are (CreateTime). A broker deletes records
+older than the destination topic's ``retention.ms`` (7 days by default) soon after
+they are written, so replaying an old recording into a topic with time retention
+can leave nothing to read: ``replay`` warns when that is the case, and
+``rewrite_timestamps`` shifts every timestamp by one amount so the latest recorded
+one becomes now (order and spacing kept; the event time in the payload is not
+touched).
 """
 
 from __future__ import annotations
@@ -16,15 +24,22 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stream.config import Config
-from stream.kafka import KafkaWriter, consumer_config, ensure_topics
+from stream.kafka import KafkaWriter, consumer_config, ensure_topics, topic_retention_ms
 from stream.progress import Progress
-from stream.recording import TIMESTAMP_NOT_AVAILABLE, Manifest, Recording, RecordingError, RecordingWriter
+from stream.recording import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Manifest,
+    PartitionEntry,
+    Recording,
+    RecordingError,
+    RecordingWriter,
+)
 
-__all__ = ["ReplayResult", "record", "replay"]
+__all__ = ["ReplayResult", "TimestampRewrite", "record", "replay", "retention_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +160,73 @@ class ReplayResult:
     records: int
     by_topic: dict[str, int]
     elapsed_s: float
+    #: Destination topics whose ``retention.ms`` is shorter than the age of the records produced to them.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
         return self.records / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def _recorded_range(entries: Sequence[PartitionEntry]) -> tuple[int, int] | None:
+    """The oldest and the latest recorded timestamp of these partitions (from the manifest:
+    each partition's first and last record), or None when none has a timestamp."""
+    ts = [t for e in entries for t in (e.first_timestamp, e.last_timestamp) if t is not None and t >= 0]
+    return (min(ts), max(ts)) if ts else None
+
+
+@dataclass(frozen=True)
+class TimestampRewrite:
+    """Shift every recorded timestamp by one amount so the latest becomes ``now_ms``:
+    order and relative spacing are kept, nothing lands in the future (a timestamp
+    past the latest one the manifest names is clamped to ``now_ms``; brokers reject
+    CreateTime too far ahead), and a record without a timestamp keeps none (the broker
+    stamps it).
+
+    >>> r = TimestampRewrite.to_now(latest_ms=1_700_000_000_000, now_ms=1_800_000_000_000)
+    >>> r(1_700_000_000_000), r(1_699_999_999_000), r(1_700_000_005_000)
+    (1800000000000, 1799999999000, 1800000000000)
+    """
+
+    shift_ms: int
+    now_ms: int
+
+    @classmethod
+    def to_now(cls, latest_ms: int | None, now_ms: int) -> TimestampRewrite:
+        return cls(now_ms - latest_ms if latest_ms is not None else 0, now_ms)
+
+    def __call__(self, ts: int) -> int:
+        return min(ts + self.shift_ms, self.now_ms)
+
+
+def retention_warnings(
+    oldest_by_topic: Mapping[str, int], retention_ms: Mapping[str, int], now_ms: int, *, rewritten: bool
+) -> list[str]:
+    """One sentence per destination topic whose oldest produced timestamp is older than
+    its ``retention.ms`` (-1 or absent: no time limit, no warning).
+
+    >>> retention_warnings({"t": 0}, {"t": 86_400_000}, 3 * 86_400_000, rewritten=False)[0][:60]
+    'topic t: the oldest record produced to it is 3.0 days old, m'
+    >>> retention_warnings({"t": 0}, {"t": -1}, 3 * 86_400_000, rewritten=False)
+    []
+    """
+    out = []
+    for topic, oldest in sorted(oldest_by_topic.items()):
+        retention = retention_ms.get(topic)
+        age = now_ms - oldest
+        if retention is None or retention < 0 or age <= retention:
+            continue
+        hint = (
+            "the recording spans more than the retention even with timestamps rewritten to now"
+            if rewritten
+            else "pass --rewrite-timestamps to produce them with timestamps shifted to now"
+        )
+        out.append(
+            f"topic {topic}: the oldest record produced to it is {age / 86_400_000:.1f} days old, more than its "
+            f"retention.ms ({retention / 86_400_000:.1f} days): the broker deletes such records soon after they "
+            f"are written, so consumers may read none of them; {hint}"
+        )
+    return out
 
 
 def replay(
@@ -161,6 +239,8 @@ def replay(
     progress: bool = True,
     stop: Callable[[], bool] | None = None,
     barrier: Callable[[Mapping[str, int]], None] | None = None,
+    rewrite_timestamps: bool = False,
+    check_retention: bool = True,
 ) -> ReplayResult:
     """Produce a recording back to Kafka: same keys, values, timestamps,
     headers and partition numbers, each partition in recorded order
@@ -173,6 +253,11 @@ def replay(
     another topic-partition than the last, and once at the end: a test uses
     it to replay in lockstep with a consumer, so the consumer sees exactly
     the recorded interleaving.
+
+    ``rewrite_timestamps`` produces every timestamp shifted by one amount so the
+    latest recorded one is the time the replay starts (order and spacing kept).
+    ``check_retention`` reads each destination topic's ``retention.ms`` first and
+    logs (and returns in ``warnings``) the topics the records would be too old for.
     """
     rec = recording if isinstance(recording, Recording) else Recording(recording)
     tmap = dict(topic_map or {})
@@ -182,6 +267,20 @@ def replay(
         dest = tmap.get(e.topic, e.topic)
         need[dest] = max(need.get(dest, 0), e.partition + 1)
     ensure_topics(config, need, create=create_topics)
+    now_ms = int(time.time() * 1000)
+    recorded = _recorded_range(rec.partitions)
+    rewrite = TimestampRewrite.to_now(recorded[1] if recorded else None, now_ms) if rewrite_timestamps else None
+    warnings: list[str] = []
+    if check_retention:
+        oldest: dict[str, int] = {}
+        for dest in need:
+            span = _recorded_range([e for e in rec.partitions if tmap.get(e.topic, e.topic) == dest])
+            if span is not None:
+                oldest[dest] = rewrite(span[0]) if rewrite is not None else span[0]
+        warnings = retention_warnings(oldest, topic_retention_ms(config, oldest), now_ms,
+                                      rewritten=rewrite is not None)  # fmt: skip
+        for w in warnings:
+            log.warning("recorded timestamps older than the topic's retention", extra={"detail": w})
     writer = KafkaWriter(config)
     by_topic: Counter[str] = Counter()
     bar = Progress(len(rec), desc="replay", unit="records", enabled=progress)
@@ -211,7 +310,7 @@ def replay(
             msg._value,
             partition=msg._partition,
             # Kafka sets the time itself when none was recorded (0 = now).
-            timestamp=ts if ts_type != TIMESTAMP_NOT_AVAILABLE else 0,
+            timestamp=(rewrite(ts) if rewrite is not None else ts) if ts_type != TIMESTAMP_NOT_AVAILABLE else 0,
             headers=msg._headers,
         )
         by_topic[msg._topic] += 1
@@ -220,4 +319,4 @@ def replay(
     if barrier is not None:
         barrier(dict(by_topic))
     bar.close()
-    return ReplayResult(writer.produced, dict(by_topic), time.monotonic() - started)
+    return ReplayResult(writer.produced, dict(by_topic), time.monotonic() - started, warnings)

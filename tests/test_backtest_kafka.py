@@ -13,6 +13,7 @@ backtest's to the last digit.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -256,3 +257,37 @@ def test_demo_through_kafka(kafka_bootstrap: str, capsys: pytest.CaptureFixture[
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "Kafka demo run of" in printed and "against the simulator's ground truth" in printed
+
+
+def test_replay_warns_on_short_retention_and_rewrites_timestamps(
+    kafka_bootstrap: str, unique_topics: Callable[..., list[str]], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A 2023 recording replayed as it is into a topic with retention.ms = 1 h is warned
+    about (stderr, naming the topic and the flag); with --rewrite-timestamps there is no
+    warning and the records arrive with recent timestamps, in order, spacing kept."""
+    from stream.cli import main
+
+    old = 1_700_000_000_000
+    src = tmp_path / "old"
+    with RecordingWriter(src, source={"kind": "test"}) as writer:
+        for n in range(20):
+            writer.write(RecordedMessage("events", 0, n, (1, old + 500 * n), b"k", f'{{"n": {n}}}'.encode(), None))
+    short, rewritten = unique_topics("short", "rewritten")
+    create_topics(kafka_bootstrap, [short, rewritten], partitions=1, config={"retention.ms": "3600000"})
+    common = ["--bootstrap-servers", kafka_bootstrap, "--no-progress"]
+
+    assert main(["replay", str(src), "--to-kafka", f"--topic-map=events={short}", *common]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: topic {short}:" in err and "retention.ms" in err and "--rewrite-timestamps" in err
+
+    before = int(time.time() * 1000)
+    assert main(["replay", str(src), "--to-kafka", f"--topic-map=events={rewritten}", "--rewrite-timestamps",
+                 *common]) == 0  # fmt: skip
+    after = int(time.time() * 1000)
+    assert "warning" not in capsys.readouterr().err
+    got = [(m.timestamp()[1], m.value()) for m in _read(kafka_bootstrap, rewritten, 20)]
+    assert [v for _, v in got] == [f'{{"n": {n}}}'.encode() for n in range(20)]
+    stamps = [t for t, _ in got]
+    assert before <= stamps[-1] <= after
+    assert [b - a for a, b in itertools.pairwise(stamps)] == [500] * 19

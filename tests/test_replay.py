@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -305,3 +306,94 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
         main(["simulate", "--events", "10"])  # no destination
     assert main(["replay", str(FIXTURE), "--to-kafka", "--speed", "fast", "--no-progress"]) == 1
     assert "not a speed" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- replay timestamps
+
+
+def test_timestamp_rewrite_keeps_order_and_spacing() -> None:
+    from stream.replay import TimestampRewrite
+
+    recorded = [1_700_000_000_000, 1_700_000_000_000, 1_700_000_000_020, 1_700_000_003_000, 1_700_000_010_000]
+    now = 1_900_000_000_000
+    rewrite = TimestampRewrite.to_now(latest_ms=max(recorded), now_ms=now)
+    out = [rewrite(t) for t in recorded]
+    assert out[-1] == now
+    assert out == sorted(out)
+    assert [b - a for a, b in itertools.pairwise(out)] == [b - a for a, b in itertools.pairwise(recorded)]
+    # Nothing lands in the future, even a timestamp past the manifest's latest.
+    assert rewrite(max(recorded) + 5_000) == now
+    # Nothing recorded with a timestamp: no shift.
+    assert TimestampRewrite.to_now(None, now)(123) == 123
+
+
+def test_retention_warnings_name_only_topics_too_short() -> None:
+    from stream.replay import retention_warnings
+
+    day = 86_400_000
+    now = 100 * day
+    oldest = {"old": now - 30 * day, "fresh": now - day, "forever": now - 300 * day, "unknown": 0}
+    retention = {"old": 7 * day, "fresh": 7 * day, "forever": -1}
+    warnings = retention_warnings(oldest, retention, now, rewritten=False)
+    assert len(warnings) == 1 and warnings[0].startswith("topic old:") and "--rewrite-timestamps" in warnings[0]
+    again = retention_warnings({"old": now - 8 * day}, retention, now, rewritten=True)
+    assert len(again) == 1 and "even with timestamps rewritten" in again[0]
+
+
+class _FakeWriter:
+    produced_records: list[tuple[str, int, int]] = []
+
+    def __init__(self, config: Config, **extra: object) -> None:
+        self.produced = 0
+        _FakeWriter.produced_records = []
+
+    def produce(self, topic: str, key: object, value: object, *, partition: int = 0, timestamp: int = 0,
+                headers: object = None) -> None:  # fmt: skip
+        _FakeWriter.produced_records.append((topic, partition, timestamp))
+        self.produced += 1
+
+    def poll(self, timeout_s: float = 0) -> None:
+        pass
+
+    def flush(self, timeout_s: float = 600.0) -> None:
+        pass
+
+
+def test_replay_rewrites_timestamps_and_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a broker: the replay's produced timestamps are the recorded ones shifted to
+    now (per-partition order, spacing and the untimestamped record kept), and a topic whose
+    retention.ms is shorter than the records' age is warned about, unless rewritten."""
+    import time
+
+    import stream.replay as replay_mod
+
+    old = 1_600_000_000_000
+    messages = [
+        RecordedMessage("a", 0, 0, (1, old), b"k", b"1", None),
+        RecordedMessage("a", 0, 1, (1, old + 50), b"k", b"2", None),
+        RecordedMessage("a", 1, 0, (1, old + 20), b"k", b"3", None),
+        RecordedMessage("a", 1, 1, (0, -1), b"k", b"4", None),
+        RecordedMessage("b", 0, 0, (1, old + 1_000), b"k", b"5", None),
+    ]
+    rec = _write(tmp_path / "r", messages)
+    monkeypatch.setattr(replay_mod, "KafkaWriter", _FakeWriter)
+    monkeypatch.setattr(replay_mod, "ensure_topics", lambda *a, **k: None)
+    monkeypatch.setattr(replay_mod, "topic_retention_ms", lambda config, topics: dict.fromkeys(topics, 3_600_000))
+    config = load_config(None)
+
+    plain = replay_mod.replay(rec, config, progress=False)
+    assert [w.split(":")[0] for w in plain.warnings] == ["topic a", "topic b"]
+    assert sorted(t for *_, t in _FakeWriter.produced_records) == [0, old, old + 20, old + 50, old + 1_000]
+
+    before = int(time.time() * 1000)
+    result = replay_mod.replay(rec, config, progress=False, rewrite_timestamps=True)
+    after = int(time.time() * 1000)
+    assert result.warnings == []
+    got = {(topic, p): [] for topic, p, _ in _FakeWriter.produced_records}
+    for topic, p, ts in _FakeWriter.produced_records:
+        got[topic, p].append(ts)
+    latest = got["b", 0][0]
+    assert before <= latest <= after
+    shift = latest - (old + 1_000)
+    assert got["a", 0] == [old + shift, old + 50 + shift]
+    assert got["a", 1] == [old + 20 + shift, 0]  # no recorded timestamp: the broker stamps it

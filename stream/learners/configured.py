@@ -164,9 +164,10 @@ class ConfiguredLearner(Learner):
         if spec.drift is not None:
             self.model, monitor = spec.drift.build(model, task=spec.task, name=name, on_switch=self._model_switched)
         self.evaluation = _EVALUATIONS[spec.task](spec.evaluation_window, drift=monitor)
-        #: The last event predicted, its features and its prediction: ``learn``
-        #: evaluates (same-event label) or parks (joined label) what ``predict`` made.
-        self._scored: tuple[Any, dict[str, float], Any] | None = None
+        #: The last event predicted, its features, its prediction and the event as a mapping:
+        #: ``learn`` evaluates (same-event label) or parks (joined label) what ``predict`` made,
+        #: and reuses the mapping (an event is converted to a dict once, not twice).
+        self._scored: tuple[Any, dict[str, float], Any, Mapping[str, Any]] | None = None
         self._excluded = frozenset({spec.label, *spec.exclude, *([spec.key] if spec.key else [])}) | _IDS
         #: Predictions waiting for their label from ``label_topic`` (None: same-event labels).
         self.joins: LabelJoin[Any, tuple[dict[str, float], Any]] | None = None
@@ -216,18 +217,18 @@ class ConfiguredLearner(Learner):
         x = self.features(record)
         if self.spec.task == "regression":
             value = float(self.model.predict_one(x))
-            self._scored = (event, x, value)
+            self._scored = (event, x, value, record)
             return {"value": value}
         proba = self.model.predict_proba_one(x)
-        self._scored = (event, x, proba)
+        self._scored = (event, x, proba, record)
         if self.spec.task == "binary":
             return {"probability": float(proba.get(True, 0.0))}
         label = max(proba, key=proba.__getitem__) if proba else None
         return {"label": label, "probabilities": {str(k): float(v) for k, v in proba.items()}}
 
     def learn(self, event: Any) -> None:
-        record = as_dict(event)
         scored, self._scored = self._scored, None
+        record = scored[3] if scored is not None and scored[0] is event else as_dict(event)
         joins = self.joins
         if joins is not None:
             ts = _event_time(record)
