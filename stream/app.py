@@ -967,6 +967,7 @@ class Application:
         self._catchup = {}
         # Keep the producer (not fenced): the next activation reuses it.
         self._active = False
+        gc.unfreeze()  # the activation that follows restores new learners and freezes again
 
     def _abort_transaction(self, producer: Producer) -> bool:
         """Abort, retrying for as long as the broker is away (nothing commits meanwhile).
