@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,8 +75,24 @@ def read_all(
     return out
 
 
+#: What a broker answers while a group's coordinator is being elected or loaded: ask again.
+_TRANSIENT = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                        KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError._TIMED_OUT})  # fmt: skip
+
+
 def committed(bootstrap: str, group: str, topics: Mapping[str, int]) -> dict[tuple[str, int], int]:
     """Committed offsets of ``group`` for every partition of ``topics`` (name -> partition count)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return _committed(bootstrap, group, topics)
+        except KafkaException as exc:
+            if exc.args[0].code() not in _TRANSIENT or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _committed(bootstrap: str, group: str, topics: Mapping[str, int]) -> dict[tuple[str, int], int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         tps = [TopicPartition(t, p) for t, n in topics.items() for p in range(n)]
