@@ -204,8 +204,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             sim.truth.save(truth_path)
             where = f"{config.kafka.bootstrap_servers} ({n:,} records, all delivered)"
     except (StreamError, ValueError) as exc:
-        print(f"stream: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
     t = sim.truth
     counts = ", ".join(f"{s} {n:,}" for s, n in t.counts.items())
     print(f"simulated {t.events:,} events (seed {args.seed}) to {where}: {counts}")
@@ -236,8 +235,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ConfigError:
         raise
     except (StreamError, RuntimeError) as exc:
-        print(f"stream: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
     return 0
 
 

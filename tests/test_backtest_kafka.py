@@ -149,6 +149,21 @@ def _envelope(value: bytes) -> dict[str, Any]:
     return doc
 
 
+def assert_same_outputs(
+    expected: Mapping[str, list[tuple[bytes | None, bytes | None, Any]]], live: Mapping[str, list[Any]], dead: str
+) -> None:
+    """The live run published what the backtest did: every record of every output topic, in order."""
+    for topic, rows in expected.items():
+        got = live[topic]
+        assert len(got) == len(rows), topic
+        if topic == dead:
+            assert [(m.key(), m.value()) for m in got] == [(k, v) for k, v, _ in rows]
+            continue
+        assert [m.key() for m in got] == [k for k, _, _ in rows]
+        # Every prediction and model version, in order, to the last digit.
+        assert [_envelope(m.value()) for m in got] == [_envelope(v) for _, v, _ in rows], topic
+
+
 def test_backtest_equals_live_run(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
     base = load_config(DEFAULT_CONFIG, overrides={"kafka.bootstrap_servers": kafka_bootstrap, "metrics.port": 0})
     config = isolated_config(
@@ -189,15 +204,7 @@ def test_backtest_equals_live_run(kafka_bootstrap: str, topic_prefix: str, tmp_p
         thread.join(60)
     assert not thread.is_alive()
 
-    for topic, rows in expected.produced.items():
-        got = live[topic]
-        assert len(got) == len(rows), topic
-        if topic == config.topics.dead_letters:
-            assert [(m.key(), m.value()) for m in got] == [(k, v) for k, v, _ in rows]
-            continue
-        assert [m.key() for m in got] == [k for k, _, _ in rows]
-        # Every prediction and model version, in order, to the last digit.
-        assert [_envelope(m.value()) for m in got] == [_envelope(v) for _, v, _ in rows], topic
+    assert_same_outputs(expected.produced, live, config.topics.dead_letters)
 
     by_name = {learner.name: learner for learner in app.learners}
     for name, info in expected.learners.items():

@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from kafka_broker import create_topics
-from test_backtest_kafka import _Count, _envelope, _read
+from test_backtest_kafka import _Count, _read, assert_same_outputs
 
 from stream.app import Application
 from stream.backtest import backtest, quality_of
@@ -72,14 +72,7 @@ def test_rankings_through_kafka_equal_the_backtest(kafka_bootstrap: str, topic_p
         thread.join(60)
     assert not thread.is_alive()
 
-    for topic, rows in expected.produced.items():
-        got = live[topic]
-        assert len(got) == len(rows), topic
-        if topic == config.topics.dead_letters:
-            assert [(m.key(), m.value()) for m in got] == [(k, v) for k, v, _ in rows]
-            continue
-        assert [m.key() for m in got] == [k for k, _, _ in rows]
-        assert [_envelope(m.value()) for m in got] == [_envelope(v) for _, v, _ in rows], topic
+    assert_same_outputs(expected.produced, live, config.topics.dead_letters)
 
     (learner,) = app.learners
     info = expected.learners["ranking"]
