@@ -150,6 +150,11 @@ def accepts_sample_weight(model: Any) -> bool:
 
 class ConfiguredLearner(Learner):
     kind = "custom"
+    # Checkpoints from before labels could be joined from another topic lack these three
+    # (their learners take the label from the same event): the class defaults stand in.
+    joins: LabelJoin[Any, tuple[dict[str, float], Any]] | None = None
+    _input_type: type | None = None
+    _label_type: type | None = None
 
     def __init__(self, name: str, spec: CustomSpec, topics: Mapping[str, str]) -> None:
         self.input_topic = topics.get(spec.input, spec.input)
@@ -170,9 +175,9 @@ class ConfiguredLearner(Learner):
         self._scored: tuple[Any, dict[str, float], Any, Mapping[str, Any]] | None = None
         self._excluded = frozenset({spec.label, *spec.exclude, *([spec.key] if spec.key else [])}) | _IDS
         #: Predictions waiting for their label from ``label_topic`` (None: same-event labels).
-        self.joins: LabelJoin[Any, tuple[dict[str, float], Any]] | None = None
-        self._input_type: type | None = None
-        self._label_type: type | None = None
+        self.joins = None
+        self._input_type = None
+        self._label_type = None
         if self.label_topic is not None and spec.join_on is not None:
             self._excluded |= {spec.join_on}
             contract = {topic: EVENT_TYPES[stream] for stream, topic in topics.items() if stream in EVENT_TYPES}
