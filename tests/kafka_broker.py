@@ -508,11 +508,17 @@ def create_topics(
     timeout: float = 30.0,
 ) -> None:
     """Create topics (replication factor 1) and wait until the broker has created all of them."""
+    names = list(names)
     admin = AdminClient({"bootstrap.servers": bootstrap})
     new = [NewTopic(name, num_partitions=partitions, replication_factor=1, config=dict(config or {})) for name in names]
     futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
     for future in futures.values():
         future.result(timeout)
+    # The controller has created them; the broker's metadata (what a new client lists) may lag on a
+    # loaded machine: wait until it lists every one.
+    deadline = time.monotonic() + timeout
+    while not set(names) <= set(admin.list_topics(timeout=timeout).topics) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- main
