@@ -45,8 +45,11 @@ from stream.simulate import SimConfig, Simulation  # noqa: E402
 LEARNERS = ("recommendation", "pricing", "risk")
 #: Goal: a drift that raises the error is detected within this many of the learner's outcomes.
 MAX_DELAY_OUTCOMES = 5_000
-#: Outcomes before / after a drift compared to tell whether it raised the learner's error.
-ERROR_SPAN = 2_000
+#: A drift "raised the error" when Welch's t of the error's block means (``RAISE_BLOCK``
+#: outcomes each), ``MAX_DELAY_OUTCOMES`` after against as many before, exceeds ``RAISE_T``
+#: (one-sided p ~ 0.001 on normal block means): a rise within the noise is no drift to catch.
+RAISE_T = 3.0
+RAISE_BLOCK = 100
 
 
 def log(msg: str) -> None:
@@ -59,6 +62,8 @@ class Recorder:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        #: The per-outcome error the detector watches: the squared error ``(y - p)^2``
+        #: of a binary outcome (``block_cusum``'s signal), else the error reported.
         self.errors = array("d")
         self.ts = array("q")
         #: ``(outcomes so far, ts, direction)`` of every detection.
@@ -79,7 +84,7 @@ class Recorder:
     def update(self, error: float, ts: int, outcome: tuple[bool, float] | None = None) -> bool:
         before = self.inner.detections
         out = bool(self.inner.update(error, ts) if outcome is None else self.inner.update(error, ts, outcome))
-        self.errors.append(error)
+        self.errors.append(error if outcome is None else (float(outcome[0]) - outcome[1]) ** 2)
         self.ts.append(ts)
         if self.inner.detections != before:
             self.found.append((len(self.errors), ts, self.last_direction))
@@ -89,6 +94,74 @@ class Recorder:
         if name.startswith("__") or "inner" not in self.__dict__:
             raise AttributeError(name)
         return getattr(self.__dict__["inner"], name)
+
+
+def raise_t(errors: np.ndarray, n_d: int, span: int = MAX_DELAY_OUTCOMES, block: int = RAISE_BLOCK) -> float | None:
+    """Whether the error rose at outcome ``n_d``: Welch's t of the block means
+    (``block`` outcomes, near-normal) of the ``span`` outcomes after against the
+    ``span`` before; None without two blocks on each side."""
+    pre, post = errors[max(n_d - span, 0) : n_d], errors[n_d : n_d + span]
+    if len(pre) < 2 * block or len(post) < 2 * block:
+        return None
+    a = pre[len(pre) % block :].reshape(-1, block).mean(axis=1)
+    b = post[: len(post) // block * block].reshape(-1, block).mean(axis=1)
+    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    return float((b.mean() - a.mean()) / se) if se > 0 else None
+
+
+def concept_drift_row(rec: Recorder, points: Sequence[Any], detections: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One learner's detections against its true drifts ``points``: per drift
+    whether it raised the error (``raise_t``), the delay of the first detection
+    within ``MAX_DELAY_OUTCOMES`` outcomes after it, and the recovery; the
+    detections that follow no drift (false alarms); the rolling error curve."""
+    errors = np.frombuffer(rec.errors, dtype=float) if len(rec.errors) else np.zeros(0)
+    row: dict[str, Any] = {"outcomes": len(errors), "detections": len(rec.found),
+                           "switches": getattr(rec.inner, "switches", None)}  # fmt: skip
+    drift_rows = []
+    near: set[int] = set()
+    for d in points:
+        n_d = bisect_left(rec.ts, d.ts)
+        pre = errors[max(n_d - MAX_DELAY_OUTCOMES, 0) : n_d]
+        post = errors[n_d : n_d + MAX_DELAY_OUTCOMES]
+        ratio = float(post.mean() / pre.mean()) if len(pre) and len(post) and pre.mean() > 0 else None
+        t = raise_t(errors, n_d)
+        hit = None
+        for k, (n, _ts, _direction) in enumerate(rec.found):
+            if n > n_d and n - n_d <= MAX_DELAY_OUTCOMES:
+                near.add(k)
+                if hit is None:
+                    hit = k
+        drow: dict[str, Any] = {"kind": d.kind, "index": d.index, "outcome": n_d, "error_ratio": ratio,
+                                "raise_t": t, "raised": t is not None and t > RAISE_T,
+                                "outcomes_after": len(errors) - n_d, "delay_outcomes": None,
+                                "delay_events": None}  # fmt: skip
+        if hit is not None:
+            drow["delay_outcomes"] = rec.found[hit][0] - n_d
+            det_index = detections[hit]["index"] if hit < len(detections) else None
+            if det_index is not None and d.index is not None:
+                drow["delay_events"] = det_index - d.index
+        # recovery: outcomes after the drift until the rolling error (500) is back
+        # within 5 % of its mean over the outcomes before the drift
+        if len(pre) and len(errors) > n_d + 500:
+            roll = np.convolve(errors[n_d:], np.ones(500) / 500, mode="valid")
+            back = np.flatnonzero(roll <= pre.mean() * 1.05)
+            drow["recovery_outcomes"] = int(back[0]) + 500 if back.size else None
+            drow["error_after_5000"] = float(post.mean())
+            drow["error_before"] = float(pre.mean())
+        drift_rows.append(drow)
+    row["drifts"] = drift_rows
+    row["false_alarms"] = len(rec.found) - len(near)
+    row["detections_ts"] = [ts for _, ts, _ in rec.found]
+    row["detections_outcome"] = [n for n, _, _ in rec.found]
+    # a downsampled rolling error curve (for the reaction chart)
+    if len(errors) >= 1000:
+        w = max(len(errors) // 100, 200)
+        roll = np.convolve(errors, np.ones(w) / w, mode="valid")
+        step = max(len(roll) // 200, 1)
+        row["error_curve"] = {"window": w, "outcome": list(range(w, w + len(roll), step)),
+                              "ts": [int(rec.ts[i + w - 1]) for i in range(0, len(roll), step)],
+                              "error": [round(float(v), 5) for v in roll[::step]]}  # fmt: skip
+    return row
 
 
 def quality_config(reaction: str = "report", base: Config | None = None) -> Config:
@@ -148,53 +221,8 @@ def one_run(seed: int, events: int, reaction: str = "report", drifts: bool = Tru
     for learner in learners:
         name, kind = learner.name, getattr(learner, "kind", learner.name)
         rec = recorders[name]
-        errors = np.frombuffer(rec.errors, dtype=float) if len(rec.errors) else np.zeros(0)
-        row: dict[str, Any] = {"outcomes": len(errors), "detections": len(rec.found)}
-        # -- concept drift: each relevant true drift, detected or not, and the delay
-        drift_rows = []
-        matched: set[int] = set()
-        near: set[int] = set()
-        for d in truth.drift_points(learner=kind) if drifts else []:
-            n_d = bisect_left(rec.ts, d.ts)
-            pre = errors[max(n_d - ERROR_SPAN, 0) : n_d]
-            post = errors[n_d : n_d + ERROR_SPAN]
-            raise_ = float(post.mean() / pre.mean()) if len(pre) and len(post) and pre.mean() > 0 else None
-            hit = None
-            for k, (n, _ts, _direction) in enumerate(rec.found):
-                if n > n_d and n - n_d <= MAX_DELAY_OUTCOMES:
-                    near.add(k)
-                    if hit is None:
-                        hit = k
-            drow: dict[str, Any] = {"kind": d.kind, "index": d.index, "outcome": n_d, "error_ratio": raise_,
-                                    "outcomes_after": len(errors) - n_d, "delay_outcomes": None,
-                                    "delay_events": None}  # fmt: skip
-            if hit is not None:
-                matched.add(hit)
-                n = rec.found[hit][0]
-                drow["delay_outcomes"] = n - n_d
-                det_index = run.detections[name][hit]["index"] if hit < len(run.detections[name]) else None
-                if det_index is not None and d.index is not None:
-                    drow["delay_events"] = det_index - d.index
-            # recovery: outcomes after the drift until the rolling error (500) is back
-            # within 5 % of its mean over the ERROR_SPAN outcomes before the drift
-            if len(pre) and len(errors) > n_d + 500:
-                roll = np.convolve(errors[n_d:], np.ones(500) / 500, mode="valid")
-                back = np.flatnonzero(roll <= pre.mean() * 1.05)
-                drow["recovery_outcomes"] = int(back[0]) + 500 if back.size else None
-                drow["error_after_5000"] = float(errors[n_d : n_d + MAX_DELAY_OUTCOMES].mean())
-                drow["error_before"] = float(pre.mean())
-            drift_rows.append(drow)
-        row["drifts"] = drift_rows
-        row["false_alarms"] = len(rec.found) - len(near)
-        row["detections_ts"] = [ts for _, ts, _ in rec.found]
-        # a downsampled rolling error curve (for the reaction chart)
-        if len(errors) >= 1000:
-            w = max(len(errors) // 100, 200)
-            roll = np.convolve(errors, np.ones(w) / w, mode="valid")
-            step = max(len(roll) // 200, 1)
-            row["error_curve"] = {"window": w, "outcome": list(range(w, w + len(roll), step)),
-                                  "ts": [int(rec.ts[i + w - 1]) for i in range(0, len(roll), step)],
-                                  "error": [round(float(v), 5) for v in roll[::step]]}  # fmt: skip
+        row: dict[str, Any] = concept_drift_row(rec, truth.drift_points(learner=kind) if drifts else [],
+                                                run.detections[name])  # fmt: skip
         # -- scores against the ground truth
         tr = scorer.trace or {}
         last_tenth = truth.start_ts + 0.9 * (end_ts - truth.start_ts)
@@ -261,32 +289,33 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def table(runs: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
-    """The rows per goal (text) and a summary (JSON)."""
-    by = {(r["seed"], r["events"], r["reaction"], r["drifts"]): r for r in runs}
-    seeds = sorted({r["seed"] for r in runs})
-    lengths = sorted({r["events"] for r in runs})
+def _cell(values: Sequence[Any], digits: int = 3) -> str:
+    return " / ".join(_fmt(v, digits) for v in values)
+
+
+def drift_lines(by: dict[tuple[Any, ...], dict[str, Any]], seeds: Sequence[int], lengths: Sequence[int],
+                summary: dict[str, Any]) -> list[str]:  # fmt: skip
+    """The concept-drift, false-alarm and reaction rows (and their ``summary``)."""
+    cell = _cell
     lines: list[str] = []
-    summary: dict[str, Any] = {}
-
-    def cell(values: list[Any], digits: int = 3) -> str:
-        return " / ".join(_fmt(v, digits) for v in values)
-
-    lines.append(f"quality bench: seeds {seeds}, lengths {lengths}; values per seed ({' / '.join(map(str, seeds))})")
-    # 1. concept drift
     lines.append("")
-    lines.append("CONCEPT DRIFT (report): delay in the learner's outcomes (target <= 5,000), error ratio after/before")
+    lines.append(f"CONCEPT DRIFT (report): delay in the learner's outcomes (target <= {MAX_DELAY_OUTCOMES:,} when the "
+                 f"drift raised the error: Welch t > {RAISE_T}), error ratio after/before, t")  # fmt: skip
     for name in LEARNERS:
         for n in lengths:
             rows = [by.get((s, n, "report", True), {}).get("learners", {}).get(name, {}) for s in seeds]
             for k, d in enumerate(rows[0].get("drifts", [])):
-                delays = [r["drifts"][k]["delay_outcomes"] if r.get("drifts") else None for r in rows]
-                ratios = [r["drifts"][k]["error_ratio"] if r.get("drifts") else None for r in rows]
-                raised = [x is not None and x > 1.0 for x in ratios]
+                drows = [r["drifts"][k] if r.get("drifts") else {} for r in rows]
+                delays = [x.get("delay_outcomes") for x in drows]
+                ratios = [x.get("error_ratio") for x in drows]
+                ts = [x.get("raise_t") for x in drows]
+                raised = [bool(x.get("raised")) for x in drows]
                 ok = all((dl is not None) or not up for dl, up in zip(delays, raised, strict=True))
                 lines.append(f"  {name:<15} {n:>7,} {d['kind']:<18} delay {cell(delays)}  error ratio {cell(ratios, 2)}"
-                             f"  -> {'met' if ok else 'MISSED'}")  # fmt: skip
+                             f"  t {cell(ts, 1)} -> {'met' if ok else 'MISSED'}"
+                             f" ({sum(raised)} of {len(raised)} raised the error)")  # fmt: skip
                 summary.setdefault("drift_delay", {})[f"{name}/{n}"] = {"delays": delays, "error_ratio": ratios,
+                                                                        "raise_t": ts, "raised": raised,
                                                                         "met": ok}  # fmt: skip
     lines.append("FALSE ALARMS per 100,000 stationary events (drift-free runs; target <= 1 per learner);"
                  " unmatched detections in the drifting runs")  # fmt: skip
@@ -332,6 +361,22 @@ def table(runs: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
                 "recovery_report": r_rep,
                 "recovery_switch": r_sw,
             }
+    return lines
+
+
+def table(runs: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """The rows per goal (text) and a summary (JSON)."""
+    by = {(r["seed"], r["events"], r["reaction"], r["drifts"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    lengths = sorted({r["events"] for r in runs})
+    lines: list[str] = []
+    summary: dict[str, Any] = {}
+
+    def cell(values: list[Any], digits: int = 3) -> str:
+        return " / ".join(_fmt(v, digits) for v in values)
+
+    lines.append(f"quality bench: seeds {seeds}, lengths {lengths}; values per seed ({' / '.join(map(str, seeds))})")
+    lines += drift_lines(by, seeds, lengths, summary)
     # 3. recommendation
     lines.append("")
     lines.append(

@@ -18,7 +18,7 @@ import pytest
 from river import linear_model, naive_bayes, preprocessing
 
 from stream.config import ConfigError, parse_config
-from stream.drift import AdaptiveModel, ConceptDrift, DriftSpec, ks, psi
+from stream.drift import AdaptiveModel, BlockCusum, ConceptDrift, DriftSpec, cusum_arl, cusum_threshold, ks, psi
 from stream.evaluation import Evaluation
 from stream.learners import build_learner
 
@@ -351,6 +351,82 @@ def test_cusum_parameters_are_validated() -> None:
         DriftSpec(detector="cusum", params={"nope": 1}).validate()
     with pytest.raises(ValueError, match="cusum"):
         ConceptDrift("cusum", theta=0.5)
+
+
+# -- block_cusum --------------------------------------------------------------------
+
+
+def _alarms(detector: BlockCusum, values: Iterator[float]) -> list[int]:
+    out = []
+    for i, v in enumerate(values):
+        detector.update(v)
+        if detector.drift_detected:
+            out.append(i)
+    return out
+
+
+def test_block_cusum_threshold_follows_the_asked_run_length() -> None:
+    # A larger arl means a higher threshold; the approximation's in-control ARL is the one asked.
+    hs = [cusum_threshold(arl, 0.5) for arl in (1_000, 10_000, 100_000)]
+    assert hs == sorted(hs) and hs[0] > 0
+    assert all(abs(cusum_arl(h, 0.5) / arl - 1) < 1e-6 for h, arl in zip(hs, (1_000, 10_000, 100_000), strict=True))
+    assert BlockCusum(block=100, arl=1_000_000).h == pytest.approx(cusum_threshold(10_000, 0.5))
+    # After a shift of one standard deviation the delay is short: tens of blocks, not thousands.
+    assert cusum_arl(hs[1], 0.5, shift=1.0) < 20
+
+
+def test_block_cusum_false_alarms_stay_near_the_asked_rate_on_clustered_errors() -> None:
+    # Errors come in sessions (1-20 outcomes sharing a miss probability): not independent, as on a shop.
+    rng = random.Random(5)
+
+    def sessions(n: int) -> Iterator[float]:
+        i = 0
+        while i < n:
+            p = rng.betavariate(2, 4)
+            for _ in range(rng.randint(1, 20)):
+                yield float(rng.random() < p)
+                i += 1
+
+    alarms = _alarms(BlockCusum(block=100, arl=100_000), sessions(1_000_000))
+    # 10 expected at the nominal rate; the reference's estimation noise costs up to ~1.7x (docs/drift.md).
+    assert len(alarms) <= 20, len(alarms)
+
+
+def test_block_cusum_catches_a_small_rise_and_ignores_a_fall() -> None:
+    rng = random.Random(6)
+    rates = [0.30] * 40_000 + [0.25] * 40_000 + [0.30] * 20_000  # learning (a fall), then a rise of 0.05
+    alarms = _alarms(BlockCusum(), (float(rng.random() < r) for r in rates))
+    assert alarms and all(i >= 80_000 for i in alarms), alarms
+    assert alarms[0] < 85_000, "a rise of a fifth of the error within 5,000 outcomes"
+
+
+def test_block_cusum_through_the_monitor_watches_the_squared_error_of_binary_outcomes() -> None:
+    rng = random.Random(7)
+    monitor = ConceptDrift("block_cusum", block=200)
+    alarms = []
+    for i in range(60_000):
+        p = 0.05 + 0.2 * rng.random()
+        true_p = p if i < 40_000 else min(1.0, 1.6 * p)  # conversions 1.6x what the model says
+        if monitor.update(99.0, ts=i, outcome=(rng.random() < true_p, p)):  # the error argument is not used
+            alarms.append(i)
+    assert alarms and all(i >= 40_000 for i in alarms) and alarms[0] < 45_000, alarms
+    assert monitor.last_direction == "worse" and monitor.recent_width is not None
+
+
+def test_block_cusum_is_configured_validated_and_pickled() -> None:
+    spec = msgspec.convert({"detector": "block_cusum", "params": {"block": 50, "arl": 500_000}}, DriftSpec)
+    spec.validate()
+    monitor = spec.monitor()
+    for i in range(3_000):
+        monitor.update(float(i % 3 == 0), ts=i)
+    again = pickle.loads(pickle.dumps(monitor))
+    assert again.detector.n_reference == monitor.detector.n_reference > 0 and again.detector.h == monitor.detector.h
+    with pytest.raises(ValueError, match=r"drift\.params"):
+        DriftSpec(detector="block_cusum", params={"nope": 1}).validate()
+    with pytest.raises(ValueError, match="arl"):
+        BlockCusum(block=1_000, arl=1_500)
+    with pytest.raises(ValueError, match="block_cusum"):
+        BlockCusum(k=0)
 
 
 def test_outcomes_reach_the_monitor_in_prediction_order() -> None:
