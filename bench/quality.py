@@ -27,7 +27,7 @@ import sys
 import time
 from array import array
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from stream.backtest import run_backtest  # noqa: E402
 from stream.config import Config, build_learners, load_config  # noqa: E402
 from stream.demo import simulated_records  # noqa: E402
+from stream.drift import ks, psi  # noqa: E402
 from stream.scoring import TruthScorer  # noqa: E402
 from stream.simulate import SimConfig, Simulation  # noqa: E402
 
@@ -50,6 +51,11 @@ MAX_DELAY_OUTCOMES = 5_000
 #: (one-sided p ~ 0.001 on normal block means): a rise within the noise is no drift to catch.
 RAISE_T = 3.0
 RAISE_BLOCK = 100
+#: Data drift: a feature is flagged when its PSI exceeds the alert rule's threshold
+#: (configs/prometheus/alerts.yml), and counts as changed by the simulator when the KS
+#: test against the drift-free run of the same seed gives p below this.
+PSI_ALERT = 0.25
+CHANGED_P = 1e-3
 
 
 def log(msg: str) -> None:
@@ -190,8 +196,11 @@ def auc(y: np.ndarray, s: np.ndarray) -> float | None:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def one_run(seed: int, events: int, reaction: str = "report", drifts: bool = True) -> dict[str, Any]:
-    """One backtest of the simulator's stream, scored; returns the figures of the run."""
+def one_run(
+    seed: int, events: int, reaction: str = "report", drifts: bool = True, tap: FeatureTap | None = None
+) -> dict[str, Any]:
+    """One backtest of the simulator's stream, scored; returns the figures of the run.
+    ``tap``: also collects the input features (data drift)."""
     config = quality_config(reaction)
     sim = Simulation(SimConfig(seed=seed, events=events, drifts=drifts))
     learners = build_learners(config)
@@ -201,8 +210,9 @@ def one_run(seed: int, events: int, reaction: str = "report", drifts: bool = Tru
         recorders[learner.name] = ev.drift = Recorder(ev.drift)
     scorer = TruthScorer(sim.truth, trace=True)
     t0 = time.perf_counter()
+    records = simulated_records(sim, config.input_topics())
     _, run = run_backtest(
-        simulated_records(sim, config.input_topics()), config, total=events, learners=learners,
+        tap.tap(records) if tap is not None else records, config, total=events, learners=learners,
         truth=sim.truth, scorer=scorer, progress=False,
     )  # fmt: skip
     elapsed = time.perf_counter() - t0
@@ -216,7 +226,8 @@ def one_run(seed: int, events: int, reaction: str = "report", drifts: bool = Tru
         return float(np.interp(index, idx, tss))
 
     out: dict[str, Any] = {"seed": seed, "events": events, "reaction": reaction, "drifts": drifts,
-                           "elapsed_s": round(elapsed, 1), "learners": {}}  # fmt: skip
+                           "elapsed_s": round(elapsed, 1), "learners": {}, "end_ts": truth.end_ts,
+                           "drift_points": [(d.kind, d.ts) for d in truth.drifts]}  # fmt: skip
     end_ts = truth.end_ts
     for learner in learners:
         name, kind = learner.name, getattr(learner, "kind", learner.name)
@@ -276,6 +287,85 @@ def one_run(seed: int, events: int, reaction: str = "report", drifts: bool = Tru
                 row["fraud_auc_after_10k_after_change"] = auc(y[later], a[later, 1]) if later.any() else None
         out["learners"][name] = row
     return out
+
+
+# --------------------------------------------------------------------------- data drift
+
+
+class FeatureTap:
+    """Collects every numeric input field (``stream.metrics``' rule: int or float,
+    not ``ts``, not ``*_id``) of the records going by, with the event time and
+    whether the metrics' sampler (every ``sample_every``-th record) would take it."""
+
+    def __init__(self, sample_every: int) -> None:
+        self.sample_every = sample_every
+        self.values: dict[tuple[str, str], tuple[array[int], array[float], array[int]]] = {}
+        self._decode = msgspec.json.Decoder().decode
+        self._n = 0
+
+    def tap(self, records: Iterator[Any]) -> Iterator[Any]:
+        for record in records:
+            self._n += 1
+            sampled = int(self._n % self.sample_every == 0)
+            try:
+                doc = self._decode(record.value())
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                yield record
+                continue
+            if isinstance(doc, dict):
+                ts, topic = record.timestamp()[1], record.topic()
+                for name, v in doc.items():
+                    if name == "ts" or name.endswith("_id") or type(v) not in (int, float) or not math.isfinite(v):
+                        continue
+                    got = self.values.get((topic, name))
+                    if got is None:
+                        got = self.values[(topic, name)] = (array("q"), array("d"), array("b"))
+                    got[0].append(ts)
+                    got[1].append(float(v))
+                    got[2].append(sampled)
+            yield record
+
+
+def data_drift_rows(tap: FeatureTap, counterfactual: FeatureTap | None, points: Sequence[tuple[str, int]],
+                    end_ts: int, window: int) -> list[dict[str, Any]]:  # fmt: skip
+    """Per true drift and input feature: what the shipped data-drift score shows
+    (PSI and KS of the first ``window`` sampled values after the drift against
+    the ``window`` before, as a scrape then would) and whether the simulator
+    changed the feature: a two-sample KS test (p < ``CHANGED_P``) of all its
+    values after the drift (until the next drift) against the same period of
+    the drift-free run of the same seed (``counterfactual``)."""
+    from scipy.stats import ks_2samp
+
+    rows = []
+    ordered = sorted(points, key=lambda d: d[1])
+    for k, (kind, at) in enumerate(ordered):
+        until = ordered[k + 1][1] if k + 1 < len(ordered) else end_ts + 1
+        for (topic, name), (ts_a, val_a, smp_a) in sorted(tap.values.items()):
+            ts, val, smp = np.frombuffer(ts_a, np.int64), np.frombuffer(val_a), np.frombuffer(smp_a, np.int8)
+            row: dict[str, Any] = {"drift": kind, "topic": topic, "feature": name}
+            sampled_before = val[(smp == 1) & (ts < at)][-window:]
+            sampled_after = val[(smp == 1) & (ts >= at) & (ts < until)][:window]
+            if len(sampled_before) == window and len(sampled_after) == window:
+                row["psi"], row["ks"] = psi(sampled_before, sampled_after), ks(sampled_before, sampled_after)
+                row["flagged"] = row["psi"] > PSI_ALERT
+            else:
+                row["psi"] = row["ks"] = row["flagged"] = None  # the windows never fill: no score
+            # the same score on all the records (no sampling), as with ``feature_sample_every = 1``
+            before, after = val[ts < at][-window:], val[(ts >= at) & (ts < until)][:window]
+            if len(before) == window and len(after) == window:
+                row["psi_all"] = psi(before, after)
+                row["flagged_all"] = row["psi_all"] > PSI_ALERT
+            if counterfactual is not None and (topic, name) in counterfactual.values:
+                c_ts_a, c_val_a, _ = counterfactual.values[(topic, name)]
+                c_ts, c_val = np.frombuffer(c_ts_a, np.int64), np.frombuffer(c_val_a)
+                mine = val[(ts >= at) & (ts < until)]
+                theirs = c_val[(c_ts >= at) & (c_ts < until)]
+                if len(mine) >= 20 and len(theirs) >= 20:
+                    test = ks_2samp(mine, theirs)
+                    row["truth_ks"], row["truth_p"] = float(test.statistic), float(test.pvalue)
+                    row["changed"] = bool(test.pvalue < CHANGED_P)
+            rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- the table
@@ -361,6 +451,42 @@ def drift_lines(by: dict[tuple[Any, ...], dict[str, Any]], seeds: Sequence[int],
                 "recovery_report": r_rep,
                 "recovery_switch": r_sw,
             }
+    lines += data_drift_lines(by, seeds, lengths, summary)
+    return lines
+
+
+def data_drift_lines(by: dict[tuple[Any, ...], dict[str, Any]], seeds: Sequence[int], lengths: Sequence[int],
+                     summary: dict[str, Any]) -> list[str]:  # fmt: skip
+    """Per length and true drift: the features the simulator changed (KS against the
+    drift-free twin), those the shipped score flagged (PSI > ``PSI_ALERT``), and the
+    twin's flags at the same points (false)."""
+    lines = ["", f"DATA DRIFT: features changed by the drift (KS vs the drift-free run, p < {CHANGED_P}) and flagged "
+                 f"(PSI > {PSI_ALERT}; as shipped: every 16th record, windows of 1,000 / on every record)"]  # fmt: skip
+    for n in lengths:
+        for s in seeds:
+            rows = by.get((s, n, "report", True), {}).get("data_drift")
+            if not rows:
+                continue
+            twin = {(r["drift"], r["topic"], r["feature"]): r for r in by.get((s, n, "report", False), {}).get(
+                "data_drift", [])}  # fmt: skip
+            for kind in dict.fromkeys(r["drift"] for r in rows):
+                mine = [r for r in rows if r["drift"] == kind]
+                name = [f"{r['topic']}.{r['feature']}" for r in mine]
+                changed = {x for x, r in zip(name, mine, strict=True) if r.get("changed")}
+                flagged = {x for x, r in zip(name, mine, strict=True) if r.get("flagged")}
+                flagged_all = {x for x, r in zip(name, mine, strict=True) if r.get("flagged_all")}
+                unscored = {x for x, r in zip(name, mine, strict=True) if r.get("psi") is None}
+                false_twin = {x for x, r in zip(name, mine, strict=True)
+                              if twin.get((kind, r["topic"], r["feature"]), {}).get("flagged")}  # fmt: skip
+                ok = flagged == changed and not false_twin
+                lines.append(f"  {n:>7,} seed {s} {kind:<18} changed {sorted(changed) or '-'}; "
+                             f"flagged {sorted(flagged) or '-'} (every record: {sorted(flagged_all) or '-'}); "
+                             f"drift-free twin flagged {sorted(false_twin) or '-'}; no score (windows never full) "
+                             f"{len(unscored)} of {len(name)} -> {'met' if ok else 'MISSED'}")  # fmt: skip
+                summary.setdefault("data_drift", {})[f"{n}/{s}/{kind}"] = {
+                    "changed": sorted(changed), "flagged": sorted(flagged), "flagged_every_record": sorted(flagged_all),
+                    "twin_flagged": sorted(false_twin), "unscored": sorted(unscored), "met": ok,
+                }  # fmt: skip
     return lines
 
 
@@ -468,13 +594,28 @@ def plot(runs: Sequence[dict[str, Any]], path: Path) -> str | None:
 def bench_quality(seeds: Sequence[int], lengths: Sequence[int], *, reactions: Sequence[str] = ("report", "switch"),
                   stationary: bool = True, plot_path: Path | None = None) -> dict[str, Any]:  # fmt: skip
     runs = []
+    metrics = load_config(None).metrics
     for n in lengths:
         for s in seeds:
             plan = [(r, True) for r in reactions] + ([("report", False)] if stationary else [])
+            taps: dict[bool, FeatureTap] = {}
             for reaction, drifts in plan:
-                r = one_run(s, n, reaction, drifts)
+                tap = FeatureTap(metrics.feature_sample_every) if reaction == "report" else None
+                r = one_run(s, n, reaction, drifts, tap=tap)
                 log(f"quality: seed {s}, {n:,} events, {reaction}{'' if drifts else ', no drifts'}: {r['elapsed_s']} s")
                 runs.append(r)
+                if tap is not None:
+                    taps[drifts] = tap
+                    if drifts:
+                        drifting = r
+            if True in taps:
+                # the drift run against its drift-free twin (truth); the twin alone at the same points (false flags)
+                points, end = drifting["drift_points"], drifting["end_ts"]
+                drifting["data_drift"] = data_drift_rows(taps[True], taps.get(False), points, end,
+                                                         metrics.feature_window)  # fmt: skip
+                if False in taps:
+                    twin = next(x for x in runs if (x["seed"], x["events"], x["drifts"]) == (s, n, False))
+                    twin["data_drift"] = data_drift_rows(taps[False], None, points, end, metrics.feature_window)
     lines, summary = table(runs)
     for line in lines:
         log(line)
