@@ -458,3 +458,34 @@ def test_roc_auc_is_undefined_until_both_classes_are_seen() -> None:
     assert math.isnan(values[("roc_auc", "cumulative")]) and math.isnan(values[("roc_auc", "rolling")])
     ev.binary(False, 0.1, ts=1)
     assert ev.get("roc_auc", "cumulative") == 1.0
+
+
+def test_backtest_chart_marks_caught_and_false_detections_against_the_learners_true_drifts() -> None:
+    from stream.backtest import _mark_drifts
+    from stream.simulate import SimConfig, Simulation
+
+    sim = Simulation(SimConfig(seed=0, events=3_000))
+    for _ in sim:
+        pass
+    change = next(d for d in sim.truth.drifts if d.kind == "elasticity_change")
+    assert change.index is not None
+
+    class Axes:
+        def __init__(self) -> None:
+            self.lines: list[tuple[int, str, str | None]] = []
+            self.notes: list[str] = []
+
+        def axvline(self, x: int, *, color: str, label: str | None = None, **style: Any) -> None:
+            self.lines.append((x, color, label))
+
+        def annotate(self, text: str, *args: Any, **kwargs: Any) -> None:
+            self.notes.append(text)
+
+    ax = Axes()
+    dets = [{"ts": change.ts + 1_000, "index": change.index + 10}, {"ts": sim.truth.start_ts + 5, "index": 3}]
+    _mark_drifts(ax, {"kind": "pricing", "drift": [{"monitor": "pricing", "detections": dets}]}, sim.truth)
+    colors = {x: color for x, color, _ in ax.lines}
+    assert colors[change.index] == "green"
+    assert all(colors[d.index] == "grey" for d in sim.truth.drifts if d is not change and d.index is not None)
+    assert colors[change.index + 10] == "red" and "+10 events" in ax.notes
+    assert (3, "darkorange", "false alarm") in ax.lines
