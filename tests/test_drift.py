@@ -172,6 +172,16 @@ def test_switch_recovers_faster_than_report_after_an_abrupt_change() -> None:
     assert accuracy(hits, *after) - accuracy(plain_hits, *after) > 0.15
 
 
+def test_switch_on_a_block_cusum_detection_recovers_faster_than_report() -> None:
+    spec: dict[str, Any] = {"detector": "block_cusum", "params": {"block": 20, "arl": 100_000}}
+    _, plain_monitor, plain_hits = run_binary(naive_bayes.GaussianNB, "report", **spec)
+    adaptive, _, hits = run_binary(naive_bayes.GaussianNB, "switch", **spec)
+    assert plain_monitor.detections >= 1 and plain_monitor.last_detection_ts >= CHANGE
+    assert adaptive.switches == 1 and CHANGE <= adaptive.history[0].drift_ts < CHANGE + 300
+    after = (CHANGE + 500, CHANGE + 1500)
+    assert accuracy(hits, *after) - accuracy(plain_hits, *after) > 0.15
+
+
 def test_switch_is_harmless_on_a_model_that_adapts_by_itself() -> None:
     def factory() -> Any:
         return preprocessing.StandardScaler() | linear_model.LogisticRegression()
