@@ -429,29 +429,65 @@ def drift_lines(by: dict[tuple[Any, ...], dict[str, Any]], seeds: Sequence[int],
                      f"-> {'met' if met else 'MISSED'}")  # fmt: skip
         summary.setdefault("false_alarms_per_100k", {})[name] = {"rate": rate, "per_run": per,
                                                                  "unmatched_drifting": unmatched}  # fmt: skip
-    # 2. reaction
-    lines.append("")
-    lines.append("REACTION: switch vs report, mean error over the 5,000 outcomes after the drift / recovery (outcomes)")
+    lines += reaction_lines(by, seeds, lengths, summary)
+    lines += data_drift_lines(by, seeds, lengths, summary)
+    return lines
+
+
+#: Outcomes after a drift at which the reaction curves are read.
+CURVE_AT = (0, 2_000, 4_000, 6_000, 8_000, 10_000, 15_000)
+
+
+def curve_after(row: dict[str, Any], drift: dict[str, Any]) -> list[float | None]:
+    """The learner's rolling error (``error_curve``: over its last ``window`` outcomes)
+    ``CURVE_AT`` outcomes after the drift, relative to its mean before the drift."""
+    curve, before = row.get("error_curve"), drift.get("error_before")
+    if not curve or not before:
+        return [None] * len(CURVE_AT)
+    xs, ys = np.array(curve["outcome"]), np.array(curve["error"])
+    out: list[float | None] = []
+    for dx in CURVE_AT:
+        at = drift["outcome"] + dx + curve["window"] // 2  # the window centred on the point
+        out.append(float(np.interp(at, xs, ys) / before) if xs[0] <= at <= xs[-1] else None)
+    return out
+
+
+def reaction_lines(by: dict[tuple[Any, ...], dict[str, Any]], seeds: Sequence[int], lengths: Sequence[int],
+                   summary: dict[str, Any]) -> list[str]:  # fmt: skip
+    """``switch`` against ``report`` after each learner's first true drift: the mean error
+    over the 5,000 outcomes after it, the recovery, and the curve (``curve_after``, mean of the seeds)."""
+    cell = _cell
+    lines = ["", "REACTION: switch vs report after the drift: mean error over its 5,000 outcomes; recovery (outcomes "
+                 "until the rolling error is within 5 % of before); curve = rolling error / before at "
+                 f"+{', +'.join(f'{x:,}' for x in CURVE_AT)} outcomes (mean of the seeds)"]  # fmt: skip
     for name in LEARNERS:
         for n in lengths:
             rep = [by.get((s, n, "report", True), {}).get("learners", {}).get(name, {}) for s in seeds]
             sw = [by.get((s, n, "switch", True), {}).get("learners", {}).get(name, {}) for s in seeds]
             if not any(sw):
                 continue
-            e_rep = [r["drifts"][0].get("error_after_5000") if r.get("drifts") else None for r in rep]
-            e_sw = [r["drifts"][0].get("error_after_5000") if r.get("drifts") else None for r in sw]
-            r_rep = [r["drifts"][0].get("recovery_outcomes") if r.get("drifts") else None for r in rep]
-            r_sw = [r["drifts"][0].get("recovery_outcomes") if r.get("drifts") else None for r in sw]
+            first = [(r["drifts"][0] if r.get("drifts") else {}) for r in rep]
+            first_sw = [(r["drifts"][0] if r.get("drifts") else {}) for r in sw]
+            e_rep = [d.get("error_after_5000") for d in first]
+            e_sw = [d.get("error_after_5000") for d in first_sw]
+            r_rep = [d.get("recovery_outcomes") for d in first]
+            r_sw = [d.get("recovery_outcomes") for d in first_sw]
             sws = [r.get("switches") for r in sw]
+
+            def mean_curve(rows: list[dict[str, Any]], drifts: list[dict[str, Any]]) -> list[float | None]:
+                curves = [curve_after(r, d) for r, d in zip(rows, drifts, strict=True) if d]
+                cols = [[v for v in col if v is not None] for col in zip(*curves, strict=True)] if curves else []
+                return [float(np.mean(c)) if c else None for c in cols]
+
+            c_rep, c_sw = mean_curve(rep, first), mean_curve(sw, first_sw)
             lines.append(f"  {name:<15} {n:>7,} error report {cell(e_rep)} switch {cell(e_sw)}; recovery report "
-                         f"{cell(r_rep)} switch {cell(r_sw)}{'' if not any(sws) else f'; switches {sws}'}")  # fmt: skip
+                         f"{cell(r_rep)} switch {cell(r_sw)}; switches {sws}")  # fmt: skip
+            lines.append(f"  {'':<15} {'':>7} curve report {cell(c_rep, 2)}")
+            lines.append(f"  {'':<15} {'':>7} curve switch {cell(c_sw, 2)}")
             summary.setdefault("reaction", {})[f"{name}/{n}"] = {
-                "error_report": e_rep,
-                "error_switch": e_sw,
-                "recovery_report": r_rep,
-                "recovery_switch": r_sw,
-            }
-    lines += data_drift_lines(by, seeds, lengths, summary)
+                "error_report": e_rep, "error_switch": e_sw, "recovery_report": r_rep, "recovery_switch": r_sw,
+                "switches": sws, "curve_at": list(CURVE_AT), "curve_report": c_rep, "curve_switch": c_sw,
+            }  # fmt: skip
     return lines
 
 
@@ -635,7 +671,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-stationary", action="store_true", help="skip the drift-free runs (false alarms)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--table-from", type=Path, help="print the table of a saved --json output (no runs)")
     args = p.parse_args(argv)
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())["quality"]
+        lines, saved["summary"] = table(saved["runs"])
+        saved["table"] = lines
+        print("\n".join(lines))
+        if args.json:
+            args.json.write_text(json.dumps({"quality": saved}, indent=1, default=float) + "\n")
+        return 0
     fig = bench_quality([int(x) for x in args.seeds.split(",")], [int(x) for x in args.lengths.split(",")],
                         reactions=args.reactions.split(","), stationary=not args.no_stationary,
                         plot_path=args.plot)  # fmt: skip
