@@ -244,14 +244,18 @@ def truth_lines(truth: dict[str, Any]) -> list[str]:
     for name, scores in truth.get("learners", {}).items():
         vals = ", ".join(f"{k} {_fmt(v) if isinstance(v, float) else v}" for k, v in scores.items())
         lines.append(f"{name}: {vals}")
+    at = {(d["kind"], d["ts"]): d.get("index") for d in points}
     for mon, score in truth.get("drift", {}).items():
         parts = []
         for d in score["drifts"]:
+            index = at.get((d["kind"], d["ts"]))
+            where = f" at #{index:,}" if index is not None else ""
             if d["delay_ms"] is None:
-                parts.append(f"{d['kind']} missed")
+                parts.append(f"{d['kind']}{where} missed")
             else:
-                ev = f", {d['delay_events']:,} events" if d.get("delay_events") is not None else ""
-                parts.append(f"{d['kind']} caught after {d['delay_ms'] / 60000:.1f} min{ev}")
+                ev = f"#{index + d['delay_events']:,}, +{d['delay_events']:,} events, " if (
+                    index is not None and d.get("delay_events") is not None) else ""  # fmt: skip
+                parts.append(f"{d['kind']}{where} caught at {ev}{d['delay_ms'] / 60000:.1f} min later")
         found = "; ".join(parts) or "no relevant drift"
         alarms = f"false alarms {score['false_alarms']} of {score['detections']} detections"
         worse = score.get("worse_only")

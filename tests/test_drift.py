@@ -499,3 +499,21 @@ def test_backtest_chart_marks_caught_and_false_detections_against_the_learners_t
     assert all(colors[d.index] == "grey" for d in sim.truth.drifts if d is not change and d.index is not None)
     assert colors[change.index + 10] == "red" and "+10 events" in ax.notes
     assert (3, "darkorange", "false alarm") in ax.lines
+
+
+def test_report_lines_place_each_detection_against_its_true_drift() -> None:
+    from stream.backtest import truth_lines
+
+    truth = {
+        "drift_points": [{"kind": "elasticity_change", "ts": 100, "index": 18_000}],
+        "drift": {
+            "pricing": {"drifts": [{"kind": "elasticity_change", "ts": 100, "delay_ms": 738_000,
+                                    "delay_events": 1_234}], "false_alarms": 1, "detections": 2},
+            "risk": {"drifts": [{"kind": "elasticity_change", "ts": 100, "delay_ms": None, "delay_events": None}],
+                     "false_alarms": 0, "detections": 0},
+        },
+    }  # fmt: skip
+    lines = truth_lines(truth)
+    assert "drift pricing: elasticity_change at #18,000 caught at #19,234, +1,234 events, 12.3 min later; " \
+           "false alarms 1 of 2 detections" in lines  # fmt: skip
+    assert "drift risk: elasticity_change at #18,000 missed; false alarms 0 of 0 detections" in lines
