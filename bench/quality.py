@@ -10,7 +10,10 @@ three times:
 * ``report``: the default config, with the scheduled drifts (taste shift at
   40 %, elasticity change at 60 %, fraud pattern at 75 % of the stream);
 * ``switch``: the same with ``reaction = "switch"`` (recovery compared with ``report``);
-* ``stationary``: the same seed without drifts (false alarms per 100,000 events).
+* ``stationary``: the same seed without drifts (false alarms per 100,000 events);
+* ``warm start``: the first 10,000 live events after a history of that length
+  (drift-free), by learners restored from the checkpoint a backtest of the history
+  wrote (``stream backtest --checkpoint-out``) and by fresh learners.
 
 Per goal of the quality issue it prints one row: the measured values (per
 seed), the target and met / missed. Everything is scored on the ground truth
@@ -36,12 +39,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from stream.backtest import run_backtest  # noqa: E402
+from stream.backtest import run_backtest, write_checkpoint  # noqa: E402
 from stream.config import Config, build_learners, load_config  # noqa: E402
 from stream.demo import simulated_records  # noqa: E402
 from stream.drift import ks, psi  # noqa: E402
 from stream.scoring import TruthScorer  # noqa: E402
 from stream.simulate import SimConfig, Simulation  # noqa: E402
+from stream.state import read_any  # noqa: E402
 
 LEARNERS = ("recommendation", "pricing", "risk")
 #: Goal: a drift that raises the error is detected within this many of the learner's outcomes.
@@ -368,6 +372,70 @@ def data_drift_rows(tap: FeatureTap, counterfactual: FeatureTap | None, points: 
     return rows
 
 
+# --------------------------------------------------------------------------- warm start
+
+#: Live events scored after the history (the issue: "the first 10,000 live events").
+WARM_LIVE = 10_000
+
+
+def _truth_figures(scorer: TruthScorer) -> dict[str, dict[str, float | None]]:
+    """Per learner, its ground-truth figures over everything ``scorer`` saw."""
+    out: dict[str, dict[str, float | None]] = {}
+    for (name, what), rows in (scorer.trace or {}).items():
+        a = np.array(rows)
+        if not len(a):
+            continue
+        row = out.setdefault(name, {})
+        if what == "hit":
+            row["hit"], row["popularity"] = float(a[:, 1].mean()), float(a[:, 2].mean())
+        elif what == "regret":
+            row["regret"], row["regret_current"] = float(a[:, 1].mean()), float(a[:, 2].mean())
+        elif what == "fraud":
+            row["auc"], row["frauds"] = auc(a[:, 2] > 0.5, a[:, 1]), float((a[:, 2] > 0.5).sum())
+    return out
+
+
+def warm_start_run(seed: int, history: int, tmp: Path) -> dict[str, Any]:
+    """The first ``WARM_LIVE`` events after ``history`` events of the same (drift-free) world,
+    scored on the ground truth: by the learners a backtest of the history left, written as a
+    checkpoint and read back (the warm start), and by fresh learners (a cold start)."""
+    import itertools
+
+    config = quality_config()
+    sim = Simulation(SimConfig(seed=seed, events=history + WARM_LIVE, drifts=False))
+    records = simulated_records(sim, config.input_topics())
+    _, past = run_backtest(itertools.islice(records, history), config, total=history, progress=False)
+    path = write_checkpoint(tmp / f"warm-{seed}-{history}.ckpt", past.learners, {}, config)
+    warm = read_any(path).learners
+    live = list(records)
+    out: dict[str, Any] = {"seed": seed, "history": history, "live": len(live), "checkpoint_bytes": path.stat().st_size}
+    for start, learners in (("warm", warm), ("cold", None)):
+        scorer = TruthScorer(sim.truth, trace=True)
+        run_backtest(live, config, learners=learners, truth=sim.truth, scorer=scorer, progress=False)
+        out[start] = _truth_figures(scorer)
+    path.unlink()
+    return out
+
+
+def warm_start_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """Rows of the warm-start goal: per history length, warm vs cold on the first live events."""
+    lines = ["", f"WARM START: the first {WARM_LIVE:,} live events after a history, restored from a backtest's "
+             "checkpoint (warm) vs fresh learners (cold)"]  # fmt: skip
+    summary: dict[str, Any] = {}
+    figures = (("recommendation", "hit", "taste hit-rate", 3), ("recommendation", "popularity", "popularity", 3),
+               ("pricing", "regret", "regret", 4), ("pricing", "regret_current", "current price regret", 4),
+               ("risk", "auc", "fraud AUC", 3))  # fmt: skip
+    for history in sorted({r["history"] for r in rows}):
+        runs = sorted((r for r in rows if r["history"] == history), key=lambda r: r["seed"])
+        for learner, key, label, digits in figures:
+            vals = {s: [r[s].get(learner, {}).get(key) for r in runs] for s in ("warm", "cold")}
+            lines.append(f"  history {history:>7,} {learner:<15} {label:<21} warm "
+                         f"{' / '.join(_fmt(v, digits) for v in vals['warm'])}  cold "
+                         f"{' / '.join(_fmt(v, digits) for v in vals['cold'])}")  # fmt: skip
+            summary[f"{history}/{learner}/{key}"] = vals
+    return lines, summary
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -628,7 +696,8 @@ def plot(runs: Sequence[dict[str, Any]], path: Path) -> str | None:
 
 
 def bench_quality(seeds: Sequence[int], lengths: Sequence[int], *, reactions: Sequence[str] = ("report", "switch"),
-                  stationary: bool = True, plot_path: Path | None = None) -> dict[str, Any]:  # fmt: skip
+                  stationary: bool = True, plot_path: Path | None = None,
+                  warm_start: bool = True) -> dict[str, Any]:  # fmt: skip
     runs = []
     metrics = load_config(None).metrics
     for n in lengths:
@@ -653,10 +722,22 @@ def bench_quality(seeds: Sequence[int], lengths: Sequence[int], *, reactions: Se
                     twin = next(x for x in runs if (x["seed"], x["events"], x["drifts"]) == (s, n, False))
                     twin["data_drift"] = data_drift_rows(taps[False], None, points, end, metrics.feature_window)
     lines, summary = table(runs)
+    warm_rows: list[dict[str, Any]] = []
+    if warm_start:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in lengths:
+                for s in seeds:
+                    t0 = time.perf_counter()
+                    warm_rows.append(warm_start_run(s, n, Path(tmp)))
+                    log(f"quality: warm start, seed {s}, history {n:,}: {time.perf_counter() - t0:.1f} s")
+        warm_lines, summary["warm_start"] = warm_start_table(warm_rows)
+        lines += warm_lines
     for line in lines:
         log(line)
     out: dict[str, Any] = {"quality": {"seeds": list(seeds), "lengths": list(lengths), "table": lines,
-                                       "summary": summary, "runs": runs}}  # fmt: skip
+                                       "summary": summary, "runs": runs, "warm_start": warm_rows}}  # fmt: skip
     if plot_path is not None:
         why = plot(runs, plot_path)
         out["quality"]["chart"] = str(plot_path) if why is None else why
@@ -669,6 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lengths", default="30000,300000")
     p.add_argument("--reactions", default="report,switch")
     p.add_argument("--no-stationary", action="store_true", help="skip the drift-free runs (false alarms)")
+    p.add_argument("--no-warm-start", action="store_true", help="skip the warm-start rows")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     p.add_argument("--table-from", type=Path, help="print the table of a saved --json output (no runs)")
@@ -683,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     fig = bench_quality([int(x) for x in args.seeds.split(",")], [int(x) for x in args.lengths.split(",")],
                         reactions=args.reactions.split(","), stationary=not args.no_stationary,
-                        plot_path=args.plot)  # fmt: skip
+                        plot_path=args.plot, warm_start=not args.no_warm_start)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(fig, indent=1, default=float) + "\n")
     return 0

@@ -7,7 +7,10 @@ recording gives the predictions of a live run. It tracks drift detections and
 samples each learner's quality over the run, scores against the simulator's
 ground truth when the recording has one (``stream.scoring``), and writes the
 outputs, a report and a chart. ``run_backtest`` is the loop, shared with the
-demo.
+demo. With ``checkpoint_out`` the learners as the recording left them are
+written as a checkpoint (the normal format, ``stream.checkpoint``) holding the
+offsets after the last record read: ``stream model import`` serves it live (the
+hybrid warm start: history at backtest speed, then incremental).
 """
 
 from __future__ import annotations
@@ -17,19 +20,21 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import msgspec
 
+from stream.checkpoint import Offsets, build, load_keys
 from stream.config import Config, build_learners
 from stream.pipeline import Observer, Pipeline, Record, Tally
 from stream.privacy import Pseudonymizer
 from stream.progress import Progress
 from stream.recording import RecordedMessage, Recording
 from stream.scoring import TruthScorer, score_against_truth
+from stream.state import LocalStorage
 
 Headers = list[tuple[str, bytes | None]]
 
@@ -42,6 +47,7 @@ __all__ = [
     "quality_of",
     "run_backtest",
     "truth_lines",
+    "write_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -472,6 +478,7 @@ def backtest(
     keep_outputs: bool = False,
     progress: bool = True,
     chart: bool = True,
+    checkpoint_out: str | Path | None = None,
 ) -> BacktestResult:
     """Backtest the configured learners on a recording, without a broker.
 
@@ -480,12 +487,17 @@ def backtest(
     and the predictions equal those of a live ``stream run`` of the same
     records. With ``out_dir``: ``outputs/<topic>.jsonl`` per output topic,
     ``report.txt``, ``report.json`` and (with matplotlib) ``quality.png``.
+    With ``checkpoint_out``: the learners at the end, as a checkpoint file.
     """
     rec = recording if isinstance(recording, Recording) else Recording(recording)
     tmap = dict(topic_map or {})
     truth = rec.truth()
-    result, _ = run_backtest(
-        rec.messages(topic_map=tmap),
+    offsets: dict[tuple[str, int], int] = {}
+    messages: Iterable[RecordedMessage] = rec.messages(topic_map=tmap)
+    if checkpoint_out is not None:
+        messages = _tracking(messages, offsets)
+    result, run = run_backtest(
+        messages,
         config,
         source=str(rec.path),
         total=len(rec),
@@ -494,6 +506,9 @@ def backtest(
         progress=progress,
         truth=truth,
     )
+    if checkpoint_out is not None:
+        path = write_checkpoint(checkpoint_out, run.learners, offsets, config, source=str(rec.path))
+        result.files["checkpoint"] = str(path)
     if out_dir is not None:
         out = Path(out_dir)
         result.files["outputs"] = str(out / "outputs")
@@ -551,6 +566,33 @@ def _mark_drifts(ax: Any, info: dict[str, Any], truth: Any) -> None:
             label = "false alarm" if truth is not None else "drift detected"
             ax.axvline(index, color="darkorange", linestyle=":", linewidth=1.0, label=label if first_false else None)
             first_false = False
+
+
+def _tracking(records: Iterable[RecordedMessage], offsets: dict[tuple[str, int], int]) -> Iterator[RecordedMessage]:
+    """``records``, noting in ``offsets`` the offset after the last one read per partition."""
+    for rec in records:
+        offsets[(rec.topic(), rec.partition())] = rec.offset() + 1
+        yield rec
+
+
+def write_checkpoint(
+    path: str | Path, learners: Sequence[Any], offsets: Offsets, config: Config, *, source: str = "<records>"
+) -> Path:
+    """Write ``learners`` as a checkpoint file (signed with the configured checkpoint key, if
+    any) at ``offsets``: the state of the learners after everything before them."""
+    out = Path(path)
+    _, data = build(
+        out.name,
+        0,
+        learners,
+        offsets,
+        reason="backtest",
+        origin={"action": "backtest", "source": source},
+        group_id=config.kafka.group_id,
+        keys=load_keys(config),
+    )
+    LocalStorage(out.parent).write(out.name, data)
+    return out
 
 
 def plot_quality(result: BacktestResult, path: Path, truth: Any = None) -> str | None:
