@@ -313,6 +313,91 @@ class _Item:
         return s0 + (s1 - s0) * (t - j * bucket_ms) / bucket_ms
 
 
+_HOUR_MS = 3_600_000
+
+
+class _Season:
+    """The shop's daily demand profile, learned online from the sales of all items: an
+    hour-of-day factor (of mean 1) around a level.
+
+    Items' rates are kept deseasonalised (each unit counts ``1 / factor`` of its hour), and a
+    forecast multiplies them by the window's mean factor: one profile for the whole shop, learned
+    from its total sales (thousands of units a day where an item sells a few), multiplicative
+    like a shop's traffic. (A day-of-week factor learned the same way from one or two weeks of
+    totals, which stock-outs and demand shifts move as much as the weekday does, made the 24 h
+    forecasts worse: see docs/learners-demand.md.)
+
+    >>> s = _Season()
+    >>> for hour in range(24 * 14):  # two weeks: twice the units on the hours 18-23
+    ...     s.advance(hour * _HOUR_MS); s.add(20 if hour % 24 >= 18 else 10)
+    >>> round(s.hour[20] / s.hour[3], 1), round(s.window(18 * _HOUR_MS, 6 * _HOUR_MS), 1)
+    (2.0, 1.6)
+    """
+
+    __slots__ = ("current", "hour", "hour_n", "level", "units", "windows")
+
+    #: Smoothing of the hour-of-day factors (one update a day each) and of the level per hour
+    #: (half-life ~1 day).
+    HOUR_RATE = 0.2
+    LEVEL_RATE = 1 - 2 ** (-1 / 24)
+
+    def __init__(self) -> None:
+        self.hour = [1.0] * 24
+        self.level: float | None = None
+        self.hour_n = -1  # absolute hour number of the hour being counted
+        self.units = 0.0
+        #: The factor of the current hour (what a unit sold now counts as, deseasonalised: 1/factor).
+        self.current = 1.0
+        self.windows: dict[tuple[int, int], float] = {}
+
+    def add(self, units: float) -> None:
+        self.units += units
+
+    def advance(self, ts: int) -> None:
+        """Close the hours before ``ts``'s."""
+        n = ts // _HOUR_MS
+        if n <= self.hour_n:
+            return
+        if self.hour_n >= 0:
+            for k in range(self.hour_n, min(n, self.hour_n + 24)):
+                self._close(k % 24)
+                self.units = 0.0
+        self.hour_n = n
+        self.current = self.hour[n % 24]
+        self.windows = {}
+
+    def _close(self, h: int) -> None:
+        units = self.units
+        if self.level is None:
+            self.level = units
+            return
+        if self.level > 0:
+            self.hour[h] += self.HOUR_RATE * (units / self.level - self.hour[h])
+        self.level += self.LEVEL_RATE * (units / self.hour[h] - self.level)
+        if h == 23:
+            _normalise(self.hour)
+
+    def window(self, t0: int, length: int) -> float:
+        """The mean factor over ``[t0, t0 + length)`` (hourly; 1 from a day on)."""
+        if length >= _DAY_MS:
+            return 1.0
+        key = (t0 // _HOUR_MS, length)
+        f = self.windows.get(key)
+        if f is None:
+            hours = max(round(length / _HOUR_MS), 1)
+            hour = self.hour
+            f = sum(hour[n % 24] for n in range(key[0], key[0] + hours)) / hours
+            self.windows[key] = f
+        return f
+
+
+def _normalise(factors: list[float]) -> None:
+    mean = sum(factors) / len(factors)
+    if mean > 0:
+        for i, f in enumerate(factors):
+            factors[i] = f / mean
+
+
 class _Scores:
     """Normalised residuals of the last ``size`` scored windows: conformal quantiles at
     ``levels`` (cached at each re-sort) and survival probabilities."""
@@ -462,6 +547,8 @@ class DemandLearner(Learner):
         # Time features of the last forecasting moment, per horizon (a boundary forecasts many items at once).
         self._time_ts = -1
         self._time_x: list[dict[str, float]] = []
+        #: The shop's weekly profile: items' rates are deseasonalised by it.
+        self.season = _Season()
 
     # -- the Learner interface ------------------------------------------------------------
 
@@ -488,6 +575,7 @@ class DemandLearner(Learner):
         ts = event.ts
         if ts > self._now:
             self._now = ts
+            self.season.advance(ts)
         for k, queue in enumerate(waiting):
             if queue:
                 self._close(queue, self.horizons_ms[k])
@@ -608,9 +696,12 @@ class DemandLearner(Learner):
             it.category = event.category
         q = event.quantity
         self._rates_to(it, ts)
+        season = self.season
+        season.add(q)
         rates = it.rates
+        u = q * 1000.0 / season.current  # deseasonalised units, per second
         for k, tau in enumerate(self._taus):
-            rates[k] += q * 1000.0 / tau  # units per second, exponentially weighted
+            rates[k] += u / tau  # exponentially weighted
         b = ts // self.bucket_ms
         if b > it.last_bucket:
             starts = it.starts
@@ -675,10 +766,7 @@ class DemandLearner(Learner):
                     day = _TWO_PI * (mid % _DAY_MS) / _DAY_MS
                     x["day_sin"], x["day_cos"] = math.sin(day), math.cos(day)
                     x["day2_sin"], x["day2_cos"] = math.sin(2 * day), math.cos(2 * day)
-                if h_ms < _WEEK_MS:
-                    # The window's weekday, and the weekday the recent sales (the rates) come from.
-                    x[f"dow={mid // _DAY_MS % 7}"] = 1.0
-                    x[f"recent_dow={(ts - _DAY_MS // 2) // _DAY_MS % 7}"] = 1.0
+                x["season"] = math.log(self.season.window(ts, h_ms))
                 xs.append(x)
             self._time_ts, self._time_x = ts, xs
         return self._time_x
@@ -706,7 +794,7 @@ class DemandLearner(Learner):
         made: list[_Pending] = []
         for k, h_ms in enumerate(self.horizons_ms):
             baseline = self._baseline(it, ts, h_ms, rates[2])
-            anchor = rates[1] * h_ms
+            anchor = rates[1] * h_ms * self.season.window(ts, h_ms)
             la = math.log(anchor + 1.0)
             x = {
                 "naive": math.log(baseline + 1.0) - la,
@@ -775,12 +863,14 @@ class DemandLearner(Learner):
 
     def _to_restock(self, it: _Item, ts: int) -> float:
         """Event time (ms) until the item's next expected restock: its own cadence, else the
-        shop's, else ``review_period_s`` after its last restock (or from now, none seen)."""
+        shop's, else ``review_period_s``, after its last restock (none seen: half of it)."""
         gap = it.restock_gap if it.restock_gap is not None else self.restock_gap
         if gap is None:
             gap = float(self.review_ms)
-        last = it.restock_ts if it.restock_ts is not None else ts
-        left = last + gap - ts
+        if it.restock_ts is None:
+            # No restock seen: at an unknown phase of the cycle, half a cycle to go on average.
+            return gap / 2
+        left = it.restock_ts + gap - ts
         # Overdue: the cadence says nothing more; assume a lead time (ordering now).
         return left if left > 0 else float(self.lead_ms)
 
