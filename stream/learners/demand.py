@@ -539,7 +539,9 @@ class DemandLearner(Learner):
         self._sold_in_bucket: dict[str, int] = {}
         self._events = 0
         self._now = 0
-        #: Items in stock whose last forecast warned, and when (the "items at risk" gauge).
+        #: Items forecast, and those in stock whose last forecast warned, and when (the
+        #: ``items_with_traffic`` and ``items_at_risk`` gauges: those of the last season).
+        self.forecast_at: dict[str, int] = {}
         self.at_risk: dict[str, int] = {}
         #: Windows that closed with the item no longer in state (forgotten): not learned.
         self.forgotten = 0
@@ -602,12 +604,13 @@ class DemandLearner(Learner):
                 yield f"baseline_wape_{label}", window, base_err / units if units > 0 else 0.0
                 yield f"coverage_{label}", window, ev.get("coverage", window)
                 yield f"censored_share_{label}", window, ev.get("censored", window)
-        yield "items_at_risk", "rolling", float(self.items_at_risk())
+        since = self._now - self.season_ms
+        yield "items_at_risk", "rolling", float(_count_since(self.at_risk, since))
+        yield "items_with_traffic", "rolling", float(_count_since(self.forecast_at, since))
 
     def items_at_risk(self) -> int:
         """Items whose last forecast, within the last ``season_s`` of event time, warned."""
-        since = self._now - self.season_ms
-        return sum(1 for ts in list(self.at_risk.values()) if ts >= since)
+        return _count_since(self.at_risk, self._now - self.season_ms)
 
     def replace_model(self, model: Any) -> None:
         k = self._longest
@@ -639,9 +642,9 @@ class DemandLearner(Learner):
         if self._items.ttl_ms is not None:
             self._items.expire(ts)
         since = ts - self.season_ms
-        stale = [i for i, t in self.at_risk.items() if t < since]
-        for i in stale:
-            del self.at_risk[i]
+        for table in (self.at_risk, self.forecast_at):
+            for i in [i for i, t in table.items() if t < since]:
+                del table[i]
 
     def _apply(self, event: Price) -> _Item:
         it = self._item(event.item_id, event.ts)
@@ -833,6 +836,7 @@ class DemandLearner(Learner):
             p_out = scores.survival((stock - 0.5 - rate * self.lead_ms) / math.sqrt(rate * self.lead_ms + 1.0))
             risk = scores.survival((stock - 0.5 - rate * (t := self._to_restock(it, ts))) / self._spread(rate, t, h_l))
             warn = risk >= spec.warn_probability
+        self.forecast_at[item_id] = ts
         if warn:
             self.at_risk[item_id] = ts
         elif item_id in self.at_risk:
@@ -947,6 +951,11 @@ class DemandLearner(Learner):
 
     def _model_switched(self, switch: Any) -> None:
         self.model_version += 1
+
+
+def _count_since(table: dict[str, int], since: int) -> int:
+    # A copy first: the metrics thread reads while the loop writes.
+    return sum(1 for ts in list(table.values()) if ts >= since)
 
 
 def _label(h_s: float) -> str:
