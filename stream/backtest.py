@@ -244,14 +244,18 @@ def truth_lines(truth: dict[str, Any]) -> list[str]:
     for name, scores in truth.get("learners", {}).items():
         vals = ", ".join(f"{k} {_fmt(v) if isinstance(v, float) else v}" for k, v in scores.items())
         lines.append(f"{name}: {vals}")
+    at = {(d["kind"], d["ts"]): d.get("index") for d in points}
     for mon, score in truth.get("drift", {}).items():
         parts = []
         for d in score["drifts"]:
+            index = at.get((d["kind"], d["ts"]))
+            where = f" at #{index:,}" if index is not None else ""
             if d["delay_ms"] is None:
-                parts.append(f"{d['kind']} missed")
+                parts.append(f"{d['kind']}{where} missed")
             else:
-                ev = f", {d['delay_events']:,} events" if d.get("delay_events") is not None else ""
-                parts.append(f"{d['kind']} caught after {d['delay_ms'] / 60000:.1f} min{ev}")
+                ev = f"#{index + d['delay_events']:,}, +{d['delay_events']:,} events, " if (
+                    index is not None and d.get("delay_events") is not None) else ""  # fmt: skip
+                parts.append(f"{d['kind']}{where} caught at {ev}{d['delay_ms'] / 60000:.1f} min later")
         found = "; ".join(parts) or "no relevant drift"
         alarms = f"false alarms {score['false_alarms']} of {score['detections']} detections"
         worse = score.get("worse_only")
@@ -507,6 +511,48 @@ def backtest(
     return result
 
 
+def _mark_drifts(ax: Any, info: dict[str, Any], truth: Any) -> None:
+    """The true drifts meant for this learner (green; the others faint grey) and its
+    detections against them: red when it caught one (its delay in events written
+    by it), orange dotted when false (``GroundTruth.score_detections``: the first
+    detection after a drift, within a fifth of the stream, catches it)."""
+    detections = sorted((d["ts"], d["index"]) for mon in info["drift"] for d in mon["detections"])
+    caught: dict[int, int | None] = {}  # position in ``detections`` -> delay in events
+    if truth is not None:
+        kind = info.get("kind")
+        mine = truth.drift_points(learner=kind)
+        labelled = False
+        for d in truth.drifts:
+            if d.index is None:
+                continue
+            relevant = d in mine
+            label = "true drift" if relevant and not labelled else None
+            labelled = labelled or relevant
+            color = "green" if relevant else "grey"
+            ax.axvline(d.index, color=color, linewidth=1.5 if relevant else 0.8, alpha=0.6 if relevant else 0.3,
+                       label=label)  # fmt: skip
+            ax.annotate(d.kind, (d.index, 1.0), xycoords=("data", "axes fraction"), fontsize=7, color=color,
+                        ha="left", va="top")  # fmt: skip
+        for row in truth.score_detections(detections, learner=kind).drifts:
+            if row["delay_ms"] is not None:
+                at = row["ts"] + row["delay_ms"]
+                caught[next(k for k, (ts, _) in enumerate(detections) if ts == at)] = row["delay_events"]
+    first_caught = first_false = True
+    for k, (_, index) in enumerate(detections):
+        if index is None or index < 0:
+            continue
+        if k in caught:
+            ax.axvline(index, color="red", linewidth=1.2, label="drift caught" if first_caught else None)
+            if caught[k] is not None:
+                ax.annotate(f"+{caught[k]:,} events", (index, 0.02), xycoords=("data", "axes fraction"), fontsize=7,
+                            color="red", ha="left", va="bottom")  # fmt: skip
+            first_caught = False
+        else:
+            label = "false alarm" if truth is not None else "drift detected"
+            ax.axvline(index, color="darkorange", linestyle=":", linewidth=1.0, label=label if first_false else None)
+            first_false = False
+
+
 def plot_quality(result: BacktestResult, path: Path, truth: Any = None) -> str | None:
     """A PNG of each learner's quality over the run, drift detections and true
     drift points marked. Returns None, or why no chart was drawn."""
@@ -531,17 +577,7 @@ def plot_quality(result: BacktestResult, path: Path, truth: Any = None) -> str |
                     xs.append(p["index"])
                     ys.append(windows.get("rolling", next(iter(windows.values()))))
             ax.plot(xs, ys, label=f"{metric} (rolling)", linewidth=1.2)
-        for mon in result.learners[name]["drift"]:
-            for k, d in enumerate(mon["detections"]):
-                ax.axvline(
-                    d["index"], color="red", linestyle="--", linewidth=0.8, label="drift detected" if k == 0 else None
-                )
-        if truth is not None:
-            for k, d in enumerate(truth.drifts):
-                if d.index is not None:
-                    ax.axvline(d.index, color="green", linewidth=1.5, alpha=0.6, label="true drift" if k == 0 else None)
-                    ax.annotate(d.kind, (d.index, 1.0), xycoords=("data", "axes fraction"), fontsize=7, color="green",
-                                ha="left", va="top")  # fmt: skip
+        _mark_drifts(ax, result.learners[name], truth)
         ax.set_title(name, fontsize=10, loc="left")
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
