@@ -170,7 +170,7 @@ class DemandSpec(msgspec.Struct, tag="demand", tag_field="kind", forbid_unknown_
     #: the stock-out risk is over the time to the next expected restock.
     review_period_s: PositiveFloat = 7 * 86_400.0
     #: A forecast warns (``warning``) when the stock-out risk reaches this.
-    warn_probability: Level = 0.5
+    warn_probability: Level = 0.4
     #: Coverage of the published interval, and service level of the reorder suggestion.
     interval_level: Level = 0.9
     service_level: Level = 0.95
@@ -221,6 +221,8 @@ _MIN_SCORES = 50
 _RESORT_EVERY = 100
 #: Outcomes the running errors that choose the served forecast average over (exponentially).
 _CHOICE_SPAN = 1_000
+#: Volume bins of the conformal residuals (``_volume_bin``).
+_VOLUME_BINS = 5
 _SOURCES: tuple[Literal["model", "rate", "baseline"], ...] = ("model", "rate", "baseline")
 
 
@@ -504,7 +506,11 @@ class DemandLearner(Learner):
         self.evaluation = self.evaluations[self.labels[longest]]
         lo_q = (1 - spec.interval_level) / 2
         levels = (lo_q, 1 - lo_q, spec.service_level)
-        self.scores = [_Scores(spec.calibration_window, levels) for _ in self.horizons_ms]
+        #: Per horizon and volume bin (``_volume_bin``): the normalised residuals. The spread of a
+        #: residual grows faster than ``sqrt(mu)`` with the volume (the rate's own error), so one
+        #: pool for all would cover small items too widely and large ones too narrowly.
+        self.scores = [[_Scores(spec.calibration_window, levels) for _ in range(_VOLUME_BINS)]
+                       for _ in self.horizons_ms]  # fmt: skip
         self._log_target = spec.target == "log_ratio"
         self._volume = [1.0] * len(self.horizons_ms)
         self._weighted = accepts_sample_weight(self.models[0])
@@ -824,31 +830,31 @@ class DemandLearner(Learner):
         h_l = self.horizons_ms[kl]
         rate = made[kl].mu / h_l  # units per ms
         stock = it.stock
-        scores = self.scores[kl]
-        if not scores.ready:
-            scores = max(self.scores, key=lambda s: len(s.sorted))
+        scores, widen = self._calibration(kl, made[kl].mu)
         p_out: float | None = None
         risk: float | None = None
         warn = False
         if stock is not None and stock <= 0:
             p_out = risk = 1.0
         elif stock is not None:
-            p_out = scores.survival((stock - 0.5 - rate * self.lead_ms) / math.sqrt(rate * self.lead_ms + 1.0))
-            risk = scores.survival((stock - 0.5 - rate * (t := self._to_restock(it, ts))) / self._spread(rate, t, h_l))
+            mu_l = rate * self.lead_ms
+            p_out = scores.survival((stock - 0.5 - mu_l) / (widen * math.sqrt(mu_l + 1.0)))
+            t = self._to_restock(it, ts)
+            risk = scores.survival((stock - 0.5 - rate * t) / (widen * self._spread(rate, t, h_l)))
             warn = risk >= spec.warn_probability
         self.forecast_at[item_id] = ts
         if warn:
             self.at_risk[item_id] = ts
         elif item_id in self.at_risk:
             del self.at_risk[item_id]
-        q_service = scores.q[2]
+        q_service = scores.q[2] * widen
         out_ms = it.out_total(ts)
         level = spec.interval_level
         for p in made:
             k, mu = p.h, p.mu
             h_ms = self.horizons_ms[k]
-            cal = self.scores[k] if self.scores[k].ready else scores
-            spread = math.sqrt(mu + 1.0)
+            cal, wide = self._calibration(k, mu)
+            spread = wide * math.sqrt(mu + 1.0)
             low = max(mu + cal.q[0] * spread, 0.0)
             high = max(mu + cal.q[1] * spread, low)
             p.low, p.high, p.out_ms = low, high, out_ms
@@ -865,15 +871,30 @@ class DemandLearner(Learner):
             )  # fmt: skip
             pending.append(p)
 
+    def _calibration(self, k: int, mu: float) -> tuple[_Scores, float]:
+        """The residuals for a forecast ``mu`` of horizon ``k`` and a factor to widen them by:
+        its volume bin's; while those are too few (a longer horizon's first windows have not
+        closed yet), the same bin of the horizon with the most, widened by the square root
+        of the horizons' ratio when it is shorter (no residual of this horizon yet: wide
+        rather than overconfident)."""
+        b = _volume_bin(mu)
+        scores = self.scores[k][b]
+        if scores.ready:
+            return scores, 1.0
+        j = max(range(len(self.scores)), key=lambda i: len(self.scores[i][b].sorted))
+        return self.scores[j][b], math.sqrt(max(self.horizons_ms[k] / self.horizons_ms[j], 1.0))
+
     def _to_restock(self, it: _Item, ts: int) -> float:
         """Event time (ms) until the item's next expected restock: its own cadence, else the
-        shop's, else ``review_period_s``, after its last restock (none seen: half of it)."""
+        shop's, else ``review_period_s``, after its last restock (none seen: the lead time)."""
         gap = it.restock_gap if it.restock_gap is not None else self.restock_gap
         if gap is None:
             gap = float(self.review_ms)
         if it.restock_ts is None:
-            # No restock seen: at an unknown phase of the cycle, half a cycle to go on average.
-            return gap / 2
+            # No restock of the item seen: when the next comes is unknown, and the risk is the one
+            # an order placed now could still cover (half a cycle to go, on average, warned
+            # three times as many cycles that were restocked in time as ones that ran out).
+            return float(self.lead_ms)
         left = it.restock_ts + gap - ts
         # Overdue: the cadence says nothing more; assume a lead time (ordering now).
         return left if left > 0 else float(self.lead_ms)
@@ -929,7 +950,7 @@ class DemandLearner(Learner):
         ev.score("units", float(y))
         ev.score("coverage", 1.0 if p.low <= y <= p.high else 0.0)
         z = (y - p.mu) / math.sqrt(p.mu + 1.0)
-        self.scores[k].add(z)
+        self.scores[k][_volume_bin(p.mu)].add(z)
         ev.error(abs(z), deadline)
 
     def _learn(self, k: int, p: _Pending, y: int) -> None:
@@ -951,6 +972,16 @@ class DemandLearner(Learner):
 
     def _model_switched(self, switch: Any) -> None:
         self.model_version += 1
+
+
+def _volume_bin(mu: float) -> int:
+    """``mu + 1`` in [1, 3), [3, 9), [9, 27), [27, 81), [81, ...)."""
+    b = 0
+    v = mu + 1.0
+    while v >= 3.0 and b < _VOLUME_BINS - 1:
+        v /= 3.0
+        b += 1
+    return b
 
 
 def _count_since(table: dict[str, int], since: int) -> int:
