@@ -81,7 +81,7 @@ import numpy as np
 from river import base, linear_model, optim
 
 from stream.bounded import BoundedDict
-from stream.drift import AdaptiveModel, DriftSpec
+from stream.drift import AdaptiveModel, ConceptDrift, DriftSpec
 from stream.evaluation import Evaluation
 from stream.events import Click, Purchase, Search
 from stream.learners.base import Learner
@@ -169,7 +169,7 @@ class RankingSpec(msgspec.Struct, tag="ranking", tag_field="kind", forbid_unknow
     popularity_half_life_s: PositiveFloat = 3_600.0
     #: Rolling window of the quality metrics; the click model's metrics on 1 example in N.
     evaluation_window: PositiveInt = 10_000
-    evaluate_every: PositiveInt = 16
+    evaluate_every: PositiveInt = 64
     #: Concept drift on the click model's log loss.
     drift: DriftSpec = msgspec.field(default_factory=DriftSpec)
 
@@ -235,17 +235,47 @@ def _brier_error(model: Any, x: Any, y: Any) -> float:
 
 
 class _BrierFeed:
-    """Feeds the drift monitor the squared error ``(y - p)^2`` of each example, where
+    """Feeds the drift monitor the squared error ``(y - p)^2`` of the click model, where
     ``Evaluation`` passes its log loss ``-log p_y`` (so ``(1 - exp(-loss))^2``): bounded,
     less heavy-tailed, so fewer false alarms (on the simulator, 34 detections instead of 86
-    over 63k examples). Everything else is the monitor's (read by the metrics)."""
+    over 63k examples). Everything else is the monitor's (read by the metrics).
+
+    A plain detector of errors gets one value per learned request (``flush``): the mean
+    over its examples. They share a user, a query and a moment, so they are not independent
+    draws, the requests are closer to it; and it is one detector update a request instead of
+    several. A detector of binary outcomes (cusum), or a model that switches on drift
+    (comparing the error of each example with a candidate's), gets every example as it comes.
+
+    >>> from stream.drift import ConceptDrift
+    >>> feed = _BrierFeed(ConceptDrift("adwin"))
+    >>> _ = feed.update(-math.log(0.5), ts=1); _ = feed.update(-math.log(0.9), ts=1)
+    >>> feed.n_seen, feed.flush(ts=1), feed.n_seen
+    (0, None, 1)
+    >>> round(feed.monitor._recent, 3)      # ((1 - 0.5)^2 + (1 - 0.9)^2) / 2
+    0.13
+    """
 
     def __init__(self, monitor: Any) -> None:
         self.monitor = monitor
+        self.per_request = isinstance(monitor, ConceptDrift) and monitor.kind != "cusum"
+        self._sum = 0.0
+        self._n = 0
 
     def update(self, error: float, ts: int, outcome: tuple[bool, float] | None = None) -> bool:
+        squared = (1.0 - math.exp(-error)) ** 2
+        if self.per_request:
+            self._sum += squared
+            self._n += 1
+            return False
         # A detector of binary outcomes (cusum) reads ``outcome``; the others the squared error.
-        return bool(self.monitor.update((1.0 - math.exp(-error)) ** 2, ts, outcome))
+        return bool(self.monitor.update(squared, ts, outcome))
+
+    def flush(self, ts: int) -> None:
+        """The request's examples are all in: their mean to the detector."""
+        if self._n:
+            mean = self._sum / self._n
+            self._sum, self._n = 0.0, 0
+            self.monitor.update(mean, ts)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or "monitor" not in self.__dict__:
@@ -270,20 +300,22 @@ class _Request:
     Only the first positions in the order users saw are learned from (``max_positions``,
     or the ad slots), so only their feature rows, attractiveness and item slots are kept."""
 
-    __slots__ = ("attr", "bids", "clicks", "deadline", "generation", "ids", "kind", "order", "request_id", "shown",
-                 "slots", "ts", "user", "x")  # fmt: skip
+    __slots__ = ("attr", "bids", "clicks", "deadline", "generation", "id_set", "ids", "kind", "order", "request_id",
+                 "shown", "slots", "ts", "user", "x")  # fmt: skip
 
     def __init__(
-        self, event: Search, deadline: int, ids: list[str], bids: np.ndarray | None, order: np.ndarray,
-        shown: np.ndarray, x: np.ndarray, attr: np.ndarray, slots: np.ndarray, generation: int,
+        self, event: Search, deadline: int, ids: list[str], id_set: set[str], bids: np.ndarray | None,
+        order: np.ndarray, shown: np.ndarray, x: np.ndarray, attr: np.ndarray, slots: np.ndarray, generation: int,
     ) -> None:  # fmt: skip
         self.request_id = event.request_id
         self.user = event.user_id
         self.ts = event.ts
         self.kind = event.kind
         self.deadline = deadline
-        #: Candidate ids (and ads' bids) in the engine's order; ``order``: our order (indexes into ids).
+        #: Candidate ids (and ads' bids) in the engine's order (and as a set: clicks are joined
+        #: by item); ``order``: our order (indexes into ids).
         self.ids = ids
+        self.id_set = id_set
         self.bids = bids
         self.order = order
         #: The first positions users saw (engine indexes), and per position: feature row,
@@ -304,6 +336,14 @@ def _plain_logistic(model: Any) -> linear_model.LogisticRegression | None:
     if type(model) is linear_model.LogisticRegression and type(model.loss) is optim.losses.Log:
         return model
     return None
+
+
+def _coefficients(weights: Any) -> list[float]:
+    """A linear model's weights of ``FEATURES`` (0 for one it has not learned yet)."""
+    try:
+        return [weights[f] for f in FEATURES]  # a River VectorDict: indexing is its fast read
+    except KeyError:
+        return [weights.get(f, 0.0) for f in FEATURES]
 
 
 def _steppable(model: Any) -> bool:
@@ -331,7 +371,7 @@ def _sgd_step(model: linear_model.LogisticRegression, x: np.ndarray, y: list[boo
     >>> x = dict(zip(FEATURES, [0.5] * len(FEATURES)))
     >>> a.learn_one(x, True, w=2.0); b.learn_one(x, True, w=2.0)
     >>> _sgd_step(a, np.full((1, len(FEATURES)), 0.5), [False], [3.0]); b.learn_one(x, False, w=3.0)
-    >>> a.weights == b.weights, a.intercept == b.intercept
+    >>> max(abs(a.weights[f] - b.weights[f]) for f in FEATURES) < 1e-12, abs(a.intercept - b.intercept) < 1e-12
     (True, True)
     >>> _sgd_step(a, np.full((2, len(FEATURES)), 0.5), [True, False], [1.0, 2.0])
     >>> b.learn_one(x, True); b.learn_one(x, False, w=2.0)
@@ -339,31 +379,23 @@ def _sgd_step(model: linear_model.LogisticRegression, x: np.ndarray, y: list[boo
     (-0.0528, -0.056, 4)
     """
     weights = model._weights
-    coef = np.array([weights.get(f, 0.0) for f in FEATURES])
-    labels = np.array(y, dtype=float)
-    z = x @ coef
-    z += model.intercept
-    # The log loss's gradient in the logit: sigmoid(z) - y (tanh: no overflow).
-    np.multiply(z, 0.5, out=z)
-    np.tanh(z, out=z)
-    g = 0.5 * z + (0.5 - labels)
+    coef = _coefficients(weights)
+    b = model.intercept
     loss = model.loss
-    sample = np.array(w)
-    if loss.weight_pos != 1.0 or loss.weight_neg != 1.0:
-        sample *= np.where(labels > 0, loss.weight_pos, loss.weight_neg)
-    g *= sample
-    limit = model.clip_gradient
-    np.minimum(np.maximum(g, -limit, out=g), limit, out=g)
+    pos, neg, limit = loss.weight_pos, loss.weight_neg, model.clip_gradient
+    g: list[float] = []
+    for zk, yk, wk in zip((x @ np.array(coef)).tolist(), y, w, strict=True):
+        # The log loss's gradient in the logit: sigmoid(z) - y (as tanh: no overflow).
+        p = 0.5 + 0.5 * math.tanh(0.5 * (zk + b))
+        gk = (p - 1.0) * wk * pos if yk else p * wk * neg
+        g.append(min(max(gk, -limit), limit))
     opt = model.optimizer
     lr = opt.learning_rate
-    model.intercept -= model.intercept_lr.get(opt.n_iterations) * float(g.sum())
-    grad = g @ x
-    if model.l2:
-        grad += (model.l2 * len(g)) * coef
-    coef -= lr * grad
+    model.intercept = b - model.intercept_lr.get(opt.n_iterations) * sum(g)
+    l2 = model.l2 * len(g)
+    for f, c, gf in zip(FEATURES, coef, (np.array(g) @ x).tolist(), strict=True):
+        weights[f] = c - lr * (gf + l2 * c)
     opt.n_iterations += len(g)
-    for f, v in zip(FEATURES, coef.tolist(), strict=True):
-        weights[f] = v
 
 
 class RankingLearner(Learner):
@@ -393,12 +425,13 @@ class RankingLearner(Learner):
         self._slot: dict[str, int] = {}
         self._free: list[int] = []
         size = 1024
-        #: Per item slot: clicks, expected examinations, popularity (``log(p) + t / tau``: a
-        #: popularity ``p`` at event time ``t`` decayed with time constant ``tau``, so that at any
-        #: time ``ts`` it is ``exp(value - ts / tau)``; -inf: none), log price / 5 (0 unknown),
-        #: last event time touched (eviction order); its category index (-1 unknown).
-        self._tab = np.zeros((size, 5))
-        self._tab[:, _POP] = -np.inf
+        #: One row per column, one column per item slot: clicks, expected examinations,
+        #: popularity (``log(p) + t / tau``: a popularity ``p`` at event time ``t`` decayed with
+        #: time constant ``tau``, so that at any time ``ts`` it is ``exp(value - ts / tau)``;
+        #: -inf: none), log price / 5 (0 unknown), last event time touched (eviction order).
+        #: And each slot's category index (-1 unknown).
+        self._tab = np.zeros((5, size))
+        self._tab[_POP] = -np.inf
         self._cat = np.full(size, -1, dtype=np.intp)
         #: Counts the times item slots were forgotten (a request's slots hold while it is unchanged).
         self._generation = 0
@@ -499,7 +532,7 @@ class RankingLearner(Learner):
 
     # -- scoring --------------------------------------------------------------------------
 
-    def _candidates(self, event: Search) -> tuple[list[str], np.ndarray | None]:
+    def _candidates(self, event: Search) -> tuple[list[str], set[str], np.ndarray | None]:
         cands = event.candidates
         if event.kind == "ads":
             ids = [c.item_id for c in cands]  # type: ignore[union-attr]
@@ -507,21 +540,22 @@ class RankingLearner(Learner):
         else:
             ids = cands  # type: ignore[assignment]  # read only: the event's own list
             bids = None
-        if len(set(ids)) != len(ids):  # duplicates: the first occurrence counts
+        distinct = set(ids)
+        if len(distinct) != len(ids):  # duplicates: the first occurrence counts
             seen: set[str] = set()
             keep = [i for i, x in enumerate(ids) if not (x in seen or seen.add(x))]  # type: ignore[func-returns-value]
             ids = [ids[i] for i in keep]
             if bids is not None:
                 bids = [bids[i] for i in keep]
-        return ids, (np.array(bids) if bids is not None else None)
+        return ids, distinct, (np.array(bids) if bids is not None else None)
 
     def features(self, event: Search, ids: list[str], slots: np.ndarray) -> np.ndarray:
         """The feature matrix of the candidates ``ids`` of ``event`` (rows in the engine's
         order), from their item ``slots``. Built column by column (one vector operation
         each, no per-candidate object): a ``(len(ids), len(FEATURES))`` view."""
         n = len(ids)
-        x = np.empty((_F, n))
-        tab = self._tab[slots].T
+        x = np.empty((_F, n), np.float32)
+        tab = self._tab.take(slots, axis=1)
         exams = tab[_EXM]
         rate = self._tot_clicks / self._tot_exams
         # The learned click rate: clicks over expected examinations, smoothed towards the global rate.
@@ -530,11 +564,11 @@ class RankingLearner(Learner):
         np.logaddexp(tab[_POP] - event.ts / self._pop_tau_ms, 0.0, out=x[1])
         x[1] *= 1.0 / 3.0
         x[2] = tab[_PRICE]
-        cats = self._cat[slots]
+        cats = self._cat.take(slots)
         user = self._users.get(event.user_id, event.ts)
         n_cat = len(self._cat_terms)
         if user is not None and user.total > 0:
-            share = np.zeros(n_cat + 1)  # the last: unknown category
+            share = np.zeros(n_cat + 1, np.float32)  # the last: unknown category
             inv = 1.0 / user.total
             for k, w in user.cats.items():
                 share[k] = w * inv
@@ -565,7 +599,7 @@ class RankingLearner(Learner):
         if match is None:
             if len(self._match_cache) >= 4096:
                 self._match_cache.clear()
-            match = np.zeros(n_cat + 1)
+            match = np.zeros(n_cat + 1, np.float32)
             for k, names in enumerate(self._cat_terms):
                 if terms & names:
                     match[k] = 1.0
@@ -580,7 +614,7 @@ class RankingLearner(Learner):
         if lr is not None:
             weights = lr._weights
             # sigmoid(w . x + b) = 0.5 + 0.5 tanh((w . x + b) / 2): no overflow, no clipping.
-            half = np.array([0.5 * weights.get(f, 0.0) for f in FEATURES])
+            half = np.array([0.5 * c for c in _coefficients(weights)])
             z = x @ half
             z += 0.5 * lr.intercept
             np.tanh(z, out=z)
@@ -596,7 +630,7 @@ class RankingLearner(Learner):
     def _score(self, event: Search) -> tuple[_Request, np.ndarray, int]:
         """The request scored and ordered: the pending request it becomes, every candidate's
         attractiveness (engine order) and the explored ad slots (a bit each)."""
-        ids, bids = self._candidates(event)
+        ids, distinct, bids = self._candidates(event)
         n = len(ids)
         slots = np.fromiter(map(self._slot.get, ids, _zeros(n)), np.intp, n)
         x = self.features(event, ids, slots)
@@ -614,8 +648,8 @@ class RankingLearner(Learner):
             top = order[: self._keep[event.kind]]
         else:
             top = self._identity[: min(n, self._keep[event.kind])]
-        req = _Request(event, event.ts + self._window_ms, ids, bids, order, top, x[top].astype(np.float32),
-                       attr[top], slots[top], self._generation)  # fmt: skip
+        req = _Request(event, event.ts + self._window_ms, ids, distinct, bids, order, top, x.take(top, axis=0),
+                       attr.take(top), slots.take(top), self._generation)  # fmt: skip
         return req, attr, explored
 
     def _explore(self, order: np.ndarray) -> tuple[np.ndarray, int]:
@@ -637,13 +671,13 @@ class RankingLearner(Learner):
         n = len(order)
         ids = req.ids
         ranked = [ids[i] for i in order.tolist()]
-        score = attr[order]
+        score = attr.take(order)
         p_click = score * (self._exam_row[req.kind][:n] if n <= _MAX_CANDIDATES else self._examination_row(req.kind, n))
         n_explored = explored.bit_count()
         if req.bids is None:
             items = list(map(RankedItem, ranked, score.tolist(), p_click.tolist()))
         else:
-            bids = req.bids[order]
+            bids = req.bids.take(order)
             flags = [bool(explored >> k & 1) for k in range(n)]
             items = list(map(RankedItem, ranked, score.tolist(), p_click.tolist(), bids.tolist(),
                              (p_click * bids).tolist(), flags))  # fmt: skip
@@ -681,7 +715,7 @@ class RankingLearner(Learner):
             if self._free:
                 s = self._free.pop()
             else:
-                if self._n_slots == len(self._tab):
+                if self._n_slots == self._tab.shape[1]:
                     if self._n_slots - 1 >= self.spec.max_items:
                         self._forget_items()
                         s = self._free.pop()
@@ -691,18 +725,19 @@ class RankingLearner(Learner):
                     s = self._n_slots
                     self._n_slots += 1
             self._slot[item_id] = s
-            row = self._tab[s]
-            row[:] = 0.0
-            row[_POP] = -math.inf
+            tab = self._tab
+            tab[:, s] = 0.0
+            tab[_POP, s] = -math.inf
             self._cat[s] = -1
-        self._tab[s, _SEEN] = self.now if self.now > ts else ts
+        self._tab[_SEEN, s] = self.now if self.now > ts else ts
         return s
 
     def _grow(self) -> None:
-        new = min(2 * len(self._tab), self.spec.max_items + 1)
-        tab = np.zeros((new, self._tab.shape[1]))
-        tab[:, _POP] = -math.inf
-        tab[: len(self._tab)] = self._tab
+        old = self._tab.shape[1]
+        new = min(2 * old, self.spec.max_items + 1)
+        tab = np.zeros((self._tab.shape[0], new))
+        tab[_POP] = -math.inf
+        tab[:, :old] = self._tab
         cat = np.full(new, -1, dtype=np.intp)
         cat[: len(self._cat)] = self._cat
         self._tab, self._cat = tab, cat
@@ -711,7 +746,7 @@ class RankingLearner(Learner):
         """The catalog bound is reached: forget the least recently seen tenth."""
         n = self._n_slots
         k = max(1, (n - 1) // 10)
-        oldest = 1 + np.argsort(self._tab[1:n, _SEEN], kind="stable")[:k]
+        oldest = 1 + np.argsort(self._tab[_SEEN, 1:n], kind="stable")[:k]
         drop = set(oldest.tolist())
         for item, s in list(self._slot.items()):
             if s in drop:
@@ -722,12 +757,12 @@ class RankingLearner(Learner):
     def _observe(self, user_id: str, item_id: str, category: str | None, price: float | None, ts: int) -> None:
         """A click or purchase: the item's popularity and attributes, the user's interests."""
         s = self._item(item_id, ts)
-        row = self._tab[s]
+        tab = self._tab
         # One more unit of popularity at ts: log(exp(value) + exp(ts / tau)), stably.
-        pop, now = float(row[_POP]), ts / self._pop_tau_ms
-        row[_POP] = pop + math.log1p(math.exp(now - pop)) if pop > now else now + math.log1p(math.exp(pop - now))
+        pop, now = float(tab[_POP, s]), ts / self._pop_tau_ms
+        tab[_POP, s] = pop + math.log1p(math.exp(now - pop)) if pop > now else now + math.log1p(math.exp(pop - now))
         if price is not None:
-            row[_PRICE] = math.log(price) / 5.0
+            tab[_PRICE, s] = math.log(price) / 5.0
         k = self._category(category)
         if k >= 0:
             self._cat[s] = k
@@ -783,12 +818,12 @@ class RankingLearner(Learner):
                     if rid in self._closed:
                         stats["late"] += 1
                 return False
-            if item not in req.ids or req.ts > event.ts:
+            if item not in req.id_set or req.ts > event.ts:
                 req = None
         else:
             for r in reversed(self._by_user.get(event.user_id, ())):
                 cand = self._pending[r]
-                if cand.ts <= event.ts and item in cand.ids:
+                if cand.ts <= event.ts and item in cand.id_set:
                     req = cand
                     break
         if req is None:
@@ -836,17 +871,20 @@ class RankingLearner(Learner):
         clicks = req.clicks
         clicked = [k for k in range(d) if shown[k] in clicks] if clicks else []
         exam = self.examination[req.kind][:d]  # before this request updates it
-        self._count_items(req, shown, d, clicked, exam)
+        ex = exam.tolist()
+        self._count_items(req, shown, d, clicked, exam, ex)
         self._count_positions(req, d, clicked)
         self._evaluate(req, shown, clicked)
         if not clicked:
             self._stats["expired"] += 1
             if req.bids is None:
                 return
-        self._learn(req, shown, d, clicked, exam)
+        self._learn(req, shown, d, clicked, ex)
         self._learned_requests += 1
 
-    def _count_items(self, req: _Request, shown: list[int], d: int, clicked: list[int], exam: np.ndarray) -> None:
+    def _count_items(
+        self, req: _Request, shown: list[int], d: int, clicked: list[int], exam: np.ndarray, ex: list[float]
+    ) -> None:
         """Expected examinations of every shown item, clicks of the clicked."""
         slots = req.slots[:d]
         if req.generation != self._generation or not slots.all():
@@ -854,22 +892,26 @@ class RankingLearner(Learner):
             slot_of, ids = self._slot.get, req.ids
             slots = np.array([slot_of(ids[i]) or self._item(ids[i], req.ts) for i in shown[:d]], np.intp)
         tab = self._tab
-        tab[slots, _SEEN] = self.now
-        tab[slots, _EXM] += exam
-        self._tot_exams += float(exam.sum())
+        tab[_SEEN].put(slots, self.now)
+        exams = tab[_EXM]
+        exams.put(slots, exams.take(slots) + exam)
+        self._tot_exams += sum(ex)
         if clicked:
-            tab[slots[clicked], _CLK] += 1.0
+            clk = tab[_CLK]
+            for k in clicked:
+                clk[slots[k]] += 1.0
             self._tot_clicks += len(clicked)
 
     def _count_positions(self, req: _Request, d: int, clicked: list[int]) -> None:
         """Clicks and predicted attractiveness by position: the examination estimate."""
         kind = req.kind
         self._pos_attr[kind][:d] += req.attr[:d]
-        if clicked:
-            self._pos_clicks[kind][clicked] += 1.0
+        pos_clicks = self._pos_clicks[kind]
+        for k in clicked:
+            pos_clicks[k] += 1.0
         self._update_examination(kind)
 
-    def _learn(self, req: _Request, shown: list[int], d: int, clicked: list[int], exam: np.ndarray) -> None:
+    def _learn(self, req: _Request, shown: list[int], d: int, clicked: list[int], ex: list[float]) -> None:
         """Cascade: positives at the clicks (weighted by the inverse examination of their
         position), negatives above the last click. Ads: every slot (a few), an unclicked one
         below the last click weighted by the probability that it was examined."""
@@ -878,7 +920,6 @@ class RankingLearner(Learner):
         last = clicked[-1] if clicked else -1
         depth = d if ads else last + 1
         clicks, floor = req.clicks, spec.min_propensity
-        ex = exam[:depth].tolist()
         y: list[bool] = []
         w: list[float] = []
         for k in range(depth):
@@ -918,14 +959,20 @@ class RankingLearner(Learner):
         """The click model's metrics on one example in ``evaluate_every``; every example's
         error to the drift monitor."""
         ev, every, n = self.evaluation, self.spec.evaluate_every, self._n_examples
+        drift = ev.drift
         for yk, a in zip(y, attr, strict=True):
             p = min(max(a, _EPS), 1 - _EPS)
             n += 1
             if n % every == 0:
                 ev.binary(yk, p, ts)
-            else:
-                ev.error(-math.log(p if yk else 1 - p), ts)
+            elif drift is not None:
+                # What ``ev.error`` passes on (its other bookkeeping is for outcomes held back
+                # to prediction order, which this learner does not ask for): a request's
+                # examples are several, and the layers were most of their evaluation's cost.
+                drift.update(-math.log(p if yk else 1 - p), ts)
         self._n_examples = n
+        if type(drift) is _BrierFeed:  # (validation swaps in an accumulator of its own)
+            drift.flush(ts)
 
     def _update_examination(self, kind: str) -> None:
         ratio = self._pos_clicks[kind] / self._pos_attr[kind]
