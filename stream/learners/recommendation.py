@@ -70,6 +70,7 @@ from stream.evaluation import Evaluation
 from stream.events import Click, Purchase
 from stream.learners.base import Learner
 from stream.models import build_model, with_seed
+from stream.sync import Params
 
 __all__ = ["RecommendationLearner", "RecommendationSpec", "Recommendations", "ScoredItem"]
 
@@ -1051,6 +1052,62 @@ class RecommendationLearner(Learner):
             "max_neighbors": max((len(it.neighbors) for _, it in self._items.items()), default=0),
         }
 
+
+    # -- model sync (stream.sync): what every task's copy should know ---------------------------
+
+    def global_params(self) -> Params:
+        """Per remembered item: its latent vector (``means``: each task's vector started from its own
+        random draw), its forward-decayed popularity (``decayed``, at this copy's ``t0``) and its
+        co-click counts (``counts``, keyed by both item ids). Users' vectors stay with their task."""
+        out = Params(ref_ms=float(self._t0 or 0), tau_ms=self._tau_ms)
+        latent = isinstance(self.weights, _RankerWeights) and self.weights.n_factors > 0
+        vectors, pop, item_at = self.weights.vectors, self._popularity, self._item_at
+        for item, row in self._row_of.items():
+            if latent:
+                out.means["i|" + item] = vectors[row].copy()
+            if pop[row] > 0:
+                out.decayed[item] = float(pop[row])
+            for other_row, count in self._item_state[row].neighbors.items():  # type: ignore[union-attr]
+                other = item_at[other_row]
+                if other is not None:
+                    out.counts[item + "\x00" + other] = count
+        return out
+
+    def set_global_params(self, params: Params) -> None:
+        """The merged values of the items this copy remembers (others stay unknown to it until they
+        get traffic in its task; their counts keep counting in the merge)."""
+        weights, row_of, item_state = self.weights, self._row_of, self._item_state
+        if isinstance(weights, _RankerWeights) and weights.n_factors:
+            for key, vec in params.means.items():
+                row = row_of.get(key[2:])
+                if row is not None and key[:2] == "i|":
+                    own, _ = weights._item_weights(key[2:])
+                    if own is not None:
+                        own[:] = vec  # in place: the batch update's model vectors are views of these rows
+                    weights.vectors[row] = vec
+        if params.decayed and self._t0 is not None:
+            factor = math.exp((params.ref_ms - self._t0) / self._tau_ms)
+            prior = self.spec.popularity_prior
+            for item, value in params.decayed.items():
+                row = row_of.get(item)
+                if row is not None and value > 0:
+                    self._popularity[row] = value * factor
+                    if prior:
+                        weights.set_prior(row, prior * math.log(value * factor))
+                    it = item_state[row]
+                    top = self._category_top.get(it.category) if it is not None and it.category else None
+                    if top is not None:
+                        top.update(row, value * factor)
+            self._popular_stale = True  # recounted from the array when next needed
+        cap = self.spec.max_neighbors
+        for key, count in params.counts.items():
+            item, _, other = key.partition("\x00")
+            row, other_row = row_of.get(item), row_of.get(other)
+            if row is None or other_row is None:
+                continue
+            neighbors = item_state[row].neighbors  # type: ignore[union-attr]
+            if other_row in neighbors or len(neighbors) < cap:
+                neighbors[other_row] = float(count)
 
 def _padded(a: np.ndarray, n: int) -> np.ndarray:
     """``a`` with zero rows appended up to ``n`` rows."""
