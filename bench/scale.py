@@ -29,7 +29,7 @@ from stream.pipeline import Pipeline, Tally
 from stream.recording import RecordedMessage
 from stream.scoring import TruthScorer
 from stream.simulate import SimConfig, Simulation
-from stream.sync import ModelSync
+from stream.sync_topic import LocalSync, encode_params
 
 #: What each learner is scored on (the TruthScorer's figure) and whether higher is better.
 FIGURES = {"pricing": ("pricing_regret", False), "risk": ("fraud_auc", True),
@@ -67,26 +67,37 @@ def route(records: Sequence[RecordedMessage], tasks: int, config: Config) -> lis
 def run(
     config: Config, records: list[RecordedMessage], truth: Any, tasks: int, sync_every: int | None
 ) -> dict[str, Any]:
-    """Quality of ``tasks`` tasks over ``records`` (interleaved in event-time order, as live)."""
+    """Quality of ``tasks`` tasks over ``records`` (interleaved in event-time order, as live), with the
+    cost of model sync (``stream.sync_topic.LocalSync``) when ``sync_every`` is set."""
     scorer = TruthScorer(truth)
-    pipes, sets = [], []
-    for _ in range(tasks):
+    pipes, sets = [], {}
+    for k in range(tasks):
         learners = [lr for lr in build_learners(config) if lr.name in LEARNERS]
-        sets.append(learners)
+        sets[k] = learners
         pipes.append(Pipeline(learners, scorer.wrap_sink(_Null()), contract_topics=config.input_topics(),
                               dead_letter_topic="dead", observer=Tally(scorer)))  # fmt: skip
-    syncs = [ModelSync([s[i].model for s in sets]) for i in range(len(sets[0]))] if sync_every else []
+    # Every sync_every events per task, on average; never on the clock (the bench must not depend on speed).
+    sync = LocalSync(sync_every * tasks, float("inf"), config.sync.mode) if sync_every else None
     streams = route(records, tasks, config) if tasks > 1 else [records]
     # Event-time order across tasks: what P instances running side by side do.
     merged = sorted(((r.timestamp()[1], n, k, r) for k, s in enumerate(streams) for n, r in enumerate(s)),
                     key=lambda x: (x[0], x[2], x[1]))  # fmt: skip
-    for n, (_, _, k, r) in enumerate(merged, 1):
+    sent = 0
+    for _, _, k, r in merged:
         pipes[k].process(r)
-        if syncs and n % (sync_every * tasks) == 0:  # every sync_every events per task, on average
-            for s in syncs:
-                s.merge()
+        if sync is not None:
+            before = sync.merges
+            sync.tick(sets, 1)
+            if sync.merges != before:
+                # What a TopicSync would publish: every task's contribution, per learner.
+                sent += sum(len(encode_params(m.contribution(t))) for m in sync.mergers.values() for t in sets)
     results = scorer.results()
-    return {name: results.get(name, {}).get(FIGURES[name][0]) for name in LEARNERS}
+    out: dict[str, Any] = {name: results.get(name, {}).get(FIGURES[name][0]) for name in LEARNERS}
+    if sync is not None and sync.merges:
+        out["merges"] = sync.merges
+        out["ms_per_merge"] = 1000 * sync.merge_seconds / sync.merges
+        out["bytes_per_merge"] = sent / sync.merges
+    return out
 
 
 def _work(args: tuple[Config, list[list[RecordedMessage]]]) -> float:
@@ -133,8 +144,8 @@ def main() -> None:
                     f"{n} tasks, no sync": run(config, records, sim.truth, n, None),
                     f"{n} tasks, sync": run(config, records, sim.truth, n, args.sync_every)}  # fmt: skip
         for variant, figures in variants.items():
-            for name, value in figures.items():
-                rows.setdefault(name, {}).setdefault(variant, []).append(value)
+            for name in LEARNERS:
+                rows.setdefault(name, {}).setdefault(variant, []).append(figures[name])
         print(f"seed {seed}: {json.dumps(variants)}", flush=True)
     print(f"\n{args.events:,} events, seeds {args.seeds}; sync every {args.sync_every} events per task")
     for name, variants in rows.items():
