@@ -5,9 +5,9 @@ learners), parameters that are global by nature drift apart: a linear model's
 weights see only a Pth of the stream in each task, a label counter counts a
 Pth of the labels. A ``Merger`` (one per learner) merges them every so often,
 the way Monolith and Flink ML merge parameter updates. A learner describes its
-global parameters as ``Params``, four families merged differently:
+global parameters as ``Params``, three families merged differently:
 
-* ``weights`` (linear weights and intercepts): each task's *delta*, its values
+* ``weights`` (linear weights and intercepts, item latent vectors): each task's *delta*, its values
   minus those it was last given, is added to its *contribution*; the global
   value is the sum of the contributions (``mode = "sum"``: what sequential SGD
   over everybody's updates does to first order, updates of disjoint data add
@@ -17,9 +17,7 @@ global parameters as ``Params``, four families merged differently:
   the count of one model that saw everything;
 * ``decayed`` (forward-decayed counts, ``weight * exp((ts - ref_ms) / tau_ms)``,
   such as item popularity): summed like counts, after bringing every
-  contribution to the newest reference time (a factor <= 1: no overflow);
-* ``means`` (values each task holds whole, such as item latent vectors, whose
-  random start differs per task): the mean over the tasks holding the key.
+  contribution to the newest reference time (a factor <= 1: no overflow).
 
 A contribution is cumulative and per task, so the latest one of every task is
 all a merge needs: re-sending it is idempotent, and a compacted topic keyed by
@@ -43,6 +41,7 @@ True
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,13 +51,16 @@ from river import compose, linear_model, preprocessing
 
 __all__ = [
     "GlobalParams",
+    "HSTWindow",
     "Merger",
     "Mode",
     "Params",
     "Value",
     "assign_count_params",
+    "assign_hst_params",
     "assign_model_params",
     "count_params",
+    "hst_params",
     "linear_parts",
     "model_params",
     "scaler_parts",
@@ -78,20 +80,18 @@ class Params:
 
     weights: dict[str, Value] = field(default_factory=dict)
     counts: dict[str, Value] = field(default_factory=dict)
-    means: dict[str, Value] = field(default_factory=dict)
     decayed: dict[str, float] = field(default_factory=dict)
     #: Reference time (ms) and time constant of ``decayed`` (0: no decayed values).
     ref_ms: float = 0.0
     tau_ms: float = 0.0
 
     def __len__(self) -> int:
-        return len(self.weights) + len(self.counts) + len(self.means) + len(self.decayed)
+        return len(self.weights) + len(self.counts) + len(self.decayed)
 
     def update(self, other: Params) -> None:
         """Take ``other``'s values next to (and over) these (several parts of one learner)."""
         self.weights.update(other.weights)
         self.counts.update(other.counts)
-        self.means.update(other.means)
         if other.decayed:
             self.decayed.update(rescaled(other.decayed, other.ref_ms, self.ref_ms or other.ref_ms, other.tau_ms))
             self.ref_ms, self.tau_ms = self.ref_ms or other.ref_ms, other.tau_ms
@@ -132,7 +132,7 @@ class _Task:
     __slots__ = ("contribution", "reference")
 
     def __init__(self) -> None:
-        #: Cumulative: weights, counts and decayed deltas summed, means the latest values.
+        #: Cumulative: the task's weights, counts and decayed deltas, summed.
         self.contribution = Params()
         #: What the task held right after it was last given merged values (None: never).
         self.reference: Params | None = None
@@ -170,7 +170,6 @@ class Merger:
         elif state.reference is None and len(state.contribution):
             state.reference = current  # read back: its learning is already in the contribution
         c = state.contribution
-        c.means = dict(current.means)
         ref = state.reference or Params()
         _add(c.weights, _minus(current.weights, ref.weights))
         _add(c.counts, _minus(current.counts, ref.counts))
@@ -197,14 +196,6 @@ class Merger:
             _add(out.weights, p.weights, scale)
         for p in parts:
             _add(out.counts, p.counts)
-        holders: dict[str, int] = {}
-        for p in parts:
-            _add(out.means, p.means)
-            for k in p.means:
-                holders[k] = holders.get(k, 0) + 1
-        for k, n in holders.items():
-            if n > 1:
-                out.means[k] = out.means[k] / n
         decayed = [p for p in parts if p.decayed]
         if decayed:
             to = max(p.ref_ms for p in decayed)
@@ -323,3 +314,79 @@ def assign_count_params(params: Params, names: Iterator[str] | tuple[str, ...]) 
         if v is not None:
             out[name] = float(v)
     return out
+
+
+# -- Half-Space Trees ---------------------------------------------------------------------------
+
+#: The counter of a detector whose windows the sync closes: River's own pivot (at
+#: ``counter == window_size``) never comes.
+_NEVER = -(2**62)
+
+
+@dataclass(slots=True)
+class HSTWindow:
+    """Where the current window of a synced ``river.anomaly.HalfSpaceTrees`` starts: the merged
+    cumulative masses (one array over every node of every tree) and sample count at its start."""
+
+    masses: np.ndarray
+    count: float
+    #: Which trees (``_hst_key``), computed once.
+    key: str
+
+
+def _nodes(detector: Any) -> list[Any]:
+    return [node for tree in detector._tree_nodes for node in tree]
+
+
+def _hst_key(nodes: list[Any]) -> str:
+    """Masses merge only between identical trees (same seed and features): the key says which."""
+    shape = repr([(getattr(n, "feature", None), getattr(n, "threshold", None)) for n in nodes]).encode()
+    return f"h|{zlib.crc32(shape):08x}"
+
+
+def hst_params(detector: Any, window: HSTWindow | None) -> Params:
+    """A Half-Space Trees detector's masses as cumulative counts (additive across tasks, whatever
+    window each task is in): ``h|<trees>`` the masses learned since the start, ``h|<trees>|n`` how
+    many samples. Before its first sync (``window`` None) a detector holds its reference window and
+    its current one (older windows are gone, and do not matter: only differences are used)."""
+    nodes = _nodes(detector)
+    if not nodes:
+        return Params()
+    key = window.key if window is not None else _hst_key(nodes)
+    current = np.fromiter((n.l_mass for n in nodes), dtype=np.float64, count=len(nodes))
+    if window is None:
+        first = detector._first_window
+        if not first:
+            current += np.fromiter((n.r_mass for n in nodes), dtype=np.float64, count=len(nodes))
+        count = float(detector.counter + (0 if first else detector.window_size))
+        return Params(counts={key: current, key + "|n": count})
+    return Params(counts={key: window.masses + current, key + "|n": window.count + float(detector.counter - _NEVER)})
+
+
+def assign_hst_params(detector: Any, params: Params, window: HSTWindow | None) -> HSTWindow | None:
+    """Set the detector's window from the merged masses (what ``hst_params`` wrote, summed over the
+    tasks): once the merged window holds ``window_size`` samples it becomes the reference (scaled to
+    ``window_size`` samples, as one detector's would hold) and a new window starts. From then on the
+    sync closes the windows, for every task at once. Returns the window to pass next time."""
+    nodes = _nodes(detector)
+    if not nodes:
+        return window
+    key = window.key if window is not None else _hst_key(nodes)
+    total, count = params.counts.get(key), params.counts.get(key + "|n")
+    if not isinstance(total, np.ndarray) or total.shape != (len(nodes),) or count is None:
+        return window
+    start = window if window is not None else HSTWindow(np.zeros(len(nodes)), 0.0, key)
+    masses, n = total - start.masses, float(count) - start.count
+    size = detector.window_size
+    if n >= size:
+        reference = masses * (size / n)
+        for node, r in zip(nodes, reference.tolist(), strict=True):
+            node.r_mass = r
+            node.l_mass = 0.0
+        detector._first_window = False
+        start, n = HSTWindow(np.array(total, dtype=np.float64), float(count), key), 0.0
+    else:
+        for node, m in zip(nodes, masses.tolist(), strict=True):
+            node.l_mass = m
+    detector.counter = _NEVER + round(n)
+    return start

@@ -79,7 +79,6 @@ class _Family(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
 class _Wire(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
     weights: _Family
     counts: _Family
-    means: _Family
     decayed: dict[str, float]
     ref_ms: float
     tau_ms: float
@@ -129,12 +128,11 @@ def _values(family: _Family, where: str) -> dict[str, float | np.ndarray]:
 def encode_params(params: Params) -> bytes:
     """``params`` as msgpack (typed; vectors as raw float64 bytes).
 
-    >>> p = decode_params(encode_params(Params(weights={"l0|x": 1.5}, means={"i|a": np.ones(2)})))
-    >>> p.weights, p.means["i|a"].tolist()
-    ({'l0|x': 1.5}, [1.0, 1.0])
+    >>> p = decode_params(encode_params(Params(weights={"l0|x": 1.5, "i|a": np.ones(2)})))
+    >>> p.weights["l0|x"], p.weights["i|a"].tolist()
+    (1.5, [1.0, 1.0])
     """
-    wire = _Wire(_family(params.weights), _family(params.counts), _family(params.means),
-                 dict(params.decayed), params.ref_ms, params.tau_ms)  # fmt: skip
+    wire = _Wire(_family(params.weights), _family(params.counts), dict(params.decayed), params.ref_ms, params.tau_ms)
     return msgspec.msgpack.encode(wire)
 
 
@@ -150,7 +148,6 @@ def decode_params(data: bytes, where: str = "model sync") -> Params:
     return Params(
         weights=_values(wire.weights, where),
         counts=_values(wire.counts, where),
-        means=_values(wire.means, where),
         decayed={k: float(v) for k, v in decayed.items()},
         ref_ms=wire.ref_ms,
         tau_ms=wire.tau_ms,

@@ -75,13 +75,13 @@ def test_fresh_zero_counts_a_new_task_and_own_or_read_back_adopts() -> None:
     assert restored.merged().counts == {"c|n": 10.0}
 
 
-def test_counts_are_summed_even_in_average_mode_and_means_average_over_holders() -> None:
+def test_counts_are_summed_even_in_average_mode_and_vectors_merge_like_numbers() -> None:
     merger = Merger("average")
-    merger.update(0, Params(weights={"w": 1.0}, counts={"n": 2.0}, means={"v": np.array([1.0, 3.0])}))
-    merger.update(1, Params(weights={"w": 3.0}, counts={"n": 4.0}))
+    merger.update(0, Params(weights={"w": 1.0, "v": np.array([1.0, 3.0])}, counts={"n": 2.0}))
+    merger.update(1, Params(weights={"w": 3.0, "v": np.array([3.0, 5.0])}, counts={"n": 4.0}))
     merged = merger.merged()
-    assert merged.weights == {"w": 2.0} and merged.counts == {"n": 6.0}
-    assert merged.means["v"].tolist() == [1.0, 3.0]  # one holder: its own vector, not halved
+    assert merged.weights["w"] == 2.0 and merged.counts == {"n": 6.0}
+    assert merged.weights["v"].tolist() == [2.0, 4.0]
 
 
 def test_decayed_counts_are_brought_to_the_newest_reference() -> None:
@@ -139,3 +139,62 @@ def test_learners_expose_their_global_counters_and_take_merged_ones() -> None:
     merged = Merger().merge({i: p.global_params() for i, p in enumerate(pricing)})
     pricing[0].set_global_params(merged)
     assert pricing[0]._outcomes == 2200  # type: ignore[attr-defined]
+
+
+def test_half_space_tree_masses_of_two_tasks_make_one_detectors_window() -> None:
+    from river import anomaly
+
+    from stream.sync import assign_hst_params, hst_params
+
+    def hst() -> anomaly.HalfSpaceTrees:
+        return anomaly.HalfSpaceTrees(n_trees=3, height=4, window_size=40, seed=5)
+
+    rng = np.random.default_rng(0)
+    xs = [{"a": float(rng.random()), "b": float(rng.random())} for _ in range(40)]
+    one, tasks = hst(), [hst(), hst()]
+    for i, x in enumerate(xs):
+        one.learn_one(x)  # the 40th closes its first window: reference = all 40
+        tasks[i % 2].learn_one(x)  # 20 each: neither closes a window alone
+    assert tasks[0]._first_window and not one._first_window
+    merger = Merger()
+    merged = merger.merge({i: hst_params(t, None) for i, t in enumerate(tasks)})
+    windows = [assign_hst_params(t, merged, None) for t in tasks]
+    probe = {"a": 0.3, "b": 0.9}
+    assert tasks[0].score_one(probe) == tasks[1].score_one(probe) == one.score_one(probe) > 0
+    # From now on the sync closes the windows: more learning, merged again, stays one detector's.
+    for i, t in enumerate(tasks):
+        merger.applied(i, hst_params(t, windows[i]))
+    for i, x in enumerate(xs):
+        one.learn_one(x)
+        tasks[i % 2].learn_one(x)
+    merged = merger.merge({i: hst_params(t, windows[i]) for i, t in enumerate(tasks)})
+    for i, t in enumerate(tasks):
+        windows[i] = assign_hst_params(t, merged, windows[i])
+    assert tasks[0].score_one(probe) == tasks[1].score_one(probe) == pytest.approx(one.score_one(probe))
+
+
+def test_recommendation_item_vectors_and_popularity_merge_across_tasks() -> None:
+    from stream.events import Click
+
+    config = load_config(None)
+    copies = [next(lr for lr in build_learners(config) if lr.name == "recommendation") for _ in range(2)]
+    for i in range(40):
+        copy = copies[i % 2]
+        click = Click(event_id=f"e{i}", ts=1_000 * i, user_id=f"u{i % 4}", item_id=f"i{i % 5}")
+        copy.predict(click)
+        copy.learn(click)
+    merger = Merger()
+    merged = merger.merge({i: c.global_params() for i, c in enumerate(copies)})
+    for i, c in enumerate(copies):
+        c.set_global_params(merged)
+        merger.applied(i, c.global_params())
+    held = [c.global_params() for c in copies]
+    for item in ("i0", "i1", "i2", "i3", "i4"):
+        assert held[0].weights["i|" + item] == pytest.approx(held[1].weights["i|" + item])
+    alone = next(lr for lr in build_learners(config) if lr.name == "recommendation")
+    for i in range(40):
+        alone.learn(Click(event_id=f"e{i}", ts=1_000 * i, user_id=f"u{i % 4}", item_id=f"i{i % 5}"))
+    popularity = alone.global_params()  # one copy that saw every click: the merged counts
+    for item, value in popularity.decayed.items():
+        for h in held:
+            assert h.decayed[item] * math.exp((h.ref_ms - popularity.ref_ms) / h.tau_ms) == pytest.approx(value)

@@ -1056,29 +1056,27 @@ class RecommendationLearner(Learner):
     # -- model sync (stream.sync): what every task's copy should know ---------------------------
 
     def global_params(self) -> Params:
-        """Per remembered item: its latent vector (``means``: each task's vector started from its own
-        random draw), its forward-decayed popularity (``decayed``, at this copy's ``t0``) and its
-        co-click counts (``counts``, keyed by both item ids). Users' vectors stay with their task."""
+        """Per remembered item: its latent vector (``weights``: the tasks' updates add up, as one model's
+        SGD steps would; an item new to several tasks at once adds their random starts, a small
+        noise) and its forward-decayed popularity (``decayed``, at this copy's ``t0``). Users' vectors
+        stay with their task. Co-click counts are not synced: measured, they changed the hit-rate by
+        under 0.5 % at three times the merge cost (bench/README.md, scale)."""
         out = Params(ref_ms=float(self._t0 or 0), tau_ms=self._tau_ms)
         latent = isinstance(self.weights, _RankerWeights) and self.weights.n_factors > 0
-        vectors, pop, item_at = self.weights.vectors, self._popularity, self._item_at
+        vectors, pop = self.weights.vectors, self._popularity
         for item, row in self._row_of.items():
             if latent:
-                out.means["i|" + item] = vectors[row].copy()
+                out.weights["i|" + item] = vectors[row].copy()
             if pop[row] > 0:
                 out.decayed[item] = float(pop[row])
-            for other_row, count in self._item_state[row].neighbors.items():  # type: ignore[union-attr]
-                other = item_at[other_row]
-                if other is not None:
-                    out.counts[item + "\x00" + other] = count
         return out
 
     def set_global_params(self, params: Params) -> None:
         """The merged values of the items this copy remembers (others stay unknown to it until they
-        get traffic in its task; their counts keep counting in the merge)."""
+        get traffic in its task; their updates keep counting in the merge)."""
         weights, row_of, item_state = self.weights, self._row_of, self._item_state
         if isinstance(weights, _RankerWeights) and weights.n_factors:
-            for key, vec in params.means.items():
+            for key, vec in params.weights.items():
                 row = row_of.get(key[2:])
                 if row is not None and key[:2] == "i|":
                     own, _ = weights._item_weights(key[2:])
@@ -1099,15 +1097,7 @@ class RecommendationLearner(Learner):
                     if top is not None:
                         top.update(row, value * factor)
             self._popular_stale = True  # recounted from the array when next needed
-        cap = self.spec.max_neighbors
-        for key, count in params.counts.items():
-            item, _, other = key.partition("\x00")
-            row, other_row = row_of.get(item), row_of.get(other)
-            if row is None or other_row is None:
-                continue
-            neighbors = item_state[row].neighbors  # type: ignore[union-attr]
-            if other_row in neighbors or len(neighbors) < cap:
-                neighbors[other_row] = float(count)
+
 
 def _padded(a: np.ndarray, n: int) -> np.ndarray:
     """``a`` with zero rows appended up to ``n`` rows."""
