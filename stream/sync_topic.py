@@ -291,7 +291,10 @@ class TopicSync(LocalSync):
                 except KafkaException as exc:
                     if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
-            self._producer = Producer(producer_config(self.config, **{"message.max.bytes": self._max_message_bytes()}))
+            # A contribution that cannot be delivered is superseded by the next merge's (cumulative):
+            # give up on it after a while instead of queueing every merge of an outage.
+            props = {"message.max.bytes": self._max_message_bytes(), "message.timeout.ms": 60_000}
+            self._producer = Producer(producer_config(self.config, **props))
             reader = {
                 "group.id": f"{self.config.kafka.group_id}.model-sync-reader",  # assigned, never committed
                 "enable.auto.commit": False,
@@ -330,13 +333,18 @@ class TopicSync(LocalSync):
             log.warning("model sync: cannot read the topic end", extra={"topic": self.topic, "error": str(exc)})
             return self._position
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        while self._position < high and time.monotonic() < deadline:
-            for msg in consumer.consume(1000, 0.2):
-                if msg.error() is not None:
-                    log.warning("model sync: read error", extra={"topic": self.topic, "error": msg.error().str()})  # type: ignore[union-attr]
-                    continue
-                self._index(msg)
-                self._position = max(self._position, (msg.offset() or 0) + 1)
+        try:
+            while self._position < high and time.monotonic() < deadline:
+                for msg in consumer.consume(1000, 0.2):
+                    if msg.error() is not None:
+                        log.warning("model sync: read error",
+                                    extra={"topic": self.topic, "error": msg.error().str()})  # type: ignore[union-attr]
+                        continue
+                    self._index(msg)
+                    self._position = max(self._position, (msg.offset() or 0) + 1)
+        except KafkaException as exc:
+            log.warning("model sync: read failed, merging what was read",
+                        extra={"topic": self.topic, "error": str(exc)})  # fmt: skip
         return self._position
 
     def _index(self, msg: Message) -> None:
@@ -388,13 +396,12 @@ class TopicSync(LocalSync):
     def _produce(self, key: str, value: bytes) -> None:
         producer = self._producer
         assert producer is not None
-        for _ in range(100):
-            try:
-                producer.produce(self.topic, value, key.encode(), partition=0, on_delivery=self._on_delivery)
-                return
-            except BufferError:
-                producer.poll(0.05)
-        raise BufferError(f"model sync: producer queue full writing {key} to {self.topic}")
+        try:
+            producer.produce(self.topic, value, key.encode(), partition=0, on_delivery=self._on_delivery)
+        except BufferError:
+            # The queue is full (the broker is away): never block the loop; the next merge re-sends.
+            producer.poll(0)
+            raise BufferError(f"model sync: producer queue full writing {key} to {self.topic}") from None
 
     def publish(self, task: int, name: str, params: Params) -> None:
         """Write one task's contribution: inline, or chunks then the envelope."""

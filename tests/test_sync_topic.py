@@ -154,6 +154,18 @@ def test_a_planted_record_is_passed_over_never_run(tmp_path: Path, caplog: pytes
     assert len(warnings) == 2 and warnings[0].offset == 42 and warnings[0].key == "3:lin"  # type: ignore[attr-defined]
 
 
+def test_no_broker_never_raises_and_still_merges_this_instances_tasks(caplog: pytest.LogCaptureFixture) -> None:
+    config = parse_config({"kafka": {"bootstrap_servers": "127.0.0.1:1"}, "sync": {"every_events": 1}})
+    sync = TopicSync(config, "a", timeout_s=0.5)
+    tasks = {0: [Lin()], 1: [Lin()]}
+    learn(tasks[0][0], 0, 3)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="stream.sync_topic"):
+        sync.tick(tasks, 3)
+    assert sync.merges == 1 and tasks[1][0].seen == 3  # type: ignore[attr-defined]
+    assert any("not reachable" in r.getMessage() for r in caplog.records)
+    sync.close()
+
+
 # -- a real broker -------------------------------------------------------------------------------
 
 
