@@ -330,8 +330,9 @@ class HSTWindow:
 
     masses: np.ndarray
     count: float
-    #: Which trees (``_hst_key``), computed once.
+    #: Which trees (``_hst_key``) and their nodes, found once (the trees never change shape).
     key: str
+    nodes: list[Any]
 
 
 def _nodes(detector: Any) -> list[Any]:
@@ -349,7 +350,7 @@ def hst_params(detector: Any, window: HSTWindow | None) -> Params:
     window each task is in): ``h|<trees>`` the masses learned since the start, ``h|<trees>|n`` how
     many samples. Before its first sync (``window`` None) a detector holds its reference window and
     its current one (older windows are gone, and do not matter: only differences are used)."""
-    nodes = _nodes(detector)
+    nodes = window.nodes if window is not None else _nodes(detector)
     if not nodes:
         return Params()
     key = window.key if window is not None else _hst_key(nodes)
@@ -368,14 +369,14 @@ def assign_hst_params(detector: Any, params: Params, window: HSTWindow | None) -
     tasks): once the merged window holds ``window_size`` samples it becomes the reference (scaled to
     ``window_size`` samples, as one detector's would hold) and a new window starts. From then on the
     sync closes the windows, for every task at once. Returns the window to pass next time."""
-    nodes = _nodes(detector)
+    nodes = window.nodes if window is not None else _nodes(detector)
     if not nodes:
         return window
     key = window.key if window is not None else _hst_key(nodes)
     total, count = params.counts.get(key), params.counts.get(key + "|n")
     if not isinstance(total, np.ndarray) or total.shape != (len(nodes),) or count is None:
         return window
-    start = window if window is not None else HSTWindow(np.zeros(len(nodes)), 0.0, key)
+    start = window if window is not None else HSTWindow(np.zeros(len(nodes)), 0.0, key, nodes)
     masses, n = total - start.masses, float(count) - start.count
     size = detector.window_size
     if n >= size:
@@ -384,7 +385,7 @@ def assign_hst_params(detector: Any, params: Params, window: HSTWindow | None) -
             node.r_mass = r
             node.l_mass = 0.0
         detector._first_window = False
-        start, n = HSTWindow(np.array(total, dtype=np.float64), float(count), key), 0.0
+        start, n = HSTWindow(np.array(total, dtype=np.float64), float(count), key, nodes), 0.0
     else:
         for node, m in zip(nodes, masses.tolist(), strict=True):
             node.l_mass = m

@@ -1076,26 +1076,34 @@ class RecommendationLearner(Learner):
         get traffic in its task; their updates keep counting in the merge)."""
         weights, row_of, item_state = self.weights, self._row_of, self._item_state
         if isinstance(weights, _RankerWeights) and weights.n_factors:
-            for key, vec in params.weights.items():
-                row = row_of.get(key[2:])
-                if row is not None and key[:2] == "i|":
-                    own, _ = weights._item_weights(key[2:])
-                    if own is not None:
-                        own[:] = vec  # in place: the batch update's model vectors are views of these rows
-                    weights.vectors[row] = vec
+            known = [(row, item, vec) for key, vec in params.weights.items()
+                     if key[:2] == "i|" and (row := row_of.get(item := key[2:])) is not None]  # fmt: skip
+            if known:
+                rows, items, vecs = zip(*known, strict=True)
+                weights.vectors[list(rows)] = np.stack(vecs)
+                if not isinstance(weights, _BatchMFWeights):  # there, the model's vectors are views of these rows
+                    latents = weights.model.i_latents
+                    for item, vec in zip(items, vecs, strict=True):
+                        if item in latents:
+                            latents[item][:] = vec
         if params.decayed and self._t0 is not None:
             factor = math.exp((params.ref_ms - self._t0) / self._tau_ms)
-            prior = self.spec.popularity_prior
-            for item, value in params.decayed.items():
-                row = row_of.get(item)
-                if row is not None and value > 0:
-                    self._popularity[row] = value * factor
-                    if prior:
-                        weights.set_prior(row, prior * math.log(value * factor))
+            known_pop = [(row, value * factor) for item, value in params.decayed.items()
+                         if value > 0 and (row := row_of.get(item)) is not None]  # fmt: skip
+            if known_pop:
+                rows_p, scores = (list(x) for x in zip(*known_pop, strict=True))
+                self._popularity[rows_p] = scores
+                prior = self.spec.popularity_prior
+                if prior:
+                    priors = prior * np.log(np.array(scores))
+                    weights.priors[rows_p] = priors
+                    offset = priors + weights.biases[rows_p] if weights.has_biases else priors
+                    weights.table[rows_p, weights.n_factors] = offset
+                for row, score in known_pop:
                     it = item_state[row]
                     top = self._category_top.get(it.category) if it is not None and it.category else None
                     if top is not None:
-                        top.update(row, value * factor)
+                        top.update(row, score)
             self._popular_stale = True  # recounted from the array when next needed
 
 
