@@ -31,6 +31,10 @@ because absolute times on shared machines are noisy:
              confluent-kafka loop, Quix Streams and Bytewax (``.[bench]`` extra) against
              the same broker in the same run: steady events/s, CPU per event, ratios
              (see bench/peers.py)
+12. scale    scale-out, broker-less: the same stream split into P tasks, quality of one
+             model vs P tasks without and with model sync per seed and length, the time
+             and size of a merge, P tasks by 2 processes vs 1, and a projection for 4, 8
+             and 16 instances (see bench/scale.py)
 
 The suite is never part of the tests' pass/fail. Without ``--bootstrap-servers``
 sections 3 and 4 start a jar-based broker (tests/kafka_broker.py).
@@ -861,6 +865,7 @@ def bench_ranking(config: Config, seeds: Sequence[int], requests: int) -> dict[s
 
 SECTIONS = (
     "limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand", "ranking", "quality", "peers",
+    "scale",
 )  # fmt: skip
 
 
@@ -895,6 +900,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--peers-baseline", type=Path, metavar="DIR",
                    help="also run `stream run` from this source tree (git archive COMMIT | tar -x -C DIR): "
                    "before/after in the same run, ratio stream/stream-base")  # fmt: skip
+    p.add_argument("--scale-seeds", default="0,1,2", help="seeds of the scale section (bench/scale.py)")
+    p.add_argument("--scale-lengths", default="30000,100000", help="stream lengths of the scale section")
+    p.add_argument("--scale-tasks", type=int, default=4, help="tasks of the scale section")
     p.add_argument("--growth-point", help=argparse.SUPPRESS)
     p.add_argument("--flood-point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -955,6 +963,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             seeds = [int(x) for x in args.quality_seeds.split(",")]
             fig |= bench_quality(seeds, [int(x) for x in args.quality_lengths.split(",")])
+        if "scale" not in skip:
+            from scale import bench_scale  # bench/scale.py, next to this file
+
+            seeds = [int(x) for x in args.scale_seeds.split(",")]
+            lengths = [int(x) for x in args.scale_lengths.split(",")]
+            fig |= bench_scale(seeds, lengths, args.scale_tasks, 500, log)
     limit = fig.get("limit_events_per_s")
     if limit:
         if "backtest_events_per_s" in fig:

@@ -83,6 +83,7 @@ from stream.labels import LabelJoin
 from stream.learners.base import Learner
 from stream.learners.configured import accepts_sample_weight
 from stream.models import build_model, with_seed
+from stream.sync import HSTWindow, Params, assign_count_params, assign_hst_params, count_params, hst_params
 
 __all__ = ["RiskLearner", "RiskScore", "RiskSpec"]
 
@@ -696,3 +697,30 @@ class RiskLearner(Learner):
             "one_hot": len(self._one_hot),
             "model_table": max(model_table_sizes(self.model).values(), default=0),
         }
+
+    # -- model sync (stream.sync): what every task's copy should know ---------------------------
+
+    def global_params(self) -> Params:
+        """The linear model's weights, the outcome counters (they decide the switch from the anomaly
+        detector to the model, which one task alone would reach P times later) and, until then, the
+        detector's masses (one task's window would take P times longer to fill)."""
+        params = super().global_params()
+        params.update(count_params({"labels": self.n_labels, "frauds": self.n_frauds}))
+        if self.detector is not None:
+            params.update(hst_params(self.detector, getattr(self, "_hst_window", None)))
+        return params
+
+    def set_global_params(self, params: Params) -> None:
+        super().set_global_params(params)
+        if self.detector is not None:
+            window: HSTWindow | None = getattr(self, "_hst_window", None)
+            self._hst_window = assign_hst_params(self.detector, params, window)
+        counts = assign_count_params(params, ("labels", "frauds"))
+        self.n_labels = round(counts.get("labels", self.n_labels))
+        self.n_frauds = round(counts.get("frauds", self.n_frauds))
+        spec = self.spec
+        if self.source == "anomaly" and self.n_labels >= spec.min_labels and self.n_frauds >= spec.min_fraud_labels:
+            self.source = "model"
+            self.detector = None
+            self._reference = np.zeros(0)
+            self._hst_window = None
