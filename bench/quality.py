@@ -201,11 +201,12 @@ def auc(y: np.ndarray, s: np.ndarray) -> float | None:
 
 
 def one_run(
-    seed: int, events: int, reaction: str = "report", drifts: bool = True, tap: FeatureTap | None = None
+    seed: int, events: int, reaction: str = "report", drifts: bool = True, tap: FeatureTap | None = None,
+    base: Config | None = None,
 ) -> dict[str, Any]:
     """One backtest of the simulator's stream, scored; returns the figures of the run.
-    ``tap``: also collects the input features (data drift)."""
-    config = quality_config(reaction)
+    ``tap``: also collects the input features (data drift); ``base``: the config (default: the packaged one)."""
+    config = quality_config(reaction, base)
     sim = Simulation(SimConfig(seed=seed, events=events, drifts=drifts))
     learners = build_learners(config)
     recorders: dict[str, Recorder] = {}
@@ -718,14 +719,15 @@ def bench_quality(seeds: Sequence[int], lengths: Sequence[int], *, reactions: Se
     """Every run of the plan (``runs_dir``: each also saved there as it completes, so a
     long bench that stops keeps what it measured; ``--table-from`` reads them back)."""
     runs = []
-    metrics = load_config(None).metrics
+    base = load_config(None)  # once: a config file edited during a long bench must not change its runs
+    metrics = base.metrics
     for n in lengths:
         for s in seeds:
             plan = [(r, True) for r in reactions] + ([("report", False)] if stationary else [])
             taps: dict[bool, FeatureTap] = {}
             for reaction, drifts in plan:
                 tap = FeatureTap(metrics.feature_sample_every) if reaction == "report" else None
-                r = one_run(s, n, reaction, drifts, tap=tap)
+                r = one_run(s, n, reaction, drifts, tap=tap, base=base)
                 log(f"quality: seed {s}, {n:,} events, {reaction}{'' if drifts else ', no drifts'}: {r['elapsed_s']} s")
                 runs.append(r)
                 if runs_dir is not None:
