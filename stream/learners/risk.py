@@ -671,8 +671,11 @@ class RiskLearner(Learner):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if "profile" not in state:
-            # A checkpoint from before the fraud profile: it starts empty (it learns from every order).
+            # A checkpoint from before the fraud profile: it starts empty (it learns from every order),
+            # and a learner still scoring with its HalfSpaceTrees goes on with them.
             self.profile = FraudProfile(len(NUMERIC), n_categorical=2)
+            if self.detector is not None:
+                self.spec = msgspec.structs.replace(self.spec, anomaly="half_space_trees")
         if "_one_hot" not in state:
             # A checkpoint from before the bound: its model's data-named features are adopted.
             self._one_hot = FeatureBound(self.spec.max_one_hot, self._serving)
