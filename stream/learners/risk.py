@@ -698,6 +698,7 @@ class RiskLearner(Learner):
             "pending": len(self.joins),
             "payments": len(self._payments),
             "one_hot": len(self._one_hot),
+            "profile_values": max((len(t) for t in self.profile.cat_all), default=0),
             "model_table": max(model_table_sizes(self.model).values(), default=0),
         }
 
