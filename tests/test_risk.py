@@ -180,14 +180,19 @@ def test_fraud_profile_ranks_frauds_before_the_model_serves(seed: int) -> None:
     assert aucs["profile"] >= 0.97 and aucs["profile"] > aucs["half_space_trees"], aucs
 
 
-def test_a_checkpoint_without_the_fraud_profile_loads_with_an_empty_one() -> None:
-    learner = build()
+@pytest.mark.parametrize("anomaly", ["profile", "half_space_trees"])
+def test_a_checkpoint_without_the_fraud_profile_loads_with_an_empty_one(anomaly: str) -> None:
+    learner = build(anomaly=anomaly)
     state = learner.__dict__.copy()
     del state["profile"]
+    # As pickled before the profile: no `anomaly` field, HalfSpaceTrees while the detector lives.
+    state["spec"] = msgspec.structs.replace(learner.spec, anomaly="profile")
     restored = RiskLearner.__new__(RiskLearner)
     restored.__setstate__(state)
     assert restored.profile.n_all.sum() == 0
-    restored.predict(order(1, "u1", 0))
+    assert restored.spec.anomaly == anomaly  # the detector goes on scoring where there is one
+    restored.learn(order(1, "u1", 0))
+    assert restored.predict(order(2, "u2", 1_000)) is not None
 
 
 def test_decisions_follow_the_thresholds(scored: tuple[RiskLearner, list[Any], list[RiskScore], set[str]]) -> None:

@@ -671,8 +671,11 @@ class RiskLearner(Learner):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if "profile" not in state:
-            # A checkpoint from before the fraud profile: it starts empty (it learns from every order).
+            # A checkpoint from before the fraud profile: it starts empty (it learns from every order),
+            # and a learner still scoring with its HalfSpaceTrees goes on with them.
             self.profile = FraudProfile(len(NUMERIC), n_categorical=2)
+            if self.detector is not None:
+                self.spec = msgspec.structs.replace(self.spec, anomaly="half_space_trees")
         if "_one_hot" not in state:
             # A checkpoint from before the bound: its model's data-named features are adopted.
             self._one_hot = FeatureBound(self.spec.max_one_hot, self._serving)
@@ -695,6 +698,7 @@ class RiskLearner(Learner):
             "pending": len(self.joins),
             "payments": len(self._payments),
             "one_hot": len(self._one_hot),
+            "profile_values": max((len(t) for t in self.profile.cat_all), default=0),
             "model_table": max(model_table_sizes(self.model).values(), default=0),
         }
 
