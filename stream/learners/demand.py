@@ -19,8 +19,9 @@ item's *rate forecast* (its in-stock sales rate at the middle half-life,
 1 day, times the horizon): it learns ``log((1 + units) / (1 + rate
 forecast))`` (``target = "log_ratio"``), so a model that has learned nothing
 forecasts the rate. Its features: the other rates and the seasonal naive
-forecast relative to the rate forecast, its level, time of day and the
-weekday of the window and of the recent sales, the price relative to the
+forecast relative to the rate forecast, its level, the window's factor of the
+shop's daily profile (horizons under a day; the rates are deseasonalised by
+that profile, learned online from all sales), the price relative to the
 item's reference price (time-weighted average) and to the competitor, a
 promotion flag (price 5 % or more below the reference), the category and the
 stock level. Each window is weighted by its expected volume so the fit weighs
@@ -213,8 +214,6 @@ class DemandSpec(msgspec.Struct, tag="demand", tag_field="kind", forbid_unknown_
 
 
 _DAY_MS = 86_400_000
-_WEEK_MS = 7 * _DAY_MS
-_TWO_PI = 2 * math.pi
 _LOG_SCALE = 10.0
 #: Scores a horizon needs before its own conformal quantiles are used.
 _MIN_SCORES = 50
@@ -769,18 +768,12 @@ class DemandLearner(Learner):
         return slow_rate * h_ms
 
     def _time_features(self, ts: int) -> list[dict[str, float]]:
-        """Time of day and day of week of each horizon's window (shared by a moment's items)."""
+        """Per horizon under a day, the log of the window's mean factor of the shop's daily
+        profile (the rate forecast is scaled by it; the model learns how far to trust it).
+        Shared by a moment's items."""
         if ts != self._time_ts:
-            xs = []
-            for h_ms in self.horizons_ms:
-                mid = ts + h_ms // 2
-                x: dict[str, float] = {}
-                if h_ms < _DAY_MS:
-                    day = _TWO_PI * (mid % _DAY_MS) / _DAY_MS
-                    x["day_sin"], x["day_cos"] = math.sin(day), math.cos(day)
-                    x["day2_sin"], x["day2_cos"] = math.sin(2 * day), math.cos(2 * day)
-                x["season"] = math.log(self.season.window(ts, h_ms))
-                xs.append(x)
+            window = self.season.window
+            xs = [{"season": math.log(window(ts, h))} if h < _DAY_MS else {} for h in self.horizons_ms]
             self._time_ts, self._time_x = ts, xs
         return self._time_x
 
