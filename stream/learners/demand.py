@@ -563,7 +563,8 @@ class DemandLearner(Learner):
     def predict(self, event: Any) -> DemandForecasts | None:
         pending: list[_Pending] = []
         out: list[Forecast] = []
-        self._boundary(event.ts, out, pending)
+        if event.ts // self.bucket_ms > self._bucket:
+            self._boundary(event.ts, out, pending)
         if type(event) is Price:
             it = self._apply(event)
             self._forecast_item(event.item_id, it, event.ts, out, pending)
@@ -584,9 +585,10 @@ class DemandLearner(Learner):
         if ts > self._now:
             self._now = ts
             self.season.advance(ts)
-        for k, queue in enumerate(waiting):
-            if queue:
-                self._close(queue, self.horizons_ms[k])
+        now = self._now
+        for queue, h_ms in zip(waiting, self.horizons_ms, strict=True):
+            if queue and queue[0].ts + h_ms < now:  # a window closed (else: one comparison per event)
+                self._close(queue, h_ms)
         if type(event) is Purchase:
             self._sold(event)
         self._events += 1
