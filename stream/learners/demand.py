@@ -616,10 +616,6 @@ class DemandLearner(Learner):
         yield "items_at_risk", "rolling", float(_count_since(self.at_risk, since))
         yield "items_with_traffic", "rolling", float(_count_since(self.forecast_at, since))
 
-    def items_at_risk(self) -> int:
-        """Items whose last forecast, within the last ``season_s`` of event time, warned."""
-        return _count_since(self.at_risk, self._now - self.season_ms)
-
     def replace_model(self, model: Any) -> None:
         k = self._longest
         if isinstance(self.models[k], AdaptiveModel):
