@@ -160,7 +160,7 @@ class RecommendationSpec(
     context_events: PositiveInt = 20
     #: Added to the model's score: this times the log of the item's decayed count. The
     #: negatives are drawn by popularity, so the model learns affinity beyond it.
-    popularity_prior: Annotated[float, msgspec.Meta(ge=0)] = 0.1
+    popularity_prior: Annotated[float, msgspec.Meta(ge=0)] = 0.03
     #: A click is a hit or a miss of the last list served to its user if that list
     #: is at most this old (event time); clicks without one are not evaluated.
     hit_window_s: PositiveFloat = 1_800.0
