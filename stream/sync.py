@@ -41,6 +41,7 @@ True
 from __future__ import annotations
 
 import math
+import operator
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -388,6 +389,8 @@ def assign_count_params(params: Params, names: Iterator[str] | tuple[str, ...]) 
 
 # -- Half-Space Trees ---------------------------------------------------------------------------
 
+_L_MASS, _R_MASS = operator.attrgetter("l_mass"), operator.attrgetter("r_mass")
+
 #: The counter of a detector whose windows the sync closes: River's own pivot (at
 #: ``counter == window_size``) never comes.
 _NEVER = -(2**62)
@@ -424,11 +427,11 @@ def hst_params(detector: Any, window: HSTWindow | None) -> Params:
     if not nodes:
         return Params()
     key = window.key if window is not None else _hst_key(nodes)
-    current = np.fromiter((n.l_mass for n in nodes), dtype=np.float64, count=len(nodes))
+    current = np.fromiter(map(_L_MASS, nodes), dtype=np.float64, count=len(nodes))
     if window is None:
         first = detector._first_window
         if not first:
-            current += np.fromiter((n.r_mass for n in nodes), dtype=np.float64, count=len(nodes))
+            current += np.fromiter(map(_R_MASS, nodes), dtype=np.float64, count=len(nodes))
         count = float(detector.counter + (0 if first else detector.window_size))
         return Params(counts={key: current, key + "|n": count})
     return Params(counts={key: window.masses + current, key + "|n": window.count + float(detector.counter - _NEVER)})
