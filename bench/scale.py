@@ -5,7 +5,7 @@ their key (the user), prices to every task (a global table: every task needs eve
 to the task of the purchase they answer (an order -> task table, what a repartition topic does). Each task
 runs its own learners through its own ``Pipeline``; one ground-truth scorer sees every task's outputs.
 
-    .venv/bin/python bench/scale.py [--lengths 30000,100000] [--seeds 0,1,2] [--tasks 4] [--sync-every 500]
+    .venv/bin/python bench/scale.py [--lengths 30000,100000] [--seeds 0,1,2] [--tasks 4] [--sync-every 100]
 
 Prints, per learner, seed and length, the ground-truth quality of one model that sees everything, of P
 tasks without sync, and of P tasks whose global parameters are merged (``stream.sync_topic.LocalSync``)
@@ -217,7 +217,7 @@ def main() -> None:
     p.add_argument("--lengths", default="30000", help="stream lengths, comma-separated")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--tasks", type=int, default=4)
-    p.add_argument("--sync-every", type=int, default=500, help="events per task between merges")
+    p.add_argument("--sync-every", type=int, default=100, help="events per task between merges")
     p.add_argument("--json", help="also write the figures as JSON here")
     args = p.parse_args()
     fig = bench_scale([int(s) for s in args.seeds.split(",")], [int(n) for n in args.lengths.split(",")],
