@@ -1074,7 +1074,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             seeds = [int(x) for x in args.scale_seeds.split(",")]
             lengths = [int(x) for x in args.scale_lengths.split(",")]
-            fig |= bench_scale(seeds, lengths, args.scale_tasks, 500, log)
+            fig |= bench_scale(seeds, lengths, args.scale_tasks, 100, log)
     limit = fig.get("limit_events_per_s")
     if limit:
         if "backtest_events_per_s" in fig:

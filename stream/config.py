@@ -312,8 +312,9 @@ class SyncConfig(_Section):
 
     #: Off: each task learns alone (one task never syncs).
     enabled: bool = True
-    #: A merge after this many events processed by the instance ...
-    every_events: PositiveInt = 2_000
+    #: A merge after this many events processed by the instance (what one task learns between merges
+    #: must stay small: measured, 500 events per task let summed item-vector updates diverge once) ...
+    every_events: PositiveInt = 500
     #: ... or this many seconds with events (whichever comes first).
     every_s: PositiveFloat = 5.0
     #: Linear weights: "sum" of the tasks' updates (as one model learning them all) or "average".
