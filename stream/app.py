@@ -40,20 +40,29 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, NoReturn, TypeVar
+from collections.abc import Sequence
+from typing import Any, NamedTuple, NoReturn
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from stream import faults
 from stream.alignment import Aligner
 from stream.checkpoint_topic import checkpoint_storage
+from stream.committer import (
+    MEMBERSHIP_LOST,
+    Abort,
+    Committer,
+    Fenced,
+    MembershipLost,
+    is_fatal,
+    make_committer,
+    transactional_id,
+)
 from stream.config import Config, build_learners
 from stream.errors import FatalError
 from stream.kafka import (
     DeliveryFailed,
-    KafkaSink,
     admin_config,
     batch_size_for,
     consumer_config,
@@ -83,17 +92,7 @@ __all__ = ["Application", "FatalError", "instance_id", "lease_topic", "transacti
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 TP = tuple[str, int]
-
-#: Commit errors meaning this instance is no longer the group member that holds the lease.
-_MEMBERSHIP_LOST = frozenset(
-    {KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.FENCED_INSTANCE_ID}
-)
-
-#: Transactional errors meaning a newer producer took this instance's transactional.id:
-#: another instance is active now.
-_PRODUCER_FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
 
 #: Records the aligner may hold for one partition before the consumer pauses it.
 _ALIGN_PAUSE_AT = 10_000
@@ -114,23 +113,6 @@ def instance_id(config: Config) -> str:
 
 def lease_topic(config: Config) -> str:
     return config.coordination.lease_topic or _topic_safe(f"{config.kafka.group_id}.lease")
-
-
-def transactional_id(config: Config, instance: str) -> str:
-    template = config.coordination.transactional_id
-    return template.replace("{group_id}", config.kafka.group_id).replace("{instance_id}", instance)
-
-
-class _Abort(Exception):
-    """The open transaction must be aborted (exactly-once), then the state restored."""
-
-    def __init__(self, reason: str, code: int | None = None) -> None:
-        super().__init__(reason)
-        self.code = code
-
-
-class _Fenced(Exception):
-    """A newer instance took the transactional id: this one is a zombie and must stand down."""
 
 
 class _Stopped(Exception):
@@ -173,7 +155,6 @@ class Application:
         self.metrics = metrics
         self._stop = threading.Event()
         self._warn = _RateLimited()
-        self.exactly_once = config.processing.guarantee == "exactly_once"
         self.instance_id = instance_id(config)
         self.lease_topic = lease_topic(config)
         self.store = CheckpointStore.for_config(config, self.instance_id, storage=checkpoint_storage(config))
@@ -185,8 +166,8 @@ class Application:
         self._topics = sorted({t for learner in self.learners for t in learner.reads})
         self.consumer: Consumer | None = None  # input partitions, assigned manually while active
         self.lease: Consumer | None = None  # the consumer-group member that holds (or awaits) the lease
-        self.producer: Producer | None = None
-        self.sink: KafkaSink | None = None
+        #: The commit protocol of the configured guarantee (made once the dead-letter budget is known).
+        self.committer: Committer | None = None
         self.pipeline: Pipeline | None = None
         # Counters for logs and tests (restores, transaction aborts, checkpoints, relearned events).
         self.restores = 0
@@ -204,7 +185,6 @@ class Application:
         self._offsets: Offsets = {}
         self._catchup: dict[TP, int] = {}
         self._uncommitted = False
-        self._in_txn = False
         self._txn_checkpoint: str | None = None
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
@@ -284,10 +264,9 @@ class Application:
         self._dl_producer_props = batch_size_for(topic_max, producer_config(cfg))
         log.info("dead-letter size budget", extra={"topic": cfg.topics.dead_letters, "max_bytes": limit,
                                                    "topic_max_message_bytes": topic_max, **self._dl_producer_props})
-        if not self.exactly_once:
-            # At-least-once keeps one producer for the process; exactly-once makes one per activation.
-            self.producer = Producer(producer_config(cfg, error_cb=self._client_error, **self._dl_producer_props))
-            self.sink = KafkaSink(self.producer, cfg.topics.dead_letters, self._dl_budget)
+        # At-least-once keeps one producer for the process; exactly-once makes one per activation.
+        self.committer = make_committer(cfg, self.instance_id, self._dl_producer_props, self._dl_budget,
+                                        self._stop, self._warn, self._client_error)  # fmt: skip
 
     def _join_lease(self) -> None:
         self.lease = Consumer(
@@ -306,7 +285,7 @@ class Application:
         assert self.lease is not None
         msg = self.lease.poll(timeout)
         if msg is not None and (err := msg.error()) is not None:
-            if _is_fatal(err):
+            if is_fatal(err):
                 self._lease_failed = err
             else:
                 self._warn(f"lease:{err.name()}", "lease member error", code=err.name(), reason=err.str())
@@ -358,14 +337,16 @@ class Application:
                     self._loop()
             except _Stopped:
                 return
-            except _Abort as exc:
+            except Abort as exc:
                 self._abort(str(exc), exc.code)
-            except _Fenced as exc:
+            except Fenced as exc:
                 # Its open transaction can never commit; the broker aborts it for the new owner.
-                self._in_txn = False
+                assert self.committer is not None
+                self.committer.release(abort=False)
                 self._lost(f"producer fenced by a newer instance ({exc})")
             except DeliveryFailed as exc:
-                if not self.exactly_once:
+                assert self.committer is not None
+                if not self.committer.exactly_once:
                     raise  # at-least-once: exit without committing; a restart redoes the batch
                 self._abort(str(exc), None)
 
@@ -417,7 +398,7 @@ class Application:
         try:
             # Still a member of this generation here: the commit is accepted, and the next owner starts right after it.
             committed = self.commit(budget_s=self.config.processing.shutdown_timeout_s, final=True)
-        except (_Abort, _Fenced, DeliveryFailed, KafkaException) as exc:
+        except (Abort, Fenced, DeliveryFailed, KafkaException) as exc:
             log.warning(
                 "hand-over commit failed; the next owner resumes from the last commit", extra={"reason": str(exc)}
             )
@@ -441,17 +422,16 @@ class Application:
     def _activate(self) -> None:
         """Become the active instance: restore the checkpoint consistent with the
         committed offsets and read every input partition from its offsets."""
-        assert self.consumer is not None and self.lease is not None
+        assert self.consumer is not None and self.lease is not None and self.committer is not None
         cfg = self.config
         tps = self._partitions()
         remove = getattr(self.store.storage, "remove_temporaries", None)
         if remove is not None:
             # Half-written files of a crash mid-write; old enough that no live writer owns them.
             remove(older_than_s=600)
-        if self.exactly_once and self.producer is None:
-            # Before reading the committed offsets: init_transactions aborts the
-            # predecessor's open transaction (same transactional.id), so they are stable.
-            self._new_transactional_producer()
+        # Before reading the committed offsets: exactly-once's init_transactions aborts the
+        # predecessor's open transaction (same transactional.id), so they are stable.
+        self.committer.open()
         committed = self._committed(tps)
         low = self._low_watermarks(tps)
         selection = self.store.select(committed, low)
@@ -488,7 +468,7 @@ class Application:
         self.learners[:] = learners
         self.pipeline = Pipeline(
             self.learners,
-            self.sink,  # type: ignore[arg-type]
+            self.committer.sink,  # type: ignore[arg-type]
             contract_topics=cfg.input_topics(),
             dead_letter_topic=cfg.topics.dead_letters,
             max_value_bytes=cfg.processing.max_value_bytes,
@@ -536,9 +516,7 @@ class Application:
                 self._write_checkpoint(start, "initial")
             except (OSError, CheckpointError) as exc:
                 raise StateError(f"cannot write checkpoints to {self.store.describe()}: {exc}") from exc
-        if self.exactly_once:
-            self._txn("begin_transaction", self.producer.begin_transaction)  # type: ignore[union-attr]
-            self._in_txn = True
+        self.committer.begin()
         # What exists now (the restored learners, the clients, the modules) lives as long as this
         # activation: moved out of the collector's generations, so the loop's collections scan
         # only what it allocates (~5 % of a small job's time per event); undone on deactivation.
@@ -625,17 +603,11 @@ class Application:
 
     def _deactivate(self, committed: bool) -> None:
         self._reap_checkpoint(wait=True)
-        if self.exactly_once and self._in_txn and self.producer is not None:
-            with contextlib.suppress(KafkaException):
-                self.producer.abort_transaction(self.config.processing.shutdown_timeout_s)
-            self._in_txn = False
+        if self.committer is not None:
+            self.committer.release()
         if self._txn_checkpoint is not None:
             self.store.delete(self._txn_checkpoint)
             self._txn_checkpoint = None
-        if self.exactly_once:
-            # The next activation needs a fresh producer: another instance may have taken the transactional id.
-            self.producer = None
-            self.sink = None
         if self.consumer is not None:
             with contextlib.suppress(KafkaException):
                 self.consumer.unassign()
@@ -651,11 +623,11 @@ class Application:
     # -- the loop ----------------------------------------------------------------
 
     def _loop(self) -> None:
-        assert self.consumer is not None and self.sink is not None and self.pipeline is not None
-        assert self.lease is not None
+        assert self.consumer is not None and self.pipeline is not None and self.committer is not None
+        assert self.lease is not None and self.committer.sink is not None
         consume = self.consumer.consume
         process = self.pipeline.process
-        sink_poll = self.sink.poll
+        sink_poll = self.committer.sink.poll
         lease_poll = self._poll_lease
         p = self.config.processing
         batch_size, timeout, interval = p.batch_size, p.poll_timeout_s, p.commit_interval_s
@@ -783,9 +755,39 @@ class Application:
         shutdown, hand-over). Returns whether the offsets were committed."""
         if not self._active:
             return False
-        if self.exactly_once:
-            return self._commit_transaction(budget_s, final)
-        return self._commit_offsets(budget_s, final)
+        committer, member = self.committer, self.lease
+        assert committer is not None and member is not None
+        self._reap_checkpoint(wait=False)  # a background checkpoint is reported even when idle
+        if not self._pending(final):
+            return True
+        if not committer.drain(budget_s):
+            return False
+        if faults.ARMED:
+            faults.hit("after_produce_before_commit")
+        offsets = self._positions()
+        written = self._maybe_checkpoint(offsets, final, background=committer.background_checkpoints and not final)
+        # Written before the commit and named here: if the transaction aborts it is deleted
+        # (its offsets were never committed); a crash leaves it ahead of the committed
+        # offsets, so it is never selected.
+        self._txn_checkpoint = written.name if written is not None and committer.exactly_once else None
+        try:
+            done = committer.commit(member, self._to_commit(offsets), budget_s)
+        except MembershipLost as exc:
+            if exc.client_failed:
+                self._lease_failed = exc.error  # the next lease poll replaces the client
+            self._lost(str(exc))
+            return False
+        if not done:
+            return False
+        self._txn_checkpoint = None
+        if faults.ARMED:
+            faults.hit("after_commit")
+        self._uncommitted = False
+        if written is not None:
+            self._prune(written)
+        if not final:
+            committer.begin()
+        return True
 
     def _pending(self, final: bool) -> bool:
         # On shutdown and hand-over the state is checkpointed even if its offsets are already committed.
@@ -821,140 +823,18 @@ class Application:
             return offsets
         return {k: max(o, catchup.get(k, o)) for k, o in offsets.items()}
 
-    def _drain(self, budget_s: float | None) -> bool:
-        """Wait for every produced output to be acknowledged. ``None`` waits
-        as long as the loop runs (a broker outage pauses commits, not the process)."""
-        assert self.sink is not None
-        deadline = None if budget_s is None else time.monotonic() + budget_s
-        while True:
-            if self.sink.flush(1.0):
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            if deadline is None and self._stop.is_set():
-                return False
-            self._warn("flush", "outputs not yet acknowledged; commit waits", pending=len(self.sink.producer))
-
-    def _commit_offsets(self, budget_s: float | None, final: bool) -> bool:
-        """At-least-once: flush outputs, checkpoint when due, commit the positions."""
-        assert self.lease is not None
-        self._reap_checkpoint(wait=False)  # a background checkpoint is reported even when idle
-        if not self._pending(final):
-            return True
-        if not self._drain(budget_s):
-            return False
-        if faults.ARMED:
-            faults.hit("after_produce_before_commit")
-        offsets = self._positions()
-        written = self._maybe_checkpoint(offsets, final, background=not final)
-        try:
-            result = self.lease.commit(offsets=_tps(self._to_commit(offsets)), asynchronous=False)
-        except KafkaException as exc:
-            return self._commit_failed(exc.args[0])
-        failed = [tp.error for tp in result or [] if tp.error is not None]
-        if failed:
-            return self._commit_failed(failed[0])
-        if faults.ARMED:
-            faults.hit("after_commit")
-        self._uncommitted = False
-        if written is not None:
-            self._prune(written)
-        return True
-
-    def _commit_failed(self, err: KafkaError) -> bool:
-        if err.code() == KafkaError._NO_OFFSET:
-            self._uncommitted = False
-            return True
-        if _is_fatal(err):
-            self._lease_failed = err  # the next lease poll replaces the client
-            self._lost(f"offset commit failed: {err.name()}")
-            return False
-        if err.code() in _MEMBERSHIP_LOST:
-            self._lost(f"offset commit rejected: {err.name()}")
-            return False
-        self._warn("commit", "offset commit failed; will retry", code=err.name(), reason=err.str())
-        return False
-
-    def _commit_transaction(self, budget_s: float | None, final: bool) -> bool:
-        """Exactly-once: checkpoint (when due) with the offsets about to be committed,
-        then send them to the transaction and commit it."""
-        assert self.producer is not None and self.lease is not None
-        if not self._pending(final):
-            return True
-        if faults.ARMED:
-            faults.hit("after_produce_before_commit")
-        offsets = self._positions()
-        written = self._maybe_checkpoint(offsets, final)
-        # Written before the commit and named here: if the transaction aborts it
-        # is deleted (its offsets were never committed); a crash leaves it ahead
-        # of the committed offsets, so it is never selected.
-        self._txn_checkpoint = written.name if written is not None else None
-        producer = self.producer
-        group = self.lease.consumer_group_metadata()
-        timeout = self._txn_timeout_s(budget_s)
-        tps = _tps(self._to_commit(offsets))
-        self._txn("send_offsets_to_transaction", lambda: producer.send_offsets_to_transaction(tps, group, timeout))
-        if faults.ARMED:
-            faults.hit("after_send_offsets_before_commit")
-        self._txn("commit_transaction", lambda: producer.commit_transaction(timeout), budget_s)
-        self._in_txn = False
-        self._txn_checkpoint = None
-        if faults.ARMED:
-            faults.hit("after_commit")
-        self._uncommitted = False
-        if written is not None:
-            self._prune(written)
-        if not final:
-            self._txn("begin_transaction", producer.begin_transaction)
-            self._in_txn = True
-        return True
-
-    def _txn_timeout_s(self, budget_s: float | None) -> float:
-        limit = self.config.coordination.transaction_timeout_ms / 1000
-        return min(budget_s, limit) if budget_s is not None else limit
-
-    def _txn(self, what: str, call: Callable[[], T], budget_s: float | None = None) -> T:
-        """Run one transactional call: retry what is retriable, raise ``_Abort``
-        for what requires an abort, ``FatalError`` for the rest."""
-        deadline = time.monotonic() + (budget_s if budget_s is not None else self._txn_timeout_s(None))
-        while True:
-            try:
-                return call()
-            except KafkaException as exc:
-                err: KafkaError = exc.args[0]
-                if err.code() in _PRODUCER_FENCED:
-                    raise _Fenced(f"{what}: {err.name()}") from exc
-                if err.fatal():
-                    raise FatalError(f"{what}: {err.name()}: {err.str()}") from exc
-                if err.txn_requires_abort():
-                    raise _Abort(f"{what}: {err.name()}: {err.str()}", err.code()) from exc
-                if err.retriable() and time.monotonic() < deadline:
-                    self._warn(f"txn:{what}", "transactional call failed; retrying", call=what, code=err.name())
-                    time.sleep(0.2)
-                    continue
-                if err.retriable():
-                    # Out of time: give the transaction up; restoring is always safe.
-                    raise _Abort(f"{what}: still failing after retries: {err.name()}: {err.str()}", err.code()) from exc
-                # Unclassified errors are treated as fatal, as the client's documentation advises.
-                raise FatalError(f"{what}: {err.name()}: {err.str()}") from exc
-
     def _abort(self, reason: str, code: int | None) -> None:
         """Abort the open transaction and deactivate; the main loop then restores the
         checkpoint consistent with the committed offsets and rewinds (``_activate``)."""
         self.aborts += 1
         log.warning("transaction aborted; restoring", extra={"reason": reason, "aborts": self.aborts})
-        producer = self.producer
-        if producer is not None and self._in_txn:
-            if not self._abort_transaction(producer):
-                return  # asked to stop mid-outage: nothing was committed, a restart restores
-            self._in_txn = False
-            producer.poll(0)  # serve the purged outputs' delivery reports ...
-            if self.sink is not None:
-                self.sink.failed.clear()  # ... which are failures by design, not news
+        assert self.committer is not None
+        if not self.committer.abort():
+            return  # asked to stop mid-outage: nothing was committed, a restart restores
         if self._txn_checkpoint is not None:
             self.store.delete(self._txn_checkpoint)
             self._txn_checkpoint = None
-        if code in _MEMBERSHIP_LOST:
+        if code is not None and code in MEMBERSHIP_LOST:
             self._lost(f"transaction offsets rejected: {KafkaError(code).name()}")
             return
         if self.consumer is not None:
@@ -968,37 +848,6 @@ class Application:
         # Keep the producer (not fenced): the next activation reuses it.
         self._active = False
         gc.unfreeze()  # the activation that follows restores new learners and freezes again
-
-    def _abort_transaction(self, producer: Producer) -> bool:
-        """Abort, retrying for as long as the broker is away (nothing commits meanwhile).
-        False if asked to stop first; ``FatalError`` if the producer is fenced."""
-        timeout = self._txn_timeout_s(None)
-        while True:
-            try:
-                producer.abort_transaction(timeout)
-                return True
-            except KafkaException as exc:
-                err: KafkaError = exc.args[0]
-                if err.code() in _PRODUCER_FENCED:
-                    raise _Fenced(f"abort_transaction: {err.name()}") from exc
-                if err.fatal() or not (err.retriable() or err.txn_requires_abort()):
-                    raise FatalError(f"abort_transaction: {err.name()}: {err.str()}") from exc
-                self._warn("txn:abort", "abort_transaction failed; retrying", code=err.name())
-            if self._stop.wait(0.5):
-                return False
-
-    def _new_transactional_producer(self) -> None:
-        cfg = self.config
-        tid = transactional_id(cfg, self.instance_id)
-        timeout_ms = cfg.coordination.transaction_timeout_ms
-        props = {"transactional.id": tid, "transaction.timeout.ms": timeout_ms, "message.timeout.ms": timeout_ms,
-                 **self._dl_producer_props}  # fmt: skip
-        producer = Producer(producer_config(cfg, error_cb=self._client_error, **props))
-        log.info("initialising transactions", extra={"transactional_id": tid})
-        timeout_s = timeout_ms / 1000
-        self._txn("init_transactions", lambda: producer.init_transactions(timeout_s), budget_s=timeout_s * 3)
-        self.producer = producer
-        self.sink = KafkaSink(producer, cfg.topics.dead_letters, self._dl_budget, transactional=True)
 
     # -- checkpoints -------------------------------------------------------------
 
@@ -1171,7 +1020,7 @@ class Application:
         if self._active and clean:
             try:
                 committed = self.commit(budget_s=budget, final=True)
-            except (_Abort, _Fenced, FatalError, DeliveryFailed, KafkaException) as exc:
+            except (Abort, Fenced, FatalError, DeliveryFailed, KafkaException) as exc:
                 log.warning("final commit failed; a restart resumes from the last commit", extra={"reason": str(exc)})
         if self._active:
             self._deactivate(committed=committed)
@@ -1181,8 +1030,8 @@ class Application:
                     client.close()
                 except Exception:
                     log.exception("consumer close failed")
-        if self.producer is not None and not self.exactly_once:
-            self.producer.flush(budget)
+        if self.committer is not None:
+            self.committer.close(budget)
         log.info(
             "stopped",
             extra={
@@ -1230,12 +1079,3 @@ def _checkpoint_child(
         with contextlib.suppress(BaseException):
             os.write(fd, json.dumps(report).encode())
         os._exit(code)
-
-
-def _is_fatal(err: KafkaError) -> bool:
-    # A consumer reports its fatal error as a consumer error with code _FATAL.
-    return err.fatal() or err.code() == KafkaError._FATAL
-
-
-def _tps(offsets: Offsets) -> list[TopicPartition]:
-    return [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())]
