@@ -93,7 +93,7 @@ def transactional_id(config: Config, instance: str) -> str:
 
     >>> from stream.config import Config
     >>> transactional_id(Config(), "pod-1")
-    'stream-active'
+    'stream-pod-1'
     """
     template = config.coordination.transactional_id
     return template.replace("{group_id}", config.kafka.group_id).replace("{instance_id}", instance)
@@ -117,7 +117,7 @@ class Committer(Protocol):
         producer whose ``init_transactions`` aborts this instance's predecessor's transaction)."""
 
     def begin(self) -> None:
-        """Start the unit of work that the next ``commit`` makes durable."""
+        """Start the unit of work that the next ``commit`` makes durable (no-op if one is open)."""
 
     def drain(self, budget_s: float | None) -> bool:
         """Before the positions are read: wait for the outputs if they must be acknowledged first."""
@@ -242,6 +242,8 @@ class ExactlyOnce:
 
     def begin(self) -> None:
         assert self.producer is not None
+        if self.in_txn:
+            return  # a task started while the others' transaction is open joins it
         self._txn("begin_transaction", self.producer.begin_transaction)
         self.in_txn = True
 

@@ -31,7 +31,7 @@ import msgspec
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from stream.app import Application, lease_topic
+from stream.app import Application, tasks_topic
 from stream.backtest import BacktestResult, DriftTracker, run_backtest
 from stream.config import Config, ConfigError, build_learners, load_config
 from stream.kafka import KafkaWriter, admin_config, consumer_config, create_topics
@@ -299,7 +299,7 @@ def _demo_kafka(
     shutil.rmtree(workdir, ignore_errors=True)
     if not keep_topics:
         admin = AdminClient(admin_config(cfg))
-        doomed = sorted({*created, lease_topic(cfg)})
+        doomed = sorted({*created, tasks_topic(cfg)})
         for future in admin.delete_topics(doomed, operation_timeout=30).values():
             try:
                 future.result(30)

@@ -433,18 +433,18 @@ def test_a_learner_whose_class_gained_state_is_refused(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """A checkpoint from before a learner class gained an attribute would fail at the
     first use of it: the start and the model commands refuse it with the reason."""
-    from stream.app import Application
     from stream.state import StateError, missing_state
+    from stream.task_state import adopt
 
     cfg_path, cfg, store = deployed
     old = trained(cfg, 10)
     for learner in old:
         del learner.__dict__["evaluation"]  # as if pickled by a version without it
     assert missing_state(old[0], build_learners(cfg)[0]) == ["evaluation"]
-    app = Application(cfg)
+    templates = build_learners(cfg)
     with pytest.raises(StateError, match=r"learner `reg` in the checkpoint lacks state.*evaluation.*__setstate__"):
-        app._adopt(old)
-    assert [lr.name for lr in app._adopt(trained(cfg, 10))] == ["reg", "clf"]
+        adopt(old, templates)
+    assert [lr.name for lr in adopt(trained(cfg, 10), templates)] == ["reg", "clf"]
 
     store.write(old, {("a", 0): 700, ("b", 0): 700}, reason="periodic")
     fresh = tmp_path / "fresh.pkl"
@@ -602,7 +602,7 @@ def test_selection_passes_over_planted_checkpoints_with_higher_sequence_numbers(
 
 
 def test_the_forked_background_writer_signs(tmp_path: Path) -> None:
-    from stream.app import _checkpoint_child
+    from stream.task_state import _checkpoint_child
 
     cfg = config(tmp_path)
     keys = _keys(KEY)
