@@ -153,7 +153,7 @@ class Application:
         self._pristine = copy.deepcopy(self.learners)
         self._fresh: list[Learner] | None = self.learners  # the caller's objects serve the first fresh start
         self._topics = sorted({t for learner in self.learners for t in learner.reads})
-        self.assignment = TaskAssignment(self._topics, 1)
+        self.assignment = TaskAssignment(dict.fromkeys(self._topics, 1), 1)
         self.member: Consumer | None = None  # the consumer-group member the tasks are assigned to
         #: The commit protocol of the configured guarantee (made once the dead-letter budget is known).
         self.committer: Committer | None = None
@@ -236,11 +236,12 @@ class Application:
         cfg = self.config
         counts = self._partition_counts()
         shared = global_topics(cfg, self._topics)
-        per_task = [t for t in self._topics if t not in shared]
-        n_tasks = task_count({t: counts[t] for t in per_task})
+        per_task = {t: n for t, n in counts.items() if t not in shared}
+        reads = {lr.name: [t for t in lr.reads if t not in shared] for lr in self.learners}
+        n_tasks = task_count(per_task, reads)
         self.assignment = TaskAssignment(per_task, n_tasks, {t: counts[t] for t in shared})
         ensure_tasks_topic(cfg, self.tasks_topic, n_tasks)
-        log.info("tasks", extra={"tasks": n_tasks, "topics": per_task, "global_topics": sorted(shared),
+        log.info("tasks", extra={"tasks": n_tasks, "topics": sorted(per_task), "global_topics": sorted(shared),
                                  "tasks_topic": self.tasks_topic})  # fmt: skip
         # Know the dead letters' size budget up front instead of discovering it by failing.
         limit, topic_max = dead_letter_budget(cfg, producer_config(cfg))

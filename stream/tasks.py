@@ -3,9 +3,12 @@
 A *task* is one partition number of the topics the learners read together:
 task ``p`` is partition ``p`` of every per-task input topic (clicks, purchases,
 searches ... all keyed by ``user_id``, so one user's events are in one task).
-The task count ``P`` is their partition count; inputs with different counts
-are not co-partitioned (a user's clicks and purchases would land in different
-tasks) and the start is refused with an error naming each topic and its count.
+The topics one learner reads must be co-partitioned (the same partition count
+and key): otherwise a user's clicks and purchases would land in different
+tasks, and the start is refused with an error naming each topic and its count.
+Learners reading unrelated topics may differ; the task count ``P`` is the
+largest partition count, and task ``p`` reads the topics that have a partition
+``p`` (the others' learners idle in it).
 
 The group's own protocol assigns the tasks, as Kafka Streams does: every
 instance joins the consumer group on a *tasks topic* (``<group_id>.tasks``,
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
@@ -67,54 +70,55 @@ def global_topics(config: Config, topics: Iterable[str]) -> set[str]:
     return {t for t in topics if t in wanted}
 
 
-def task_count(counts: Mapping[str, int]) -> int:
-    """The task count of co-partitioned inputs (topic -> partition count); ``StateError``
-    naming every topic and its count when they differ.
+def task_count(counts: Mapping[str, int], reads: Mapping[str, Iterable[str]]) -> int:
+    """The task count (the largest partition count among ``counts``, topic -> partitions,
+    of the per-task topics) once every learner's topics (``reads``: learner -> its
+    per-task topics) are co-partitioned; ``StateError`` naming the learner, every topic
+    and its count when they are not.
 
-    >>> task_count({"clicks": 4, "purchases": 4})
+    >>> task_count({"clicks": 4, "purchases": 4, "events": 2}, {"rec": ["clicks", "purchases"], "x": ["events"]})
     4
-    >>> task_count({})  # every input a global table: one task
+    >>> task_count({}, {"prices": []})  # every input a global table: one task
     1
-    >>> task_count({"clicks": 4, "purchases": 3})
+    >>> task_count({"clicks": 4, "purchases": 3}, {"rec": ["clicks", "purchases"]})
     Traceback (most recent call last):
     ...
-    stream.errors.StateError: the per-task input topics are not co-partitioned: clicks has 4 partitions, ...
+    stream.errors.StateError: learner `rec` reads topics that are not co-partitioned: clicks has 4 partitions, ...
     """
-    if not counts:
-        return 1
-    distinct = set(counts.values())
-    if len(distinct) == 1:
-        return distinct.pop()
-    listed = ", ".join(f"{t} has {n} partitions" for t, n in sorted(counts.items()))
-    raise StateError(
-        f"the per-task input topics are not co-partitioned: {listed}. A task is one partition number of all of "
-        "them (one user's events in one task), so they need the same partition count and the same key "
-        "(user_id). Repartition the odd ones (e.g. `kafka-topics --alter --partitions`, then re-key) or "
-        "give them their own consumer group and configuration."
-    )
+    for learner, topics in reads.items():
+        mine = {t: counts[t] for t in topics}
+        if len(set(mine.values())) > 1:
+            listed = ", ".join(f"{t} has {n} partitions" for t, n in sorted(mine.items()))
+            raise StateError(
+                f"learner `{learner}` reads topics that are not co-partitioned: {listed}. A task is one "
+                "partition number of them (one user's events in one task), so they need the same partition "
+                "count and the same key (user_id). Repartition the odd ones (more partitions, then re-key) "
+                "or read them in different consumer groups."
+            )
+    return max(counts.values(), default=1)
 
 
 class TaskAssignment:
     """Which input partitions make each task, and which partitions of the global tables it
     publishes (``q mod P``) or only learns.
 
-    >>> a = TaskAssignment(["clicks", "purchases"], 2, {"prices": 3})
-    >>> a.partitions(1)
-    [('clicks', 1), ('purchases', 1)]
+    >>> a = TaskAssignment({"clicks": 2, "purchases": 2, "events": 1}, 2, {"prices": 3})
+    >>> a.partitions(0)
+    [('clicks', 0), ('events', 0), ('purchases', 0)]
     >>> a.committed(1), a.silent(1)
     ([('clicks', 1), ('purchases', 1), ('prices', 1)], [('prices', 0), ('prices', 2)])
     >>> sorted(a.tasks_in([TopicPartition("g.tasks", 1), TopicPartition("g.tasks", 3)], "g.tasks"))
     [1, 3]
     """
 
-    def __init__(self, topics: Sequence[str], n_tasks: int, global_counts: Mapping[str, int] | None = None) -> None:
-        self.topics = sorted(topics)
+    def __init__(self, counts: Mapping[str, int], n_tasks: int, global_counts: Mapping[str, int] | None = None) -> None:
+        self.counts = dict(sorted(counts.items()))
         self.n_tasks = n_tasks
         self.global_counts = dict(sorted((global_counts or {}).items()))
 
     def partitions(self, task: int) -> list[TP]:
-        """The per-task input partitions of ``task``, one per per-task topic."""
-        return [(t, task) for t in self.topics]
+        """The per-task input partitions of ``task``: partition ``task`` of every per-task topic that has it."""
+        return [(t, task) for t, n in self.counts.items() if task < n]
 
     def committed(self, task: int) -> list[TP]:
         """What ``task`` publishes and commits: its partitions and the global ones it owns."""

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient, NewPartitions
-from faults_harness import Run, Scenario, make_events, probes, tail
+from faults_harness import Run, Scenario, make_events, parse_log, probes, tail
 from kafka_broker import KafkaBroker
 
 pytestmark = pytest.mark.kafka
@@ -114,6 +113,22 @@ def assert_tasks_equal_oracle(s: Scenario, n_tasks: int) -> None:
     assert learned == {"reg": good["a"], "clf": good["b"]}, "every good input learned exactly once, in one task"
 
 
+def assert_outputs_name_their_task(s: Scenario) -> None:
+    """Every committed output carries the Kafka headers ``stream.task`` (the task of its
+    source partition) and ``stream.model_version`` (0: no model sync configured)."""
+    import json
+
+    seen = 0
+    for topic in s.outputs.values():
+        for m in s.read(topic):
+            headers = dict(m.headers() or [])
+            src = json.loads(m.value())["source"]
+            assert headers.get("stream.task") == str(src["partition"]).encode(), (headers, src)
+            assert headers.get("stream.model_version") == b"0", headers
+            seen += 1
+    assert seen > 0
+
+
 def test_instances_join_leave_crash_and_an_empty_disk_takes_over(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, scenarios: list[Scenario]
 ) -> None:
@@ -157,6 +172,7 @@ def test_instances_join_leave_crash_and_an_empty_disk_takes_over(
     assert c.stop() == 0 and d.stop() == 0
     assert_tasks_equal_oracle(s, n)
     s.assert_exactly_once_outputs()
+    assert_outputs_name_their_task(s)
 
 
 def test_two_instances_survive_a_broker_restart(
@@ -196,17 +212,32 @@ def test_two_instances_survive_a_broker_restart(
     s.assert_at_least_once_outputs()
 
 
-def test_inputs_not_co_partitioned_are_refused(
-    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, scenarios: list[Scenario]
-) -> None:
-    """Inputs with different partition counts would split a user's events across tasks:
-    the start is refused (exit 3) with an error naming each topic and its count."""
-    s = new(scenarios, kafka_bootstrap, topic_prefix, tmp_path, partitions=2)
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    admin.create_partitions([NewPartitions(s.inputs["b"], 3)])[s.inputs["b"]].result(30)
-    run = s.start()
-    assert run.wait(60) == 3
-    refusal = [ln for ln in run.lines() if ln.get("msg") == "refusing to run"]
-    reason = str(refusal[0]["reason"]) if refusal else tail(run.log)
-    assert f"{s.inputs['a']} has 2 partitions" in reason and f"{s.inputs['b']} has 3 partitions" in reason, reason
-    assert "not co-partitioned" in reason
+def test_inputs_not_co_partitioned_are_refused(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+    """A learner reading clicks and purchases with different partition counts would see a
+    user's events split across tasks: the start is refused (exit 3) with an error naming the
+    learner, each topic and its count. Learners reading unrelated topics may differ."""
+    from kafka_broker import create_topics
+    from kafka_util import group_toml, stream_cli
+
+    prefix = topic_prefix
+    create_topics(kafka_bootstrap, [f"{prefix}-clicks", f"{prefix}-events"], partitions=2)
+    create_topics(kafka_bootstrap, [f"{prefix}-purchases"], partitions=3)
+    cfg = tmp_path / "stream.toml"
+    cfg.write_text(group_toml(prefix, kafka_bootstrap, f"{prefix}-group", 2) + f"""
+[metrics]
+port = 0
+
+[checkpoints]
+dir = "{tmp_path / 'ckpt'}"
+
+[learners.rec]
+kind = "recommendation"
+output_topic = "{prefix}-recommendations"
+""")
+    log = tmp_path / "run.log"
+    proc = stream_cli("run", "--config", str(cfg), log=log)
+    assert proc.wait(60) == 3, log.read_text()[-3000:]
+    refusal = [ln for ln in parse_log(log) if ln.get("msg") == "refusing to run"]
+    reason = str(refusal[0]["reason"]) if refusal else log.read_text()[-3000:]
+    assert "learner `rec` reads topics that are not co-partitioned" in reason, reason
+    assert f"{prefix}-clicks has 2 partitions" in reason and f"{prefix}-purchases has 3 partitions" in reason
