@@ -38,7 +38,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -128,6 +128,7 @@ class Application:
         observer: Observer | None = None,
         metrics: PipelineMetrics | None = None,
         sync: TaskSync | None = None,
+        sync_for: Callable[[int], TaskSync] | None = None,
     ) -> None:
         self.config = config
         #: The learners of the only task while there is one (kept after it stops, for callers that
@@ -140,6 +141,8 @@ class Application:
         #: The loop's own reports: consumer lag, batch timings, checkpoints.
         self.metrics = metrics
         self.sync: TaskSync = sync if sync is not None else NoSync()
+        #: Makes the model sync once the task count is known at start (``stream.sync_topic.make_sync``).
+        self._sync_for = sync_for
         self._stop = threading.Event()
         self._warn = _RateLimited()
         self.instance_id = instance_id(config)
@@ -241,6 +244,8 @@ class Application:
         n_tasks = task_count(per_task, reads)
         self.assignment = TaskAssignment(per_task, n_tasks, {t: counts[t] for t in shared})
         ensure_tasks_topic(cfg, self.tasks_topic, n_tasks)
+        if self._sync_for is not None:
+            self.sync = self._sync_for(n_tasks)
         log.info("tasks", extra={"tasks": n_tasks, "topics": sorted(per_task), "global_topics": sorted(shared),
                                  "tasks_topic": self.tasks_topic})  # fmt: skip
         # Know the dead letters' size budget up front instead of discovering it by failing.
