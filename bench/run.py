@@ -31,6 +31,10 @@ because absolute times on shared machines are noisy:
              confluent-kafka loop, Quix Streams and Bytewax (``.[bench]`` extra) against
              the same broker in the same run: steady events/s, CPU per event, ratios
              (see bench/peers.py)
+12. scale    scale-out, broker-less: the same stream split into P tasks, quality of one
+             model vs P tasks without and with model sync per seed and length, the time
+             and size of a merge, P tasks by 2 processes vs 1, and a projection for 4, 8
+             and 16 instances (see bench/scale.py)
 
 The suite is never part of the tests' pass/fail. Without ``--bootstrap-servers``
 sections 3 and 4 start a jar-based broker (tests/kafka_broker.py).
@@ -749,7 +753,15 @@ def ranking_run(seed: int, requests: int, config: Config) -> dict[str, Any]:
     """One seed: the default config's ranking learner on a simulated stream with about
     ``requests`` search and ads requests (50 candidates a search, 20 ads, 3 ad slots),
     scored on the simulator's true relevance; the quality figures are over the last
-    fifth of the requests (the learner at ``requests``), the cost over all of them."""
+    fifth of the requests (the learner at ``requests``), the cost over all of them.
+
+    Cost: a request's own work is scoring it (``predict``), opening it (``learn``) and
+    learning from its labels when its window closes (the learner's ``advance``, timed
+    apart: called between ``predict`` and ``learn``, where ``learn`` calls it first, so
+    nothing changes); ``us_per_request`` is that per request. The clicks and purchases
+    (joining them to requests and the user and item state the features read) are
+    ``us_per_click``; ``us_per_request_all`` is everything the learner did, per request,
+    wall and thread CPU time (the machine is shared: CPU time is less disturbed)."""
     from stream.learners.ranking import RankingLearner
     from stream.scoring import _Replay
     from stream.simulate import Simulation
@@ -763,20 +775,26 @@ def ranking_run(seed: int, requests: int, config: Config) -> dict[str, Any]:
     assert isinstance(learner, RankingLearner)
     pc = time.perf_counter
     spent = {"searches": 0.0, "clicks": 0.0, "purchases": 0.0}
+    closing_s = 0.0
     predict_s = 0.0
     predict_search_s = 0.0
     outputs: list[tuple[Any, Any]] = []
+    cpu0 = time.thread_time()
     for stream, e in events:
         t0 = pc()
         out = learner.predict(e)
         t1 = pc()
+        learner.advance(e.ts)
+        t2 = pc()
         learner.learn(e)
-        spent[stream] += pc() - t0
+        spent[stream] += t1 - t0 + pc() - t2
+        closing_s += t2 - t1
         if out is not None:
             predict_s += t1 - t0
             if e.kind == "search":
                 predict_search_s += t1 - t0
             outputs.append((e, [r.item_id for r in out.items]))
+    cpu_s = time.thread_time() - cpu0
     n = len(outputs)
     late = outputs[n - n // 5 :]
     ndcg, ndcg0, rev, rev_bid = [], [], [], []
@@ -818,7 +836,10 @@ def ranking_run(seed: int, requests: int, config: Config) -> dict[str, Any]:
         "us_per_request_predict": predict_s / n * 1e6,
         "us_per_search_predict_50_candidates": predict_search_s / n_search * 1e6,
         "us_per_request_searches": spent["searches"] / n * 1e6,
-        "us_per_request_all": sum(spent.values()) / n * 1e6,
+        "us_per_request_learning": closing_s / n * 1e6,
+        "us_per_request": (spent["searches"] + closing_s) / n * 1e6,
+        "us_per_request_all": (sum(spent.values()) + closing_s) / n * 1e6,
+        "us_per_request_all_cpu": cpu_s / n * 1e6,
         "us_per_click": spent["clicks"] / max(1, sum(1 for s, _ in events if s == "clicks")) * 1e6,
         "online_ndcg_at_10": learner.ranking.get("ndcg_at_10", "cumulative"),
         "online_ndcg_at_10_original": learner.ranking.get("ndcg_at_10_original", "cumulative"),
@@ -834,8 +855,9 @@ def bench_ranking(config: Config, seeds: Sequence[int], requests: int) -> dict[s
             f"9 ranking seed {seed}: {r['requests']:,} requests; NDCG@10 {r['ndcg_at_10_truth']:.4f} vs engine "
             f"{r['ndcg_at_10_truth_original']:.4f} ({r['ndcg_gain']:+.1%}); ads {r['ads_revenue_per_request']:.4f} "
             f"vs by bid {r['ads_revenue_per_request_by_bid']:.4f} ({r['ads_revenue_gain']:+.1%}); "
-            f"{r['us_per_search_predict_50_candidates']:.0f} us scoring 50 candidates, "
-            f"{r['us_per_request_all']:.0f} us all per request"
+            f"{r['us_per_search_predict_50_candidates']:.0f} us scoring 50 candidates, {r['us_per_request']:.0f} us "
+            f"a request (scoring and learning), {r['us_per_request_all']:.0f} us all per request "
+            f"({r['us_per_request_all_cpu']:.0f} us CPU)"
         )
         runs.append(r)
     return {"ranking": runs}
@@ -843,6 +865,7 @@ def bench_ranking(config: Config, seeds: Sequence[int], requests: int) -> dict[s
 
 SECTIONS = (
     "limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand", "ranking", "quality", "peers",
+    "scale",
 )  # fmt: skip
 
 
@@ -877,6 +900,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--peers-baseline", type=Path, metavar="DIR",
                    help="also run `stream run` from this source tree (git archive COMMIT | tar -x -C DIR): "
                    "before/after in the same run, ratio stream/stream-base")  # fmt: skip
+    p.add_argument("--scale-seeds", default="0,1,2", help="seeds of the scale section (bench/scale.py)")
+    p.add_argument("--scale-lengths", default="30000,100000", help="stream lengths of the scale section")
+    p.add_argument("--scale-tasks", type=int, default=4, help="tasks of the scale section")
     p.add_argument("--growth-point", help=argparse.SUPPRESS)
     p.add_argument("--flood-point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -937,6 +963,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             seeds = [int(x) for x in args.quality_seeds.split(",")]
             fig |= bench_quality(seeds, [int(x) for x in args.quality_lengths.split(",")])
+        if "scale" not in skip:
+            from scale import bench_scale  # bench/scale.py, next to this file
+
+            seeds = [int(x) for x in args.scale_seeds.split(",")]
+            lengths = [int(x) for x in args.scale_lengths.split(",")]
+            fig |= bench_scale(seeds, lengths, args.scale_tasks, 500, log)
     limit = fig.get("limit_events_per_s")
     if limit:
         if "backtest_events_per_s" in fig:

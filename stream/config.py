@@ -310,6 +310,25 @@ class CoordinationConfig(_Section):
     transaction_timeout_ms: Annotated[int, msgspec.Meta(ge=1000)] = 60_000
 
 
+class SyncConfig(_Section):
+    """Model sync between tasks (stream.sync, stream.sync_topic): what is global by nature (linear
+    weights, scaler moments, label counts, item factors, popularity, co-clicks) merged across the
+    tasks every ``every_events`` events or ``every_s`` seconds, through a compacted topic."""
+
+    #: Off: each task learns alone (one task never syncs).
+    enabled: bool = True
+    #: A merge after this many events processed by the instance ...
+    every_events: PositiveInt = 2_000
+    #: ... or this many seconds with events (whichever comes first).
+    every_s: PositiveFloat = 5.0
+    #: Linear weights: "sum" of the tasks' updates (as one model learning them all) or "average".
+    mode: Literal["sum", "average"] = "sum"
+    #: The compacted model-sync topic (created if missing). Empty: ``<group_id>.model-sync``.
+    topic: str = ""
+    #: Contributions are split into records of this many bytes (under the brokers' message.max.bytes).
+    chunk_bytes: Annotated[int, msgspec.Meta(ge=16 * 1024, le=8 * 1024 * 1024)] = 512 * 1024
+
+
 class PrivacyConfig(_Section):
     """Identifier fields pseudonymized at decode (stream.privacy, README "Privacy"); off while none is listed."""
 
@@ -367,6 +386,7 @@ class Config(_Section):
     checkpoints: CheckpointsConfig = msgspec.field(default_factory=CheckpointsConfig)
     coordination: CoordinationConfig = msgspec.field(default_factory=CoordinationConfig)
     privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
+    sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
     learners: dict[str, LearnerSpec] = {}
 
     def input_topics(self) -> dict[str, str]:

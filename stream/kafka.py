@@ -9,11 +9,13 @@ straight through to librdkafka (security, SASL/SSL, tuning).
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from stream.config import Config, all_topics, redact
@@ -219,7 +221,17 @@ class KafkaSink:
     transactions it is produced again at once, cut to the new budget, before
     ``flush`` returns; in a transaction the failure is raised (the transaction
     must abort), and the records are dead-lettered again, cut, when reprocessed.
+
+    With ``on_acknowledged`` set, the loop's batches (``consumed``) are timed from
+    consumed to every output they made acknowledged: the pipeline's own share of the
+    latency, apart from the broker's hops before and after it. Nothing is kept per
+    record: one entry per batch, settled by counting delivery reports, and the time
+    of acknowledgement is the broker's (``Message.latency()`` after its CreateTime),
+    not when the report was served.
     """
+
+    #: Called with (seconds from consumed to acknowledged, records) once per ``consumed`` batch.
+    on_acknowledged: Callable[[float, int], None] | None = None
 
     def __init__(
         self,
@@ -239,12 +251,48 @@ class KafkaSink:
         self._redo: list[tuple[bytes | None, bytes | None, Headers]] = []
         #: Dead letters produced again, cut further, after the topic refused them (for logs and tests).
         self.recut = 0
+        #: Records produced, and delivery reports served (acknowledged or failed).
+        self.produced = 0
+        self.settled = 0
+        #: Batches whose outputs are not all settled: (``produced`` after it, consumed at, records).
+        self._batches: deque[tuple[int, float, int]] = deque()
+        self._ack_target = sys.maxsize
+
+    def consumed(self, consumed_at: float, records: int) -> None:
+        """A batch of ``records`` consumed at ``consumed_at`` (wall clock, s) is processed and its
+        outputs produced: report when they are all acknowledged (see ``on_acknowledged``)."""
+        report = self.on_acknowledged
+        if report is None:
+            return
+        if self.settled >= self.produced:  # nothing outstanding: no outputs, or all already acknowledged
+            report(max(0.0, time.time() - consumed_at), records)
+            return
+        self._batches.append((self.produced, consumed_at, records))
+        self._ack_target = self._batches[0][0]
+
+    def _settled(self, msg: Message) -> None:
+        """The delivery report that completes the outputs of the oldest batches."""
+        latency = msg.latency()
+        kind, ts_ms = msg.timestamp()
+        if latency is None or kind == TIMESTAMP_NOT_AVAILABLE:
+            acked_at = time.time()
+        else:  # CreateTime is the whole ms of the produce call: half a ms after it on average
+            acked_at = ts_ms / 1000 + 0.0005 + latency
+        batches, report = self._batches, self.on_acknowledged
+        while batches and batches[0][0] <= self.settled:
+            _, consumed_at, records = batches.popleft()
+            if report is not None:
+                report(max(0.0, acked_at - consumed_at), records)
+        self._ack_target = batches[0][0] if batches else sys.maxsize
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.delivered += 1
         else:
             self.failed.append(err)
+        self.settled += 1
+        if self.settled >= self._ack_target:
+            self._settled(msg)
 
     def _dead_letter_report(
         self, key: bytes | None, value: bytes | None, headers: Headers
@@ -253,6 +301,9 @@ class KafkaSink:
         report's message carries no headers, and a refused one is produced again, cut."""
 
         def report(err: KafkaError | None, msg: Message) -> None:
+            self.settled += 1
+            if self.settled >= self._ack_target:
+                self._settled(msg)
             if err is None:
                 self.delivered += 1
                 return
@@ -283,6 +334,7 @@ class KafkaSink:
                     self._produce(topic, value, key, headers=headers, on_delivery=on_delivery)
                 else:  # outputs: no headers argument to parse
                     self._produce(topic, value, key, on_delivery=on_delivery)
+                self.produced += 1
                 return
             except BufferError:
                 self._poll(0.05)

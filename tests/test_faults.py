@@ -288,9 +288,10 @@ def test_rebalance_second_instance_joins_and_one_leaves(
     and takes tasks over (A checkpoints and commits them on the way out, so B relearns
     nothing); A stops cleanly and B runs everything; A comes back and takes tasks again;
     B is killed -9 and A takes everything back from the shared checkpoint directory."""
-    from test_scale_out import assert_tasks_equal_oracle, running
+    from test_scale_out import NO_SYNC, assert_tasks_equal_oracle, running
 
-    s = new(scenarios, kafka_bootstrap, topic_prefix, tmp_path, guarantee="exactly_once", partitions=3)
+    s = new(scenarios, kafka_bootstrap, topic_prefix, tmp_path, guarantee="exactly_once", partitions=3,
+            extra=NO_SYNC)
     s.feed(make_events(6000, seed=9, bad_every=107), chunk=100, interval_s=0.15)
     a = s.start(instance="a")
     _wait(lambda: running(a) == {0, 1, 2}, 30, "A to run every task")

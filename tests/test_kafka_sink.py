@@ -87,3 +87,23 @@ def test_record_over_the_producer_limit_raises_record_too_large(kafka_bootstrap:
     with pytest.raises(RecordTooLarge) as info:
         sink.produce(topic, b"k", b"x" * 20_000)
     assert info.value.size > 20_000
+
+
+def test_a_batch_is_timed_to_its_outputs_acknowledged_by_the_broker(kafka_bootstrap: str, unique_topics) -> None:  # type: ignore[no-untyped-def]
+    """The pipeline's own share of the latency (see KafkaSink.consumed): the broker's time of
+    acknowledgement lies between the batch consumed and the flush that returned."""
+    import time
+
+    (topic,) = unique_topics("acks")
+    create_topics(kafka_bootstrap, [topic])
+    sink = KafkaSink(Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5}))
+    reports: list[tuple[float, int]] = []
+    sink.on_acknowledged = lambda seconds, records: reports.append((seconds, records))
+    consumed_at = time.time()
+    for i in range(5):
+        sink.produce(topic, None, f"v{i}".encode())
+    sink.consumed(consumed_at, records=5)
+    assert sink.flush(30)
+    flushed_after = time.time() - consumed_at
+    ((seconds, records),) = reports
+    assert records == 5 and 0.0 <= seconds <= flushed_after + 0.001  # CreateTime is whole ms

@@ -39,7 +39,12 @@ def scenarios() -> Iterator[list[Scenario]]:
         s.close()
 
 
+#: Each task learns alone, so each task's model can be compared with an oracle trained on its partitions.
+NO_SYNC = "\n[sync]\nenabled = false\n"
+
+
 def new(made: list[Scenario], bootstrap: str, prefix: str, tmp_path: Path, **kw: Any) -> Scenario:
+    kw.setdefault("extra", NO_SYNC)
     s = Scenario(bootstrap, prefix, tmp_path, **kw)
     made.append(s)
     return s
@@ -210,6 +215,34 @@ def test_two_instances_survive_a_broker_restart(
     assert any(ln.get("code") == "_ALL_BROKERS_DOWN" for ln in lines), "the instances saw the broker go away"
     assert_tasks_equal_oracle(s, n)
     s.assert_at_least_once_outputs()
+
+
+def test_two_instances_with_model_sync_stamp_their_outputs_with_the_merged_version(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, scenarios: list[Scenario]
+) -> None:
+    """With model sync on (``stream run`` wires ``stream.sync_topic.make_sync``), two instances
+    over four tasks merge through the model-sync topic: the outputs' ``stream.model_version``
+    header climbs above 0 for every task, and every good input still has a prediction."""
+    import json
+
+    n = 4
+    sync = "\n[sync]\nevery_events = 200\nevery_s = 1.0\n"
+    s = new(scenarios, kafka_bootstrap, topic_prefix, tmp_path, partitions=n, extra=sync)
+    s.feed(make_events(4000, seed=23), chunk=100, interval_s=0.1)
+    a, b = s.start(instance="a"), s.start(instance="b")
+    wait(lambda: bool(running(a)) and bool(running(b)), 60, "both to run tasks", a, b)
+    s.fed()
+    s.wait_all_committed(120)
+    assert a.stop() == 0 and b.stop() == 0
+    s.assert_at_least_once_outputs()
+    versions: dict[int, int] = {}
+    for topic in s.outputs.values():
+        for m in s.read(topic):
+            headers = dict(m.headers() or [])
+            task = int(headers["stream.task"])
+            assert task == json.loads(m.value())["source"]["partition"]
+            versions[task] = max(versions.get(task, 0), int(headers["stream.model_version"]))
+    assert sorted(versions) == list(range(n)) and all(v > 0 for v in versions.values()), versions
 
 
 def test_inputs_not_co_partitioned_are_refused(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:

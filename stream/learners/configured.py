@@ -43,6 +43,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Mapping
@@ -59,7 +60,7 @@ from stream.labels import LabelJoin
 from stream.learners.base import Learner
 from stream.models import build_model, with_seed
 
-__all__ = ["ConfiguredLearner", "CustomSpec", "accepts_sample_weight"]
+__all__ = ["ConfiguredLearner", "CustomSpec", "accepts_sample_weight", "as_dict", "field"]
 
 Task = Literal["binary", "multiclass", "regression"]
 _IDS = frozenset({"event_id", "ts", "user_id", "item_id", "order_id", "session_id", "device_id"})
@@ -125,6 +126,22 @@ def as_dict(event: Any) -> Mapping[str, Any]:
     return event if isinstance(event, Mapping) else msgspec.structs.asdict(event)
 
 
+def field(event: Any, name: str) -> Any:
+    """A field of a decoded event, read where it is (no conversion to a dict): an attribute of a
+    contract struct, a key of a JSON object; None when absent.
+
+    >>> field({"quantity": 2}, "quantity"), field({}, "quantity")
+    (2, None)
+    """
+    return getattr(event, name, None) if isinstance(event, msgspec.Struct) else event.get(name)
+
+
+@functools.lru_cache(maxsize=64)
+def _struct_features(cls: type, excluded: frozenset[str]) -> tuple[str, ...]:
+    """The fields of a contract struct that are features when none are listed (in field order)."""
+    return tuple(k for k in cls.__struct_fields__ if k not in excluded)  # type: ignore[attr-defined]
+
+
 def accepts_sample_weight(model: Any) -> bool:
     """Whether ``learn_one`` of the final estimator (of a pipeline, of an
     ``AdaptiveModel``) takes a sample weight ``w``.
@@ -150,6 +167,11 @@ def accepts_sample_weight(model: Any) -> bool:
 
 class ConfiguredLearner(Learner):
     kind = "custom"
+    # Checkpoints from before labels could be joined from another topic lack these three
+    # (their learners take the label from the same event): the class defaults stand in.
+    joins: LabelJoin[Any, tuple[dict[str, float], Any]] | None = None
+    _input_type: type | None = None
+    _label_type: type | None = None
 
     def __init__(self, name: str, spec: CustomSpec, topics: Mapping[str, str]) -> None:
         self.input_topic = topics.get(spec.input, spec.input)
@@ -164,15 +186,15 @@ class ConfiguredLearner(Learner):
         if spec.drift is not None:
             self.model, monitor = spec.drift.build(model, task=spec.task, name=name, on_switch=self._model_switched)
         self.evaluation = _EVALUATIONS[spec.task](spec.evaluation_window, drift=monitor)
-        #: The last event predicted, its features, its prediction and the event as a mapping:
-        #: ``learn`` evaluates (same-event label) or parks (joined label) what ``predict`` made,
-        #: and reuses the mapping (an event is converted to a dict once, not twice).
-        self._scored: tuple[Any, dict[str, float], Any, Mapping[str, Any]] | None = None
+        #: The last event predicted, its features and its prediction: ``learn`` evaluates
+        #: (same-event label) or parks (joined label) what ``predict`` made. Fields are read
+        #: from the event as decoded (``field``): a contract struct is never converted to a dict.
+        self._scored: tuple[Any, dict[str, float], Any] | None = None
         self._excluded = frozenset({spec.label, *spec.exclude, *([spec.key] if spec.key else [])}) | _IDS
         #: Predictions waiting for their label from ``label_topic`` (None: same-event labels).
-        self.joins: LabelJoin[Any, tuple[dict[str, float], Any]] | None = None
-        self._input_type: type | None = None
-        self._label_type: type | None = None
+        self.joins = None
+        self._input_type = None
+        self._label_type = None
         if self.label_topic is not None and spec.join_on is not None:
             self._excluded |= {spec.join_on}
             contract = {topic: EVENT_TYPES[stream] for stream, topic in topics.items() if stream in EVENT_TYPES}
@@ -183,15 +205,19 @@ class ConfiguredLearner(Learner):
         #: Feature names with state in the model, bounded (``max_one_hot``).
         self._vocabulary = FeatureBound(spec.max_one_hot, self._serving)
 
-    def features(self, record: Mapping[str, Any]) -> dict[str, float]:
+    def features(self, event: Any) -> dict[str, float]:
         """Numbers as they are, strings one-hot (``field=value``), booleans as 0/1.
         The names the data makes up are counted against ``max_one_hot``."""
         listed = bool(self.spec.features)
-        names = self.spec.features or [k for k in record if k not in self._excluded]
+        if isinstance(event, msgspec.Struct):
+            names = self.spec.features or _struct_features(type(event), self._excluded)
+            values = [getattr(event, k, None) for k in names]
+        else:
+            names = self.spec.features or [k for k in event if k not in self._excluded]
+            values = [event.get(k) for k in names]
         touch = self._vocabulary.touch
         x: dict[str, float] = {}
-        for k in names:
-            v = record.get(k)
+        for k, v in zip(names, values, strict=True):
             if v is None:
                 continue
             if isinstance(v, bool):
@@ -213,14 +239,13 @@ class ConfiguredLearner(Learner):
     def predict(self, event: Any) -> dict[str, Any] | None:
         if self.joins is not None and self._is_label(event):
             return None
-        record = as_dict(event)
-        x = self.features(record)
+        x = self.features(event)
         if self.spec.task == "regression":
             value = float(self.model.predict_one(x))
-            self._scored = (event, x, value, record)
+            self._scored = (event, x, value)
             return {"value": value}
         proba = self.model.predict_proba_one(x)
-        self._scored = (event, x, proba, record)
+        self._scored = (event, x, proba)
         if self.spec.task == "binary":
             return {"probability": float(proba.get(True, 0.0))}
         label = max(proba, key=proba.__getitem__) if proba else None
@@ -228,13 +253,12 @@ class ConfiguredLearner(Learner):
 
     def learn(self, event: Any) -> None:
         scored, self._scored = self._scored, None
-        record = scored[3] if scored is not None and scored[0] is event else as_dict(event)
         joins = self.joins
         if joins is not None:
-            ts = _event_time(record)
-            key = self._join_key(record)
+            ts = _event_time(event)
+            key = self._join_key(event)
             if self._is_label(event):
-                joins.label(key, self._target(record), ts)
+                joins.label(key, self._target(event), ts)
                 return
             if scored is None or scored[0] is not event:
                 self.predict(event)  # predict failed or was skipped: score it now, as it would have been
@@ -243,12 +267,12 @@ class ConfiguredLearner(Learner):
             assert scored is not None
             joins.add(key, (scored[1], scored[2]), ts)
             return
-        y = self._target(record)
+        y = self._target(event)
         if scored is not None and scored[0] is event:
             x = scored[1]
-            self._evaluate(y, scored[2], record.get("ts") or 0)
+            self._evaluate(y, scored[2], field(event, "ts") or 0)
         else:
-            x = self.features(record)
+            x = self.features(event)
         self.model.learn_one(x, y)
         self.n_learned += 1
 
@@ -265,14 +289,14 @@ class ConfiguredLearner(Learner):
             return type(event) is not self._input_type
         return self.spec.label in event
 
-    def _join_key(self, record: Mapping[str, Any]) -> Any:
-        key = record.get(self.spec.join_on)  # type: ignore[arg-type]
+    def _join_key(self, event: Any) -> Any:
+        key = field(event, self.spec.join_on)  # type: ignore[arg-type]
         if key is None or isinstance(key, (bool, float)) or not isinstance(key, (str, int)):
             raise ValueError(f"join field `{self.spec.join_on}` is missing or not a string or integer id")
         return key
 
-    def _target(self, record: Mapping[str, Any]) -> Any:
-        y = record.get(self.spec.label)
+    def _target(self, event: Any) -> Any:
+        y = field(event, self.spec.label)
         if y is None:
             raise ValueError(f"label field `{self.spec.label}` is missing")
         if self.spec.task == "binary":
@@ -327,8 +351,8 @@ class ConfiguredLearner(Learner):
         }
 
 
-def _event_time(record: Mapping[str, Any]) -> int:
-    ts = record.get("ts")
+def _event_time(event: Any) -> int:
+    ts = field(event, "ts")
     if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
         raise ValueError("field `ts` (event time, epoch ms) is missing: joining labels needs it")
     return int(ts)
