@@ -363,7 +363,9 @@ class Application:
         gone = self.assignment.tasks_in(partitions, self.tasks_topic)
         self._owned -= gone
         if gone & self.tasks.keys():
+            still = set(self._owned)
             self._lost("tasks lost (session timed out or fenced)")
+            self._owned = still  # still assigned here: restored from their checkpoints at once
 
     def _lost(self, reason: str) -> None:
         # Another instance may own the tasks now: nothing may be committed or checkpointed any more.
