@@ -48,6 +48,7 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
