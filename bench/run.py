@@ -33,6 +33,10 @@ because absolute times on shared machines are noisy:
              confluent-kafka loop, Quix Streams and Bytewax (``.[bench]`` extra) against
              the same broker in the same run: steady events/s, CPU per event, ratios
              (see bench/peers.py)
+12. scale    scale-out, broker-less: the same stream split into P tasks, quality of one
+             model vs P tasks without and with model sync per seed and length, the time
+             and size of a merge, P tasks by 2 processes vs 1, and a projection for 4, 8
+             and 16 instances (see bench/scale.py)
 
 The suite is never part of the tests' pass/fail. Without ``--bootstrap-servers``
 sections 3 and 4 start a jar-based broker (tests/kafka_broker.py).
@@ -754,12 +758,14 @@ def demand_sim_config(seed: int, events: int) -> Any:
                      base_conversion=0.08, demand=DemandSim())  # fmt: skip
 
 
-def bench_demand(config: Config, seeds: Sequence[int], events: int, warn_at: float = 0.3) -> dict[str, Any]:
+def bench_demand(config: Config, seeds: Sequence[int], events: int) -> dict[str, Any]:
     """The ``demand`` learner of the config on the demand world, per seed: WAPE and MAE
     against the seasonal naive baseline and interval coverage per horizon (rolling: the
-    last ``evaluation_window`` windows, and cumulative), stock-out warnings
-    (``stockout_probability >= warn_at`` on the lead-time horizon, item in stock) scored
-    against the simulated stock-outs, and the learner's time per event it reads."""
+    last ``evaluation_window`` windows, and cumulative), the sources served, stock-out
+    warnings (the forecasts' ``warning`` flag) scored against the simulated stock-outs
+    (with the recall ceiling: the share of stock-outs that came at least a lead time
+    after their cycle's restock, the only ones a warning in their cycle can precede by a
+    lead time), and the learner's time per event it reads (wall and CPU)."""
     from stream.events import Decoder, Price, Purchase
     from stream.learners.demand import DemandSpec
     from stream.simulate import Simulation
@@ -772,26 +778,28 @@ def bench_demand(config: Config, seeds: Sequence[int], events: int, warn_at: flo
         dp, du = Decoder(Price), Decoder(Purchase)
         read = [dp.decode(v) if s == "prices" else du.decode(v) for s, _, v, _ in raw if s in ("prices", "purchases")]
         learner: Any = spec.build("demand", config.input_topics())
-        lead_s = float(spec.lead_time_s)
-        lead_h = min(spec.horizons_s, key=lambda h: abs(math.log(h / lead_s)))
-        warnings: list[tuple[str, int]] = []
-        elapsed = 0.0
+        lead_ms = int(spec.lead_time_s * 1000)
+        preds: list[Any] = []
+        elapsed, cpu = time.perf_counter(), time.process_time()
         for e in read:
-            t = time.perf_counter()
-            pred = learner.predict(e)
+            preds.append(learner.predict(e))
             learner.learn(e)
-            elapsed += time.perf_counter() - t
-            if pred is not None:
-                for f in pred.forecasts:
-                    p = f.stockout_probability
-                    if f.horizon_s == lead_h and p is not None and p >= warn_at and (f.stock or 0) > 0:
-                        warnings.append((f.item_id, f.ts))
+        elapsed, cpu = time.perf_counter() - elapsed, time.process_time() - cpu
+        warnings: list[tuple[str, int]] = []
+        sources: dict[str, int] = {}
+        for pred in preds:
+            for f in pred.forecasts if pred is not None else ():
+                sources[f.source] = sources.get(f.source, 0) + 1
+                if f.warning and f.horizon_s == spec.horizons_s[0]:  # one per item and moment
+                    warnings.append((f.item_id, f.ts))
         q = {(m, w): v for m, w, v in learner.quality()}
         row: dict[str, Any] = {
             "events": events,
             "days": (sim.truth.end_ts - sim.truth.start_ts) / 86_400_000,
             "events_read": len(read),
             "us_per_event_read": elapsed / len(read) * 1e6,
+            "cpu_us_per_event_read": cpu / len(read) * 1e6,
+            "sources": sources,
         }
         for label in learner.labels:
             for w in ("rolling", "cumulative"):
@@ -801,22 +809,56 @@ def bench_demand(config: Config, seeds: Sequence[int], events: int, warn_at: flo
                     "mae": q[(f"mae_{label}", w)], "baseline_mae": q[(f"baseline_mae_{label}", w)],
                     "coverage": q[(f"coverage_{label}", w)], "censored_share": q[(f"censored_share_{label}", w)],
                 }  # fmt: skip
-        row["stockouts"] = sim.truth.score_stockout_warnings(warnings, int(lead_s * 1000))
+        row["stockouts"] = sim.truth.score_stockout_warnings(warnings, lead_ms)
+        row["stockouts"]["recall_ceiling"] = _warnable_share(sim.truth.demand, sim.truth.start_ts, lead_ms)
         out[str(seed)] = row
         log(f"8 demand seed {seed}: {json.dumps(row, default=float)}")
     return {"demand": out}
 
 
+def _warnable_share(demand: Any, start_ts: int, lead_ms: int) -> float | None:
+    """Share of the stock-outs that came at least ``lead_ms`` after their cycle began (the
+    item's last restock, or the stream's start)."""
+    restocks: dict[str, list[int]] = {}
+    for r in demand["restocks"]:
+        restocks.setdefault(r["item_id"], []).append(r["ts"])
+    outs = demand["stockouts"]
+    if not outs:
+        return None
+    ok = 0
+    for o in outs:
+        began = max((t for t in restocks.get(o["item_id"], []) if t <= o["start"]), default=start_ts)
+        ok += o["start"] - began >= lead_ms
+    return ok / len(outs)
 
 
 # --------------------------------------------------------------------------- 9. ranking
+
+
+def clock_cost(clock: Any, n: int = 200_000) -> float:
+    """Seconds one read of ``clock`` takes (the least of a few tries)."""
+    best = math.inf
+    for _ in range(5):
+        t0 = clock()
+        for _ in range(n):
+            clock()
+        best = min(best, (clock() - t0) / n)
+    return best
 
 
 def ranking_run(seed: int, requests: int, config: Config) -> dict[str, Any]:
     """One seed: the default config's ranking learner on a simulated stream with about
     ``requests`` search and ads requests (50 candidates a search, 20 ads, 3 ad slots),
     scored on the simulator's true relevance; the quality figures are over the last
-    fifth of the requests (the learner at ``requests``), the cost over all of them."""
+    fifth of the requests (the learner at ``requests``), the cost over all of them.
+
+    Cost: a request's own work is scoring it (``predict``), opening it (``learn``) and
+    learning from its labels when its window closes (the learner's ``advance``, timed
+    apart: called between ``predict`` and ``learn``, where ``learn`` calls it first, so
+    nothing changes); ``us_per_request`` is that per request. The clicks and purchases
+    (joining them to requests and the user and item state the features read) are
+    ``us_per_click``; ``us_per_request_all`` is everything the learner did, per request.
+    All in thread CPU time (the machine is shared); the whole loop's wall time apart."""
     from stream.learners.ranking import RankingLearner
     from stream.scoring import _Replay
     from stream.simulate import Simulation
@@ -828,22 +870,31 @@ def ranking_run(seed: int, requests: int, config: Config) -> dict[str, Any]:
     truth = sim.truth
     learner = spec.build("ranking", config.input_topics())
     assert isinstance(learner, RankingLearner)
-    pc = time.perf_counter
+    # CPU time of this thread: on a shared machine the wall time of a few microseconds is
+    # mostly waiting for a core. Each interval also holds about one clock read: subtracted.
+    clock = time.thread_time
+    tick = clock_cost(clock)
     spent = {"searches": 0.0, "clicks": 0.0, "purchases": 0.0}
+    closing_s = 0.0
     predict_s = 0.0
     predict_search_s = 0.0
     outputs: list[tuple[Any, Any]] = []
+    wall0 = time.perf_counter()
     for stream, e in events:
-        t0 = pc()
+        t0 = clock()
         out = learner.predict(e)
-        t1 = pc()
+        t1 = clock()
+        learner.advance(e.ts)
+        t2 = clock()
         learner.learn(e)
-        spent[stream] += pc() - t0
+        spent[stream] += t1 - t0 + clock() - t2 - 2 * tick
+        closing_s += t2 - t1 - tick
         if out is not None:
-            predict_s += t1 - t0
+            predict_s += t1 - t0 - tick
             if e.kind == "search":
-                predict_search_s += t1 - t0
+                predict_search_s += t1 - t0 - tick
             outputs.append((e, [r.item_id for r in out.items]))
+    wall_s = time.perf_counter() - wall0
     n = len(outputs)
     late = outputs[n - n // 5 :]
     ndcg, ndcg0, rev, rev_bid = [], [], [], []
@@ -885,7 +936,11 @@ def ranking_run(seed: int, requests: int, config: Config) -> dict[str, Any]:
         "us_per_request_predict": predict_s / n * 1e6,
         "us_per_search_predict_50_candidates": predict_search_s / n_search * 1e6,
         "us_per_request_searches": spent["searches"] / n * 1e6,
-        "us_per_request_all": sum(spent.values()) / n * 1e6,
+        "us_per_request_learning": closing_s / n * 1e6,
+        "us_per_request": (spent["searches"] + closing_s) / n * 1e6,
+        "us_per_request_all": (sum(spent.values()) + closing_s) / n * 1e6,
+        "us_per_request_all_wall": wall_s / n * 1e6,
+        "us_clock_read": tick * 1e6,
         "us_per_click": spent["clicks"] / max(1, sum(1 for s, _ in events if s == "clicks")) * 1e6,
         "online_ndcg_at_10": learner.ranking.get("ndcg_at_10", "cumulative"),
         "online_ndcg_at_10_original": learner.ranking.get("ndcg_at_10_original", "cumulative"),
@@ -901,8 +956,9 @@ def bench_ranking(config: Config, seeds: Sequence[int], requests: int) -> dict[s
             f"9 ranking seed {seed}: {r['requests']:,} requests; NDCG@10 {r['ndcg_at_10_truth']:.4f} vs engine "
             f"{r['ndcg_at_10_truth_original']:.4f} ({r['ndcg_gain']:+.1%}); ads {r['ads_revenue_per_request']:.4f} "
             f"vs by bid {r['ads_revenue_per_request_by_bid']:.4f} ({r['ads_revenue_gain']:+.1%}); "
-            f"{r['us_per_search_predict_50_candidates']:.0f} us scoring 50 candidates, "
-            f"{r['us_per_request_all']:.0f} us all per request"
+            f"{r['us_per_search_predict_50_candidates']:.0f} us scoring 50 candidates, {r['us_per_request']:.0f} us "
+            f"a request (scoring and learning), {r['us_per_request_all']:.0f} us all per request (CPU time; "
+            f"{r['us_per_request_all_wall']:.0f} us wall)"
         )
         runs.append(r)
     return {"ranking": runs}
@@ -910,6 +966,7 @@ def bench_ranking(config: Config, seeds: Sequence[int], requests: int) -> dict[s
 
 SECTIONS = (
     "limit", "backtest", "kafka", "latency", "growth", "checkpoint", "flood", "demand", "ranking", "quality", "peers",
+    "scale",
 )  # fmt: skip
 
 
@@ -944,6 +1001,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--peers-baseline", type=Path, metavar="DIR",
                    help="also run `stream run` from this source tree (git archive COMMIT | tar -x -C DIR): "
                    "before/after in the same run, ratio stream/stream-base")  # fmt: skip
+    p.add_argument("--scale-seeds", default="0,1,2", help="seeds of the scale section (bench/scale.py)")
+    p.add_argument("--scale-lengths", default="30000,100000", help="stream lengths of the scale section")
+    p.add_argument("--scale-tasks", type=int, default=4, help="tasks of the scale section")
     p.add_argument("--growth-point", help=argparse.SUPPRESS)
     p.add_argument("--flood-point", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1010,6 +1070,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             seeds = [int(x) for x in args.quality_seeds.split(",")]
             fig |= bench_quality(seeds, [int(x) for x in args.quality_lengths.split(",")])
+        if "scale" not in skip:
+            from scale import bench_scale  # bench/scale.py, next to this file
+
+            seeds = [int(x) for x in args.scale_seeds.split(",")]
+            lengths = [int(x) for x in args.scale_lengths.split(",")]
+            fig |= bench_scale(seeds, lengths, args.scale_tasks, 100, log)
     limit = fig.get("limit_events_per_s")
     if limit:
         if "backtest_events_per_s" in fig:

@@ -7,7 +7,10 @@ recording gives the predictions of a live run. It tracks drift detections and
 samples each learner's quality over the run, scores against the simulator's
 ground truth when the recording has one (``stream.scoring``), and writes the
 outputs, a report and a chart. ``run_backtest`` is the loop, shared with the
-demo.
+demo. With ``checkpoint_out`` the learners as the recording left them are
+written as a checkpoint (the normal format, ``stream.checkpoint``) holding the
+offsets after the last record read: ``stream model import`` serves it live (the
+hybrid warm start: history at backtest speed, then incremental).
 """
 
 from __future__ import annotations
@@ -17,19 +20,21 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import msgspec
 
+from stream.checkpoint import Offsets, build, load_keys
 from stream.config import Config, build_learners
 from stream.pipeline import Observer, Pipeline, Record, Tally
 from stream.privacy import Pseudonymizer
 from stream.progress import Progress
 from stream.recording import RecordedMessage, Recording
 from stream.scoring import TruthScorer, score_against_truth
+from stream.state import LocalStorage
 
 Headers = list[tuple[str, bytes | None]]
 
@@ -42,6 +47,7 @@ __all__ = [
     "quality_of",
     "run_backtest",
     "truth_lines",
+    "write_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -244,14 +250,18 @@ def truth_lines(truth: dict[str, Any]) -> list[str]:
     for name, scores in truth.get("learners", {}).items():
         vals = ", ".join(f"{k} {_fmt(v) if isinstance(v, float) else v}" for k, v in scores.items())
         lines.append(f"{name}: {vals}")
+    at = {(d["kind"], d["ts"]): d.get("index") for d in points}
     for mon, score in truth.get("drift", {}).items():
         parts = []
         for d in score["drifts"]:
+            index = at.get((d["kind"], d["ts"]))
+            where = f" at #{index:,}" if index is not None else ""
             if d["delay_ms"] is None:
-                parts.append(f"{d['kind']} missed")
+                parts.append(f"{d['kind']}{where} missed")
             else:
-                ev = f", {d['delay_events']:,} events" if d.get("delay_events") is not None else ""
-                parts.append(f"{d['kind']} caught after {d['delay_ms'] / 60000:.1f} min{ev}")
+                ev = f"#{index + d['delay_events']:,}, +{d['delay_events']:,} events, " if (
+                    index is not None and d.get("delay_events") is not None) else ""  # fmt: skip
+                parts.append(f"{d['kind']}{where} caught at {ev}{d['delay_ms'] / 60000:.1f} min later")
         found = "; ".join(parts) or "no relevant drift"
         alarms = f"false alarms {score['false_alarms']} of {score['detections']} detections"
         worse = score.get("worse_only")
@@ -468,6 +478,7 @@ def backtest(
     keep_outputs: bool = False,
     progress: bool = True,
     chart: bool = True,
+    checkpoint_out: str | Path | None = None,
 ) -> BacktestResult:
     """Backtest the configured learners on a recording, without a broker.
 
@@ -476,12 +487,17 @@ def backtest(
     and the predictions equal those of a live ``stream run`` of the same
     records. With ``out_dir``: ``outputs/<topic>.jsonl`` per output topic,
     ``report.txt``, ``report.json`` and (with matplotlib) ``quality.png``.
+    With ``checkpoint_out``: the learners at the end, as a checkpoint file.
     """
     rec = recording if isinstance(recording, Recording) else Recording(recording)
     tmap = dict(topic_map or {})
     truth = rec.truth()
-    result, _ = run_backtest(
-        rec.messages(topic_map=tmap),
+    offsets: dict[tuple[str, int], int] = {}
+    messages: Iterable[RecordedMessage] = rec.messages(topic_map=tmap)
+    if checkpoint_out is not None:
+        messages = _tracking(messages, offsets)
+    result, run = run_backtest(
+        messages,
         config,
         source=str(rec.path),
         total=len(rec),
@@ -490,6 +506,9 @@ def backtest(
         progress=progress,
         truth=truth,
     )
+    if checkpoint_out is not None:
+        path = write_checkpoint(checkpoint_out, run.learners, offsets, config, source=str(rec.path))
+        result.files["checkpoint"] = str(path)
     if out_dir is not None:
         out = Path(out_dir)
         result.files["outputs"] = str(out / "outputs")
@@ -505,6 +524,75 @@ def backtest(
         result.files["report_json"] = str(out / "report.json")
         (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
+
+
+def _mark_drifts(ax: Any, info: dict[str, Any], truth: Any) -> None:
+    """The true drifts meant for this learner (green; the others faint grey) and its
+    detections against them: red when it caught one (its delay in events written
+    by it), orange dotted when false (``GroundTruth.score_detections``: the first
+    detection after a drift, within a fifth of the stream, catches it)."""
+    detections = sorted((d["ts"], d["index"]) for mon in info["drift"] for d in mon["detections"])
+    caught: dict[int, int | None] = {}  # position in ``detections`` -> delay in events
+    if truth is not None:
+        kind = info.get("kind")
+        mine = truth.drift_points(learner=kind)
+        labelled = False
+        for d in truth.drifts:
+            if d.index is None:
+                continue
+            relevant = d in mine
+            label = "true drift" if relevant and not labelled else None
+            labelled = labelled or relevant
+            color = "green" if relevant else "grey"
+            ax.axvline(d.index, color=color, linewidth=1.5 if relevant else 0.8, alpha=0.6 if relevant else 0.3,
+                       label=label)  # fmt: skip
+            ax.annotate(d.kind, (d.index, 1.0), xycoords=("data", "axes fraction"), fontsize=7, color=color,
+                        ha="left", va="top")  # fmt: skip
+        for row in truth.score_detections(detections, learner=kind).drifts:
+            if row["delay_ms"] is not None:
+                at = row["ts"] + row["delay_ms"]
+                caught[next(k for k, (ts, _) in enumerate(detections) if ts == at)] = row["delay_events"]
+    first_caught = first_false = True
+    for k, (_, index) in enumerate(detections):
+        if index is None or index < 0:
+            continue
+        if k in caught:
+            ax.axvline(index, color="red", linewidth=1.2, label="drift caught" if first_caught else None)
+            if caught[k] is not None:
+                ax.annotate(f"+{caught[k]:,} events", (index, 0.02), xycoords=("data", "axes fraction"), fontsize=7,
+                            color="red", ha="left", va="bottom")  # fmt: skip
+            first_caught = False
+        else:
+            label = "false alarm" if truth is not None else "drift detected"
+            ax.axvline(index, color="darkorange", linestyle=":", linewidth=1.0, label=label if first_false else None)
+            first_false = False
+
+
+def _tracking(records: Iterable[RecordedMessage], offsets: dict[tuple[str, int], int]) -> Iterator[RecordedMessage]:
+    """``records``, noting in ``offsets`` the offset after the last one read per partition."""
+    for rec in records:
+        offsets[(rec.topic(), rec.partition())] = rec.offset() + 1
+        yield rec
+
+
+def write_checkpoint(
+    path: str | Path, learners: Sequence[Any], offsets: Offsets, config: Config, *, source: str = "<records>"
+) -> Path:
+    """Write ``learners`` as a checkpoint file (signed with the configured checkpoint key, if
+    any) at ``offsets``: the state of the learners after everything before them."""
+    out = Path(path)
+    _, data = build(
+        out.name,
+        0,
+        learners,
+        offsets,
+        reason="backtest",
+        origin={"action": "backtest", "source": source},
+        group_id=config.kafka.group_id,
+        keys=load_keys(config),
+    )
+    LocalStorage(out.parent).write(out.name, data)
+    return out
 
 
 def plot_quality(result: BacktestResult, path: Path, truth: Any = None) -> str | None:
@@ -531,17 +619,7 @@ def plot_quality(result: BacktestResult, path: Path, truth: Any = None) -> str |
                     xs.append(p["index"])
                     ys.append(windows.get("rolling", next(iter(windows.values()))))
             ax.plot(xs, ys, label=f"{metric} (rolling)", linewidth=1.2)
-        for mon in result.learners[name]["drift"]:
-            for k, d in enumerate(mon["detections"]):
-                ax.axvline(
-                    d["index"], color="red", linestyle="--", linewidth=0.8, label="drift detected" if k == 0 else None
-                )
-        if truth is not None:
-            for k, d in enumerate(truth.drifts):
-                if d.index is not None:
-                    ax.axvline(d.index, color="green", linewidth=1.5, alpha=0.6, label="true drift" if k == 0 else None)
-                    ax.annotate(d.kind, (d.index, 1.0), xycoords=("data", "axes fraction"), fontsize=7, color="green",
-                                ha="left", va="top")  # fmt: skip
+        _mark_drifts(ax, result.learners[name], truth)
         ax.set_title(name, fontsize=10, loc="left")
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)

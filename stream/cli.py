@@ -73,12 +73,15 @@ def _add_kafka_args(p: argparse.ArgumentParser, *, config_required: bool = False
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stream.app import Application
+    from stream.app import Application, instance_id
     from stream.metrics import serve_metrics
+    from stream.sync_topic import make_sync
 
     config = _config(args, learners=True)
     observer = serve_metrics(config)
-    app = Application(config, observer=observer)
+    me = instance_id(config)
+    # Model sync across tasks: made once the task count (the inputs' partitions) is known.
+    app = Application(config, observer=observer, sync_for=lambda n_tasks: make_sync(config, me, n_tasks))
     app.install_signal_handlers()
     return app.run()
 
@@ -162,8 +165,9 @@ def cmd_backtest(args: argparse.Namespace) -> int:
             topic_map=parse_topic_map(args.topic_map),
             progress=args.progress,
             chart=args.chart,
+            checkpoint_out=args.checkpoint_out,
         )
-    except (StreamError, ValueError) as exc:
+    except (StreamError, ValueError, OSError) as exc:
         return _fail(str(exc))
     print(result.text())
     if args.out:
@@ -294,6 +298,9 @@ def _add_replay_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
     bt.add_argument("--out", metavar="OUTDIR", help="write outputs/<topic>.jsonl, report.txt, report.json, quality.png")
     bt.add_argument("--topic-map", action="append", metavar="REC=CONF", help="read a recorded topic as another")
     bt.add_argument("--no-chart", dest="chart", action="store_false", help="no quality chart (PNG)")
+    bt.add_argument("--checkpoint-out", metavar="FILE",
+                    help="write the learners as the recording left them as a checkpoint (warm start: serve it "
+                         "with `stream model import FILE --whole`)")  # fmt: skip
     no_progress(bt)
     bt.set_defaults(handler=cmd_backtest)
 
@@ -375,6 +382,8 @@ def cmd_model_import(args: argparse.Namespace, config: Config) -> int:
         args.path,
         learner=args.learner,
         at_committed=args.at_committed,
+        at_source=args.at_source,
+        whole=args.whole,
         trust_pickle=args.trust_pickle,
         access=GroupAccess(offline=args.offline, force=args.force),
     )
@@ -424,10 +433,23 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("path", metavar="PATH")
     p.add_argument("--learner", metavar="NAME", help="the learner whose model is replaced")
     p.add_argument("--force", action="store_true", help=force_help)
-    p.add_argument(
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
         "--at-committed",
         action="store_true",
         help="with no checkpoint yet: serve from the committed offsets (default: learn from the beginning)",
+    )
+    start.add_argument(
+        "--at-source",
+        action="store_true",
+        help="with no checkpoint yet: serve from the offsets of the imported checkpoint (a backtest's: just after "
+        "the recorded records, when the recording is of these topics)",
+    )
+    p.add_argument(
+        "--whole",
+        action="store_true",
+        help="import the whole learners of a checkpoint (model, per-user and per-item state, predictions "
+        "waiting for labels), not only their River models: the warm start from `stream backtest --checkpoint-out`",
     )
     p.add_argument(
         "--trust-pickle",

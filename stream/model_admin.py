@@ -330,8 +330,10 @@ def _apply(
     origin: dict[str, Any],
     *,
     force: bool,
+    whole: bool = False,
 ) -> int:
-    """Write a new checkpoint: ``base`` (or untrained learners) serving ``models``."""
+    """Write a new checkpoint: ``base`` (or untrained learners) serving ``models``
+    (River models; with ``whole``: whole learners, which replace the learners of that name)."""
     learners = copy.deepcopy(base.learners) if base is not None else build_learners(config)
     _check_restorable(config, base, learners)
     by_name = {lr.name: lr for lr in learners}
@@ -341,7 +343,11 @@ def _apply(
         if target is None:
             raise StateError(f"no learner `{name}` is configured (learners: {', '.join(by_name)})")
         current = copy.deepcopy(target)
-        swap_model(target, copy.deepcopy(model))
+        if whole:
+            target = _replace_learner(config, learners, target, model)
+            by_name[name] = target
+        else:
+            swap_model(target, copy.deepcopy(model))
         if base is not None and config.checkpoints.validate:
             ok, message = _validate(config, base, current, target)
             print(f"{name}: {message}")
@@ -357,6 +363,35 @@ def _apply(
         "it serves from the next start"
     )
     return 0
+
+
+def _replace_learner(config: Config, learners: list[Any], target: Any, learner: Any) -> Any:
+    """Put a copy of ``learner`` in the place of ``target`` in ``learners``, its model version past both."""
+    if type(learner) is not type(target):
+        raise StateError(
+            f"learner `{target.name}`: the checkpoint's is a {type(learner).__name__}, the configured one a "
+            f"{type(target).__name__}"
+        )
+    _check_restorable(config, None, [learner])
+    new = copy.deepcopy(learner)
+    new.model_version = max(target.model_version, learner.model_version) + 1
+    learners[learners.index(target)] = new
+    return new
+
+
+def _learners_of(source: Any, path: str | Path, config: Config, learner: str | None) -> dict[str, Any]:
+    """learner name -> the whole learner to import from ``source`` (a checkpoint)."""
+    if not isinstance(source, Checkpoint):
+        raise StateError(f"{path}: --whole imports the learners of a checkpoint file, not a bare River model")
+    names = [learner] if learner else [lr.name for lr in source.learners if lr.name in config.learners]
+    found = {name: source.learner(name) for name in names}
+    missing = [name for name, lr in found.items() if lr is None]
+    if missing or not found:
+        raise StateError(
+            f"{path}: no learner {', '.join(f'`{m}`' for m in missing) or 'configured here'} in this checkpoint "
+            f"(it has: {', '.join(lr.name for lr in source.learners)})"
+        )
+    return found
 
 
 def _models_of(source: Any, path: str | Path, config: Config, learner: str | None) -> dict[str, Any]:
@@ -392,12 +427,16 @@ def import_model(
     *,
     learner: str | None = None,
     at_committed: bool = False,
+    at_source: bool = False,
+    whole: bool = False,
     trust_pickle: bool = False,
     access: GroupAccess = GroupAccess(),
 ) -> int:
     """Serve the model(s) of ``path`` (a checkpoint file, or with ``trust_pickle`` a pickled River
-    model) from a new checkpoint. With no checkpoint yet it starts from the beginning, or with
-    ``at_committed`` from the group's committed offsets."""
+    model) from a new checkpoint; with ``whole``, a checkpoint's whole learners (model and state:
+    the warm start from a backtest). With no checkpoint yet it starts from the beginning, with
+    ``at_committed`` from the group's committed offsets, with ``at_source`` from the offsets of
+    the imported checkpoint."""
     store = _store(config)
     if trust_pickle:
         print(
@@ -406,7 +445,7 @@ def import_model(
             file=sys.stderr,
         )
     source = read_any(path, store.keys, trust_pickle=trust_pickle)
-    models = _models_of(source, path, config, learner)
+    models = _learners_of(source, path, config, learner) if whole else _models_of(source, path, config, learner)
     base, committed = _base(config, store, access)
     if base is not None:
         offsets = dict(base.info.offsets)
@@ -414,6 +453,10 @@ def import_model(
         if committed is None:
             raise StateError("--at-committed needs the broker (the group's committed offsets)")
         offsets = committed
+    elif at_source:
+        if not isinstance(source, Checkpoint):
+            raise StateError("--at-source needs a checkpoint file (a bare model holds no offsets)")
+        offsets = dict(source.info.offsets)
     else:
         offsets = {}
     origin = {
@@ -421,8 +464,9 @@ def import_model(
         "source": str(path),
         "learners": sorted(models),
         "base_version": base.info.seq if base is not None else None,
+        "whole": whole,
     }
-    return _apply(config, store, base, offsets, models, origin, force=access.force)
+    return _apply(config, store, base, offsets, models, origin, force=access.force, whole=whole)
 
 
 def rollback(config: Config, *, to: int, learner: str | None = None, access: GroupAccess = GroupAccess()) -> int:

@@ -18,7 +18,7 @@ import pytest
 from river import linear_model, naive_bayes, preprocessing
 
 from stream.config import ConfigError, parse_config
-from stream.drift import AdaptiveModel, ConceptDrift, DriftSpec, ks, psi
+from stream.drift import AdaptiveModel, BlockCusum, ConceptDrift, DriftSpec, cusum_arl, cusum_threshold, ks, psi
 from stream.evaluation import Evaluation
 from stream.learners import build_learner
 
@@ -135,6 +135,8 @@ def test_drift_config_is_part_of_a_learner_spec() -> None:
         ({"min_samples": 500, "max_trial": 100}, "min_samples"),
         ({"window": 0}, "Expected `int` >= 1"),
         ({"reactions": "switch"}, "unknown field"),
+        ({"detector": "block_cusum", "params": {"blocks": 100}}, "drift.params"),
+        ({"detector": "block_cusum", "params": {"block": 1000, "arl": 1500}}, "arl"),
     ],
 )
 def test_bad_drift_config_is_reported_with_its_path(drift: dict[str, Any], message: str) -> None:
@@ -169,6 +171,16 @@ def test_switch_recovers_faster_than_report_after_an_abrupt_change() -> None:
     # Recovery: GaussianNB never forgets, so without the switch it stays confused for long.
     after = (CHANGE + 500, CHANGE + 1500)
     assert accuracy(hits, *after) > 0.85
+    assert accuracy(hits, *after) - accuracy(plain_hits, *after) > 0.15
+
+
+def test_switch_on_a_block_cusum_detection_recovers_faster_than_report() -> None:
+    spec: dict[str, Any] = {"detector": "block_cusum", "params": {"block": 20, "arl": 100_000}}
+    _, plain_monitor, plain_hits = run_binary(naive_bayes.GaussianNB, "report", **spec)
+    adaptive, _, hits = run_binary(naive_bayes.GaussianNB, "switch", **spec)
+    assert plain_monitor.detections >= 1 and plain_monitor.last_detection_ts >= CHANGE
+    assert adaptive.switches == 1 and CHANGE <= adaptive.history[0].drift_ts < CHANGE + 300
+    after = (CHANGE + 500, CHANGE + 1500)
     assert accuracy(hits, *after) - accuracy(plain_hits, *after) > 0.15
 
 
@@ -353,6 +365,82 @@ def test_cusum_parameters_are_validated() -> None:
         ConceptDrift("cusum", theta=0.5)
 
 
+# -- block_cusum --------------------------------------------------------------------
+
+
+def _alarms(detector: BlockCusum, values: Iterator[float]) -> list[int]:
+    out = []
+    for i, v in enumerate(values):
+        detector.update(v)
+        if detector.drift_detected:
+            out.append(i)
+    return out
+
+
+def test_block_cusum_threshold_follows_the_asked_run_length() -> None:
+    # A larger arl means a higher threshold; the approximation's in-control ARL is the one asked.
+    hs = [cusum_threshold(arl, 0.5) for arl in (1_000, 10_000, 100_000)]
+    assert hs == sorted(hs) and hs[0] > 0
+    assert all(abs(cusum_arl(h, 0.5) / arl - 1) < 1e-6 for h, arl in zip(hs, (1_000, 10_000, 100_000), strict=True))
+    assert BlockCusum(block=100, arl=1_000_000).h == pytest.approx(cusum_threshold(10_000, 0.5))
+    # After a shift of one standard deviation the delay is short: tens of blocks, not thousands.
+    assert cusum_arl(hs[1], 0.5, shift=1.0) < 20
+
+
+def test_block_cusum_false_alarms_stay_near_the_asked_rate_on_clustered_errors() -> None:
+    # Errors come in sessions (1-20 outcomes sharing a miss probability): not independent, as on a shop.
+    rng = random.Random(5)
+
+    def sessions(n: int) -> Iterator[float]:
+        i = 0
+        while i < n:
+            p = rng.betavariate(2, 4)
+            for _ in range(rng.randint(1, 20)):
+                yield float(rng.random() < p)
+                i += 1
+
+    alarms = _alarms(BlockCusum(block=100, arl=100_000), sessions(1_000_000))
+    # 10 expected at the nominal rate; the reference's estimation noise costs up to ~1.7x (docs/drift.md).
+    assert len(alarms) <= 20, len(alarms)
+
+
+def test_block_cusum_catches_a_small_rise_and_ignores_a_fall() -> None:
+    rng = random.Random(6)
+    rates = [0.30] * 40_000 + [0.25] * 40_000 + [0.30] * 20_000  # learning (a fall), then a rise of 0.05
+    alarms = _alarms(BlockCusum(), (float(rng.random() < r) for r in rates))
+    assert alarms and all(i >= 80_000 for i in alarms), alarms
+    assert alarms[0] < 85_000, "a rise of a fifth of the error within 5,000 outcomes"
+
+
+def test_block_cusum_through_the_monitor_watches_the_squared_error_of_binary_outcomes() -> None:
+    rng = random.Random(7)
+    monitor = ConceptDrift("block_cusum", block=200)
+    alarms = []
+    for i in range(60_000):
+        p = 0.05 + 0.2 * rng.random()
+        true_p = p if i < 40_000 else min(1.0, 1.6 * p)  # conversions 1.6x what the model says
+        if monitor.update(99.0, ts=i, outcome=(rng.random() < true_p, p)):  # the error argument is not used
+            alarms.append(i)
+    assert alarms and all(i >= 40_000 for i in alarms) and alarms[0] < 45_000, alarms
+    assert monitor.last_direction == "worse" and monitor.recent_width is not None
+
+
+def test_block_cusum_is_configured_validated_and_pickled() -> None:
+    spec = msgspec.convert({"detector": "block_cusum", "params": {"block": 50, "arl": 500_000}}, DriftSpec)
+    spec.validate()
+    monitor = spec.monitor()
+    for i in range(3_000):
+        monitor.update(float(i % 3 == 0), ts=i)
+    again = pickle.loads(pickle.dumps(monitor))
+    assert again.detector.n_reference == monitor.detector.n_reference > 0 and again.detector.h == monitor.detector.h
+    with pytest.raises(ValueError, match=r"drift\.params"):
+        DriftSpec(detector="block_cusum", params={"nope": 1}).validate()
+    with pytest.raises(ValueError, match="arl"):
+        BlockCusum(block=1_000, arl=1_500)
+    with pytest.raises(ValueError, match="block_cusum"):
+        BlockCusum(k=0)
+
+
 def test_outcomes_reach_the_monitor_in_prediction_order() -> None:
     class Seen:
         detections = 0
@@ -382,3 +470,52 @@ def test_roc_auc_is_undefined_until_both_classes_are_seen() -> None:
     assert math.isnan(values[("roc_auc", "cumulative")]) and math.isnan(values[("roc_auc", "rolling")])
     ev.binary(False, 0.1, ts=1)
     assert ev.get("roc_auc", "cumulative") == 1.0
+
+
+def test_backtest_chart_marks_caught_and_false_detections_against_the_learners_true_drifts() -> None:
+    from stream.backtest import _mark_drifts
+    from stream.simulate import SimConfig, Simulation
+
+    sim = Simulation(SimConfig(seed=0, events=3_000))
+    for _ in sim:
+        pass
+    change = next(d for d in sim.truth.drifts if d.kind == "elasticity_change")
+    assert change.index is not None
+
+    class Axes:
+        def __init__(self) -> None:
+            self.lines: list[tuple[int, str, str | None]] = []
+            self.notes: list[str] = []
+
+        def axvline(self, x: int, *, color: str, label: str | None = None, **style: Any) -> None:
+            self.lines.append((x, color, label))
+
+        def annotate(self, text: str, *args: Any, **kwargs: Any) -> None:
+            self.notes.append(text)
+
+    ax = Axes()
+    dets = [{"ts": change.ts + 1_000, "index": change.index + 10}, {"ts": sim.truth.start_ts + 5, "index": 3}]
+    _mark_drifts(ax, {"kind": "pricing", "drift": [{"monitor": "pricing", "detections": dets}]}, sim.truth)
+    colors = {x: color for x, color, _ in ax.lines}
+    assert colors[change.index] == "green"
+    assert all(colors[d.index] == "grey" for d in sim.truth.drifts if d is not change and d.index is not None)
+    assert colors[change.index + 10] == "red" and "+10 events" in ax.notes
+    assert (3, "darkorange", "false alarm") in ax.lines
+
+
+def test_report_lines_place_each_detection_against_its_true_drift() -> None:
+    from stream.backtest import truth_lines
+
+    truth = {
+        "drift_points": [{"kind": "elasticity_change", "ts": 100, "index": 18_000}],
+        "drift": {
+            "pricing": {"drifts": [{"kind": "elasticity_change", "ts": 100, "delay_ms": 738_000,
+                                    "delay_events": 1_234}], "false_alarms": 1, "detections": 2},
+            "risk": {"drifts": [{"kind": "elasticity_change", "ts": 100, "delay_ms": None, "delay_events": None}],
+                     "false_alarms": 0, "detections": 0},
+        },
+    }  # fmt: skip
+    lines = truth_lines(truth)
+    assert "drift pricing: elasticity_change at #18,000 caught at #19,234, +1,234 events, 12.3 min later; " \
+           "false alarms 1 of 2 detections" in lines  # fmt: skip
+    assert "drift risk: elasticity_change at #18,000 missed; false alarms 0 of 0 detections" in lines

@@ -150,6 +150,7 @@ def test_risk_users_orders_and_one_hot_weights_stay_bounded(flooded: dict[str, A
     assert risk.n_learned > 200 and risk.source == "model"
     # 11 numeric features + at most 10 one-hot (cat=..., pay=...).
     assert sizes["one_hot"] <= 10 and sizes["model_table"] <= 11 + 10, model_table_sizes(risk.model)
+    assert 0 < sizes["profile_values"] <= risk.profile.max_values
 
 
 def test_configured_learner_one_hot_state_stays_bounded_through_the_scaler(flooded: dict[str, Any]) -> None:

@@ -83,7 +83,9 @@ class DemandForecast(msgspec.Struct):
     hours_of_cover: float | None
     stockout_probability: float | None
     reorder_suggestion: int
-    source: Literal["model", "baseline"]
+    source: Literal["model", "rate", "baseline"]
+    stockout_risk: float | None
+    warning: bool
 
 
 class DemandFields(msgspec.Struct):

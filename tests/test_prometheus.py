@@ -260,6 +260,9 @@ def running(
     ranking_topics = unique_topics("searches", "clicks", "purchases", "rankings")
     ranking_inputs = dict(zip(("searches", "clicks", "purchases"), ranking_topics[:3], strict=True))
     create_topics(kafka_bootstrap, ranking_topics, partitions=1)
+    # The demand learner's (it shares purchases): its quality series (the inventory panels, the stock-out alert).
+    prices, forecasts = unique_topics("prices", "demand-forecasts")
+    create_topics(kafka_bootstrap, [prices, forecasts], partitions=1)
     config = parse_config(
         {
             "kafka": {
@@ -267,7 +270,7 @@ def running(
                 "group_id": f"g-{events}",
                 "consumer": {"session.timeout.ms": 6000},
             },
-            "topics": {"dead_letters": dead, **ranking_inputs},
+            "topics": {"dead_letters": dead, "prices": prices, **ranking_inputs},
             "processing": {"batch_size": 200, "poll_timeout_s": 0.1, "commit_interval_s": 0.5},
             "metrics": {"port": 0, "stats_interval_s": 1.0, "feature_sample_every": 1, "feature_window": 100},
             "learners": {
@@ -282,6 +285,7 @@ def running(
                     "drift": {"detector": "adwin", "reaction": "switch", "min_samples": 100},
                 },
                 "ranking": {"kind": "ranking", "output_topic": ranking_topics[3]},
+                "demand": {"kind": "demand", "output_topic": forecasts},
             },
         }
     )
@@ -291,7 +295,8 @@ def running(
     metrics_port = metrics.serve(0, addr="127.0.0.1", registry=registry)
     metrics.checkpoint_saved()  # stands for the checkpoint writer's call
     ranking = config.learners["ranking"].build("ranking", config.input_topics())
-    app = Application(config, learners=[learner, ranking], observer=metrics)
+    demand = config.learners["demand"].build("demand", config.input_topics())
+    app = Application(config, learners=[learner, ranking, demand], observer=metrics)
     app_thread = threading.Thread(target=app.run, name="app", daemon=True)
     stop = threading.Event()
     prometheus: subprocess.Popen[bytes] | None = None

@@ -166,6 +166,35 @@ def test_anomaly_source_before_enough_labels_then_model(
     assert np.mean([o.fraud_probability for o in anomaly]) < 0.05
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_fraud_profile_ranks_frauds_before_the_model_serves(seed: int) -> None:
+    """The cold-start score on its own (the model never serves here): rare feature values, then
+    what the labelled frauds look like. It ranks frauds well above River's HalfSpaceTrees."""
+    events, frauds = fraud_stream(seed=seed, n_orders=5_000)
+    aucs = {}
+    for anomaly in ("profile", "half_space_trees"):
+        learner = build(label_window_s=3 * 3_600, min_labels=10**9, min_fraud_labels=0, anomaly=anomaly)
+        outputs = run(learner, events)
+        assert {o.source for o in outputs} == {"anomaly"}
+        aucs[anomaly] = auc([o.order_id in frauds for o in outputs], [o.fraud_probability for o in outputs])
+    assert aucs["profile"] >= 0.97 and aucs["profile"] > aucs["half_space_trees"], aucs
+
+
+@pytest.mark.parametrize("anomaly", ["profile", "half_space_trees"])
+def test_a_checkpoint_without_the_fraud_profile_loads_with_an_empty_one(anomaly: str) -> None:
+    learner = build(anomaly=anomaly)
+    state = learner.__dict__.copy()
+    del state["profile"]
+    # As pickled before the profile: no `anomaly` field, HalfSpaceTrees while the detector lives.
+    state["spec"] = msgspec.structs.replace(learner.spec, anomaly="profile")
+    restored = RiskLearner.__new__(RiskLearner)
+    restored.__setstate__(state)
+    assert restored.profile.n_all.sum() == 0
+    assert restored.spec.anomaly == anomaly  # the detector goes on scoring where there is one
+    restored.learn(order(1, "u1", 0))
+    assert restored.predict(order(2, "u2", 1_000)) is not None
+
+
 def test_decisions_follow_the_thresholds(scored: tuple[RiskLearner, list[Any], list[RiskScore], set[str]]) -> None:
     learner, _, outputs, _ = scored
     spec = learner.spec

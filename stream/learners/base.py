@@ -12,6 +12,13 @@ Everything a learner decides depends only on the events and their ``ts``
 (event time), never on the wall clock, and its random choices are seeded, so
 the same events in the same order give the same predictions live or replayed.
 A learner's whole state is its pickled self: checkpoints save and restore it.
+
+With scale-out each task runs its own copy of every learner; what is global by
+nature (linear weights, scaler statistics, label counters, item factors, ...)
+is read with ``global_params`` and merged across the copies by model sync
+(``stream.sync``, ``stream.sync_topic``), then set back with
+``set_global_params``. The default covers the linear models and standard
+scalers of the learner's River ``model``; learners add their own counters.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any, ClassVar
 
 from stream.evaluation import Evaluation
 from stream.events import Event
+from stream.sync import Params, assign_model_params, model_params
 
 __all__ = ["Learner"]
 
@@ -73,3 +81,16 @@ class Learner(abc.ABC):
     def replace_model(self, model: Any) -> None:
         """Serve ``model`` from now on (warm start, rollback, drift switch)."""
         raise NotImplementedError(f"{type(self).__name__} does not support replacing its model")
+
+    def global_params(self) -> Params:
+        """The parameters model sync merges across tasks (``stream.sync.Params``). Default: the
+        weights and intercepts of the linear models and the moments of the standard scalers in
+        ``self.model`` (none for a learner without one). Read between events, never on the hot path."""
+        model = getattr(self, "model", None)
+        return model_params(model) if model is not None else Params()
+
+    def set_global_params(self, params: Params) -> None:
+        """Continue from the merged ``params`` (what ``global_params`` returns, merged over every task)."""
+        model = getattr(self, "model", None)
+        if model is not None:
+            assign_model_params(model, params)

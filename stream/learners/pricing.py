@@ -89,6 +89,7 @@ from stream.labels import LabelJoin
 from stream.learners.base import Learner
 from stream.learners.configured import accepts_sample_weight
 from stream.models import build_model, with_seed
+from stream.sync import Params, assign_count_params, count_params
 
 __all__ = ["PriceQuote", "PricingLearner", "PricingSpec"]
 
@@ -614,3 +615,16 @@ class PricingLearner(Learner):
             "categories": len(self._categories),
             "model_table": max(model_table_sizes(self.model).values(), default=0),
         }
+
+    # -- model sync (stream.sync): what every task's copy should know ---------------------------
+
+    def global_params(self) -> Params:
+        """The model's weights and scaler moments, and the outcome count (it ends the warm-up,
+        which one task alone would reach P times later)."""
+        params = super().global_params()
+        params.update(count_params({"outcomes": self._outcomes}))
+        return params
+
+    def set_global_params(self, params: Params) -> None:
+        super().set_global_params(params)
+        self._outcomes = round(assign_count_params(params, ("outcomes",)).get("outcomes", self._outcomes))

@@ -72,16 +72,16 @@ import itertools
 import math
 import random
 import re
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
-from river import base, linear_model
+from river import base, linear_model, optim
 
 from stream.bounded import BoundedDict
-from stream.drift import AdaptiveModel, DriftSpec
+from stream.drift import AdaptiveModel, ConceptDrift, DriftSpec
 from stream.evaluation import Evaluation
 from stream.events import Click, Purchase, Search
 from stream.learners.base import Learner
@@ -169,7 +169,7 @@ class RankingSpec(msgspec.Struct, tag="ranking", tag_field="kind", forbid_unknow
     popularity_half_life_s: PositiveFloat = 3_600.0
     #: Rolling window of the quality metrics; the click model's metrics on 1 example in N.
     evaluation_window: PositiveInt = 10_000
-    evaluate_every: PositiveInt = 16
+    evaluate_every: PositiveInt = 64
     #: Concept drift on the click model's log loss.
     drift: DriftSpec = msgspec.field(default_factory=DriftSpec)
 
@@ -195,7 +195,9 @@ _CTR_PRIOR = 5.0
 _EPS = 1e-15
 _LN2 = math.log(2)
 #: Columns of the item table.
-_CLK, _EXM, _POP, _POPTS, _PRICE, _SEEN = range(6)
+_CLK, _EXM, _POP, _PRICE, _SEEN = range(5)
+#: Candidates of a request at most (the contract's bound): the length of the per-position tables.
+_MAX_CANDIDATES = 200
 
 
 def _zeros(n: int) -> Iterator[int]:
@@ -217,6 +219,9 @@ def ndcg(ranks: Mapping[int, float], k: int = 10) -> float:
     >>> ndcg({0: 1.0}), round(ndcg({1: 1.0}), 4), ndcg({12: 1.0})
     (1.0, 0.6309, 0.0)
     """
+    if len(ranks) == 1:  # the common case (one click): no sorting
+        ((r, g),) = ranks.items()
+        return 1.0 / math.log2(r + 2) if r < k and g > 0 else 0.0
     dcg = sum(g / math.log2(r + 2) for r, g in ranks.items() if r < k)
     ideal = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(ranks.values(), reverse=True)[:k]))
     return dcg / ideal if ideal > 0 else 0.0
@@ -230,17 +235,47 @@ def _brier_error(model: Any, x: Any, y: Any) -> float:
 
 
 class _BrierFeed:
-    """Feeds the drift monitor the squared error ``(y - p)^2`` of each example, where
+    """Feeds the drift monitor the squared error ``(y - p)^2`` of the click model, where
     ``Evaluation`` passes its log loss ``-log p_y`` (so ``(1 - exp(-loss))^2``): bounded,
     less heavy-tailed, so fewer false alarms (on the simulator, 34 detections instead of 86
-    over 63k examples). Everything else is the monitor's (read by the metrics)."""
+    over 63k examples). Everything else is the monitor's (read by the metrics).
+
+    A plain detector of errors gets one value per learned request (``flush``): the mean
+    over its examples. They share a user, a query and a moment, so they are not independent
+    draws, the requests are closer to it; and it is one detector update a request instead of
+    several. A detector of binary outcomes (cusum), or a model that switches on drift
+    (comparing the error of each example with a candidate's), gets every example as it comes.
+
+    >>> from stream.drift import ConceptDrift
+    >>> feed = _BrierFeed(ConceptDrift("adwin"))
+    >>> _ = feed.update(-math.log(0.5), ts=1); _ = feed.update(-math.log(0.9), ts=1)
+    >>> feed.n_seen, feed.flush(ts=1), feed.n_seen
+    (0, None, 1)
+    >>> round(feed.monitor._recent, 3)      # ((1 - 0.5)^2 + (1 - 0.9)^2) / 2
+    0.13
+    """
 
     def __init__(self, monitor: Any) -> None:
         self.monitor = monitor
+        self.per_request = isinstance(monitor, ConceptDrift) and monitor.kind != "cusum"
+        self._sum = 0.0
+        self._n = 0
 
     def update(self, error: float, ts: int, outcome: tuple[bool, float] | None = None) -> bool:
+        squared = (1.0 - math.exp(-error)) ** 2
+        if self.per_request:
+            self._sum += squared
+            self._n += 1
+            return False
         # A detector of binary outcomes (cusum) reads ``outcome``; the others the squared error.
-        return bool(self.monitor.update((1.0 - math.exp(-error)) ** 2, ts, outcome))
+        return bool(self.monitor.update(squared, ts, outcome))
+
+    def flush(self, ts: int) -> None:
+        """The request's examples are all in: their mean to the detector."""
+        if self._n:
+            mean = self._sum / self._n
+            self._sum, self._n = 0.0, 0
+            self.monitor.update(mean, ts)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or "monitor" not in self.__dict__:
@@ -251,55 +286,116 @@ class _BrierFeed:
 class _User:
     __slots__ = ("cats", "recent", "total", "ts")
 
-    def __init__(self, ts: int, recent: int) -> None:
+    def __init__(self, ts: int) -> None:
         self.cats: dict[int, float] = {}
         self.total = 0.0
         self.ts = ts
-        self.recent: deque[str] = deque(maxlen=recent)
+        #: The items clicked last, oldest first (a dict: an ordered set with O(1) lookups).
+        self.recent: dict[str, None] = {}
 
 
 class _Request:
-    """A request waiting for its clicks: what it is learned and evaluated from."""
+    """A scored request waiting for its clicks: what it is learned and evaluated from.
 
-    __slots__ = ("attr", "bids", "clicks", "deadline", "ids", "kind", "order", "request_id", "shown", "ts", "user",
-                 "x")  # fmt: skip
+    Only the first positions in the order users saw are learned from (``max_positions``,
+    or the ad slots), so only their feature rows, attractiveness and item slots are kept."""
+
+    __slots__ = ("attr", "bids", "clicks", "deadline", "generation", "id_set", "ids", "kind", "order", "request_id",
+                 "shown", "slots", "ts", "user", "x")  # fmt: skip
 
     def __init__(
-        self, request_id: str, user: str, ts: int, deadline: int, kind: str, ids: list[str], order: np.ndarray,
-        shown: np.ndarray, x: np.ndarray, attr: np.ndarray, bids: np.ndarray | None,
+        self, event: Search, deadline: int, ids: list[str], id_set: set[str], bids: np.ndarray | None,
+        order: np.ndarray, shown: np.ndarray, x: np.ndarray, attr: np.ndarray, slots: np.ndarray, generation: int,
     ) -> None:  # fmt: skip
-        self.request_id = request_id
-        self.user = user
-        self.ts = ts
+        self.request_id = event.request_id
+        self.user = event.user_id
+        self.ts = event.ts
+        self.kind = event.kind
         self.deadline = deadline
-        self.kind = kind
-        #: Candidate ids in the engine's order; ``order``: our order (indexes into ids);
-        #: ``shown``: the order users saw (ours or the engine's).
+        #: Candidate ids (and ads' bids) in the engine's order (and as a set: clicks are joined
+        #: by item); ``order``: our order (indexes into ids).
         self.ids = ids
+        self.id_set = id_set
+        self.bids = bids
         self.order = order
+        #: The first positions users saw (engine indexes), and per position: feature row,
+        #: attractiveness, item slot (0: unknown when scored; valid while ``generation`` holds).
         self.shown = shown
-        #: Feature rows and attractiveness, by engine index.
         self.x = x
         self.attr = attr
-        self.bids = bids
+        self.slots = slots
+        self.generation = generation
         #: engine index -> label weight (1 a click, ``purchase_weight`` more for a purchase).
         self.clicks: dict[int, float] = {}
 
 
-class _Scored:
-    __slots__ = ("attr", "bids", "event", "explored", "ids", "order", "x")
+def _plain_logistic(model: Any) -> linear_model.LogisticRegression | None:
+    """``model`` if it is a bare ``LogisticRegression`` with the log loss: its
+    probability is ``sigmoid(w . x + b)``, so a whole candidate list is scored with one
+    matrix-vector product from its weights."""
+    if type(model) is linear_model.LogisticRegression and type(model.loss) is optim.losses.Log:
+        return model
+    return None
 
-    def __init__(
-        self, event: Search, ids: list[str], bids: np.ndarray | None, x: np.ndarray, attr: np.ndarray,
-        order: np.ndarray, explored: int,
-    ) -> None:  # fmt: skip
-        self.event = event
-        self.ids = ids
-        self.bids = bids
-        self.x = x
-        self.attr = attr
-        self.order = order
-        self.explored = explored
+
+def _coefficients(weights: Any) -> list[float]:
+    """A linear model's weights of ``FEATURES`` (0 for one it has not learned yet)."""
+    try:
+        return [weights[f] for f in FEATURES]  # a River VectorDict: indexing is its fast read
+    except KeyError:
+        return [weights.get(f, 0.0) for f in FEATURES]
+
+
+def _steppable(model: Any) -> bool:
+    """Whether a request's examples can be learned by ``_sgd_step`` instead of one
+    ``learn_one`` each: plain SGD, no L1 (its cumulative penalty is per example), and
+    every feature's weight already there (the first ``learn_one`` creates them with the
+    model's initializer)."""
+    lr = _plain_logistic(model)
+    return lr is not None and type(lr.optimizer) is optim.SGD and lr.l1 == 0 and len(lr._weights) == _F
+
+
+def _sgd_step(model: linear_model.LogisticRegression, x: np.ndarray, y: list[bool], w: list[float]) -> None:
+    """One SGD step over a request's examples (rows of ``x``, labels ``y``, sample weights
+    ``w``): the sum of their gradients at the current weights, with River's own loss
+    weights, gradient clipping, L2, learning rates and iteration count, written back into
+    the model's weights. River's ``learn_one`` takes the same gradients one example at a
+    time (each at the weights the previous one left); for the few examples of one request
+    (at most ``max_positions``) the difference is second order in the learning rate, and
+    the cost is a handful of vector operations instead of a dict per example.
+
+    One example: exactly River's step; two: the same up to the second order.
+
+    >>> from river import linear_model, optim
+    >>> a, b = (linear_model.LogisticRegression(optim.SGD(0.1)) for _ in range(2))
+    >>> x = dict(zip(FEATURES, [0.5] * len(FEATURES)))
+    >>> a.learn_one(x, True, w=2.0); b.learn_one(x, True, w=2.0)
+    >>> _sgd_step(a, np.full((1, len(FEATURES)), 0.5), [False], [3.0]); b.learn_one(x, False, w=3.0)
+    >>> max(abs(a.weights[f] - b.weights[f]) for f in FEATURES) < 1e-12, abs(a.intercept - b.intercept) < 1e-12
+    (True, True)
+    >>> _sgd_step(a, np.full((2, len(FEATURES)), 0.5), [True, False], [1.0, 2.0])
+    >>> b.learn_one(x, True); b.learn_one(x, False, w=2.0)
+    >>> round(a.weights["ctr"], 4), round(b.weights["ctr"], 4), a.optimizer.n_iterations
+    (-0.0528, -0.056, 4)
+    """
+    weights = model._weights
+    coef = _coefficients(weights)
+    b = model.intercept
+    loss = model.loss
+    pos, neg, limit = loss.weight_pos, loss.weight_neg, model.clip_gradient
+    g: list[float] = []
+    for zk, yk, wk in zip((x @ np.array(coef)).tolist(), y, w, strict=True):
+        # The log loss's gradient in the logit: sigmoid(z) - y (as tanh: no overflow).
+        p = 0.5 + 0.5 * math.tanh(0.5 * (zk + b))
+        gk = (p - 1.0) * wk * pos if yk else p * wk * neg
+        g.append(min(max(gk, -limit), limit))
+    opt = model.optimizer
+    lr = opt.learning_rate
+    model.intercept = b - model.intercept_lr.get(opt.n_iterations) * sum(g)
+    l2 = model.l2 * len(g)
+    for f, c, gf in zip(FEATURES, coef, (np.array(g) @ x).tolist(), strict=True):
+        weights[f] = c - lr * (gf + l2 * c)
+    opt.n_iterations += len(g)
 
 
 class RankingLearner(Learner):
@@ -329,10 +425,16 @@ class RankingLearner(Learner):
         self._slot: dict[str, int] = {}
         self._free: list[int] = []
         size = 1024
-        #: Per item slot: clicks, expected examinations, popularity and its time, log price / 5
-        #: (0 unknown), last event time touched (eviction order); its category index (-1 unknown).
-        self._tab = np.zeros((size, 6))
+        #: One row per column, one column per item slot: clicks, expected examinations,
+        #: popularity (``log(p) + t / tau``: a popularity ``p`` at event time ``t`` decayed with
+        #: time constant ``tau``, so that at any time ``ts`` it is ``exp(value - ts / tau)``;
+        #: -inf: none), log price / 5 (0 unknown), last event time touched (eviction order).
+        #: And each slot's category index (-1 unknown).
+        self._tab = np.zeros((5, size))
+        self._tab[_POP] = -np.inf
         self._cat = np.full(size, -1, dtype=np.intp)
+        #: Counts the times item slots were forgotten (a request's slots hold while it is unchanged).
+        self._generation = 0
         #: Query terms -> match of each category (cleared when categories are added, or when full).
         self._match_cache: dict[frozenset[str], np.ndarray] = {}
         self._n_slots = 1
@@ -354,6 +456,10 @@ class RankingLearner(Learner):
         self._pos_clicks = {k: prior * spec.propensity_prior for k in ("search", "ads")}
         self._pos_attr = {k: np.full(d, spec.propensity_prior) for k in ("search", "ads")}
         self.examination = {k: prior.copy() for k in ("search", "ads")}
+        #: The examination by position, padded with its last value to any list's length.
+        self._exam_row = {k: np.full(_MAX_CANDIDATES, prior[-1]) for k in ("search", "ads")}
+        for k in self._exam_row:
+            self._exam_row[k][:d] = prior
         # In shadow mode the engine's position is the shown position: as a feature it would
         # soak up the position bias the propensities are there to remove.
         self._engine_feature = spec.shown_order == "ours"
@@ -361,32 +467,37 @@ class RankingLearner(Learner):
         self._pending: OrderedDict[str, _Request] = OrderedDict()
         self._by_user: dict[str, list[str]] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
+        #: The first pending request's deadline (nothing to close before it).
+        self._due: float = math.inf
         self.now = -(2**62)
         self.n_requests = 0
         self._learned_requests = 0
         self._stats = {"received": 0, "joined": 0, "unmatched": 0, "late": 0, "expired": 0, "evicted": 0}
         self.purchases_joined = 0
         self._n_examples = 0
-        self._scored: _Scored | None = None
-        self._engine = 1.0 / np.log2(2.0 + np.arange(256))
+        self._scored: tuple[Search, _Request, np.ndarray, int] | None = None
+        self._engine = 1.0 / np.log2(2.0 + np.arange(_MAX_CANDIDATES))
+        self._identity = np.arange(_MAX_CANDIDATES)
+        #: Positions kept per request (learned from; for ads also the slots whose revenue counts).
+        self._keep = {"search": spec.max_positions, "ads": spec.ad_slots}
+        self._fast_learn: bool | None = None
 
     # -- the Learner interface ------------------------------------------------------------
 
     def predict(self, event: Any) -> Ranking | None:
         if type(event) is not Search:
             return None
-        scored = self._score(event)
-        self._scored = scored
-        return self._ranking(event, scored)
+        req, attr, explored = self._score(event)
+        self._scored = (event, req, attr, explored)
+        return self._ranking(req, attr, explored)
 
     def learn(self, event: Any) -> None:
         cls = type(event)
         if cls is Search:
             scored, self._scored = self._scored, None
-            if scored is None or scored.event is not event:
-                scored = self._score(event)
+            req = scored[1] if scored is not None and scored[0] is event else self._score(event)[0]
             self.advance(event.ts)
-            self._open(event, scored)
+            self._open(req)
         elif cls is Click:
             self.advance(event.ts)
             self._stats["received"] += 1
@@ -413,6 +524,7 @@ class RankingLearner(Learner):
         else:
             self.model = model
         self._weighted = accepts_sample_weight(model)
+        self._fast_learn = None
         self.model_version += 1
 
     def _model_switched(self, switch: Any) -> None:
@@ -420,102 +532,135 @@ class RankingLearner(Learner):
 
     # -- scoring --------------------------------------------------------------------------
 
-    def _candidates(self, event: Search) -> tuple[list[str], np.ndarray | None]:
+    def _candidates(self, event: Search) -> tuple[list[str], set[str], np.ndarray | None]:
         cands = event.candidates
         if event.kind == "ads":
             ids = [c.item_id for c in cands]  # type: ignore[union-attr]
             bids: list[float] | None = [c.bid for c in cands]  # type: ignore[union-attr]
         else:
-            ids = cands  # type: ignore[assignment]
+            ids = cands  # type: ignore[assignment]  # read only: the event's own list
             bids = None
-        if len(set(ids)) != len(ids):  # duplicates: the first occurrence counts
+        distinct = set(ids)
+        if len(distinct) != len(ids):  # duplicates: the first occurrence counts
             seen: set[str] = set()
             keep = [i for i, x in enumerate(ids) if not (x in seen or seen.add(x))]  # type: ignore[func-returns-value]
             ids = [ids[i] for i in keep]
             if bids is not None:
                 bids = [bids[i] for i in keep]
-        return list(ids), (np.array(bids) if bids is not None else None)
+        return ids, distinct, (np.array(bids) if bids is not None else None)
 
-    def features(self, event: Search, ids: list[str]) -> np.ndarray:
-        """The feature matrix of the candidates ``ids`` of ``event`` (rows in the engine's order)."""
+    def features(self, event: Search, ids: list[str], slots: np.ndarray) -> np.ndarray:
+        """The feature matrix of the candidates ``ids`` of ``event`` (rows in the engine's
+        order), from their item ``slots``. Built feature by feature (a few vector operations
+        each, in float64 throughout: a ufunc writing into another dtype takes numpy's slow,
+        buffered path), no per-candidate object: a ``(len(ids), len(FEATURES))`` view."""
         n = len(ids)
-        slot_of = self._slot
-        s = np.fromiter(map(slot_of.get, ids, _zeros(n)), np.intp, n)
-        x = np.empty((n, _F))
-        tab = self._tab[s]
-        exams = tab[:, _EXM]
+        x = np.empty((_F, n))
+        tab = self._tab.take(slots, axis=1)
+        exams = tab[_EXM]
         rate = self._tot_clicks / self._tot_exams
-        x[:, 0] = np.log((tab[:, _CLK] + _CTR_PRIOR * rate) / ((exams + _CTR_PRIOR) * rate))
-        ts = event.ts
-        pop = tab[:, _POP] * np.exp(np.minimum(tab[:, _POPTS] - ts, 0.0) / self._pop_tau_ms)
-        x[:, 1] = np.log1p(pop) / 3.0
-        x[:, 2] = tab[:, _PRICE]
-        cats = self._cat[s]
-        user = self._users.get(event.user_id, ts)
+        # The learned click rate: clicks over expected examinations, smoothed towards the global rate.
+        den = exams + _CTR_PRIOR
+        den *= rate
+        np.divide(tab[_CLK] + _CTR_PRIOR * rate, den, out=x[0])
+        np.log(x[0], out=x[0])
+        # log(1 + popularity at the request's time) / 3 (np.logaddexp is scalar code: 20x slower).
+        pop = tab[_POP]
+        pop -= event.ts / self._pop_tau_ms
+        np.exp(pop, out=pop)
+        np.log1p(pop, out=x[1])
+        x[1] *= 1.0 / 3.0
+        x[2] = tab[_PRICE]
+        cats = self._cat.take(slots)
+        user = self._users.get(event.user_id, event.ts)
         n_cat = len(self._cat_terms)
         if user is not None and user.total > 0:
             share = np.zeros(n_cat + 1)  # the last: unknown category
+            inv = 1.0 / user.total
             for k, w in user.cats.items():
-                share[k] = w
-            x[:, 3] = share[cats] / user.total
-            recent = set(user.recent)
-            x[:, 4] = np.fromiter(map(recent.__contains__, ids), float, n)
+                share[k] = w * inv
+            share.take(cats, out=x[3])
+            x[4] = np.fromiter(map(user.recent.__contains__, ids), float, n)
         else:
-            x[:, 3] = 0.0
-            x[:, 4] = 0.0
+            x[3:5] = 0.0
         terms = query_terms(event.query)
         if terms and n_cat:
-            match = self._match_cache.get(terms)
-            if match is None:
-                if len(self._match_cache) >= 4096:
-                    self._match_cache.clear()
-                match = np.zeros(n_cat + 1)  # the last: unknown category
-                for k, names in enumerate(self._cat_terms):
-                    if terms & names:
-                        match[k] = 1.0
-                self._match_cache[terms] = match
-            x[:, 5] = match[cats]
+            self._query_match(terms, n_cat).take(cats, out=x[5])
         else:
-            x[:, 5] = 0.0
+            x[5] = 0.0
         req_cat = self._cats.get(event.category) if event.category is not None else None
-        x[:, 6] = (cats == req_cat) if req_cat is not None else 0.0
-        if self._engine_feature:
-            x[:, 7] = self._engine[:n] if n <= len(self._engine) else 1.0 / np.log2(2.0 + np.arange(n))
+        if req_cat is not None:
+            x[6] = cats == req_cat
         else:
-            x[:, 7] = 0.0
-        x[:, 8] = exams == 0
-        return x
+            x[6] = 0.0
+        if self._engine_feature:
+            x[7] = self._engine[:n] if n <= len(self._engine) else 1.0 / np.log2(2.0 + np.arange(n))
+        else:
+            x[7] = 0.0
+        x[8] = exams == 0.0
+        return x.T
+
+    def _query_match(self, terms: frozenset[str], n_cat: int) -> np.ndarray:
+        """Per category (and a last entry: unknown), whether a query term is in its name."""
+        match = self._match_cache.get(terms)
+        if match is None:
+            if len(self._match_cache) >= 4096:
+                self._match_cache.clear()
+            match = np.zeros(n_cat + 1)
+            for k, names in enumerate(self._cat_terms):
+                if terms & names:
+                    match[k] = 1.0
+            self._match_cache[terms] = match
+        return match
 
     def _attractiveness(self, x: np.ndarray) -> np.ndarray:
         model = self.model
         if isinstance(model, AdaptiveModel):
             model = model.current
-        if type(model) is linear_model.LogisticRegression:
-            weights = model._weights
-            w = np.array([weights.get(f, 0.0) for f in FEATURES])
-            z = x @ w + model.intercept
-            return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
+        lr = _plain_logistic(model)
+        if lr is not None:
+            weights = lr._weights
+            # sigmoid(w . x + b) = 0.5 + 0.5 tanh((w . x + b) / 2): no overflow, no clipping.
+            half = np.array([0.5 * c for c in _coefficients(weights)])
+            z = x @ half
+            z += 0.5 * lr.intercept
+            np.tanh(z, out=z)
+            z *= 0.5
+            z += 0.5
+            return z
         out = np.empty(len(x))
         for r, row in enumerate(x.tolist()):
             proba = self.model.predict_proba_one(dict(zip(FEATURES, row, strict=True)))
             out[r] = proba.get(True, 0.0) if proba else 0.0
         return out
 
-    def _score(self, event: Search) -> _Scored:
-        ids, bids = self._candidates(event)
-        x = self.features(event, ids)
-        attr = self._attractiveness(x) if ids else np.zeros(0)
+    def _score(self, event: Search) -> tuple[_Request, np.ndarray, int]:
+        """The request scored and ordered: the pending request it becomes, every candidate's
+        attractiveness (engine order) and the explored ad slots (a bit each)."""
+        ids, distinct, bids = self._candidates(event)
         n = len(ids)
+        slots = np.fromiter(map(self._slot.get, ids, _zeros(n)), np.intp, n)
+        x = self.features(event, ids, slots)
+        attr = self._attractiveness(x) if n else np.zeros(0)
         explored = 0
         if self._learned_requests < self.spec.min_requests:
-            order = np.arange(n)
+            order = self._identity[:n] if n <= _MAX_CANDIDATES else np.arange(n)
         elif bids is not None:
             order = np.argsort(-(attr * bids), kind="stable")
         else:
             order = np.argsort(-attr, kind="stable")
         if bids is not None and self.spec.exploration > 0 and n > 1:
             order, explored = self._explore(order)
-        return _Scored(event, ids, bids, x, attr, order, explored)
+        keep = self._keep[event.kind]
+        if self.spec.shown_order == "ours":
+            top = order[:keep]
+            x, top_attr, slots = x.take(top, axis=0).astype(np.float32), attr.take(top), slots.take(top)
+        else:  # shown in the engine's order: the first rows as they are
+            top = self._identity[: min(n, keep)]
+            x, top_attr, slots = x[:keep].astype(np.float32), attr[:keep], slots[:keep]
+        req = _Request(event, event.ts + self._window_ms, ids, distinct, bids, order, top, x, top_attr, slots,
+                       self._generation)  # fmt: skip
+        return req, attr, explored
 
     def _explore(self, order: np.ndarray) -> tuple[np.ndarray, int]:
         """Epsilon-greedy over the ad slots: each slot, with probability ``exploration``,
@@ -531,31 +676,34 @@ class RankingLearner(Learner):
                 explored |= 1 << k
         return np.array(out, dtype=np.intp), explored
 
-    def _ranking(self, event: Search, scored: _Scored) -> Ranking:
-        exam = self.examination[event.kind].tolist()
-        d = len(exam)
-        order = scored.order.tolist()
-        attr = scored.attr.tolist()
-        ids = scored.ids
-        n_explored = bin(scored.explored).count("1")
-        if scored.bids is None:
-            items = [
-                RankedItem(ids[i], attr[i], attr[i] * (exam[k] if k < d else exam[-1])) for k, i in enumerate(order)
-            ]
+    def _ranking(self, req: _Request, attr: np.ndarray, explored: int) -> Ranking:
+        order = req.order
+        n = len(order)
+        ids = req.ids
+        ranked = [ids[i] for i in order.tolist()]
+        score = attr.take(order)
+        p_click = score * (self._exam_row[req.kind][:n] if n <= _MAX_CANDIDATES else self._examination_row(req.kind, n))
+        n_explored = explored.bit_count()
+        if req.bids is None:
+            items = list(map(RankedItem, ranked, score.tolist(), p_click.tolist()))
         else:
-            bids = scored.bids.tolist()
-            ex = scored.explored
-            items = []
-            for k, i in enumerate(order):
-                p = attr[i] * (exam[k] if k < d else exam[-1])
-                items.append(RankedItem(ids[i], attr[i], p, bids[i], p * bids[i], bool(ex >> k & 1)))
-            slots = min(self.spec.ad_slots, len(order))
+            bids = req.bids.take(order)
+            flags = [bool(explored >> k & 1) for k in range(n)]
+            items = list(map(RankedItem, ranked, score.tolist(), p_click.tolist(), bids.tolist(),
+                             (p_click * bids).tolist(), flags))  # fmt: skip
+            slots = min(self.spec.ad_slots, n)
             if slots:
                 self.ranking.score("exploration_rate", n_explored / slots)
         source: Literal["model", "original"] = "model"
         if self._learned_requests < self.spec.min_requests:
             source = "original"
-        return Ranking(event.request_id, event.kind, items, source, n_explored)
+        return Ranking(req.request_id, req.kind, items, source, n_explored)
+
+    def _examination_row(self, kind: str, n: int) -> np.ndarray:
+        exam = self.examination[kind]
+        row = np.full(n, exam[-1])
+        row[: min(n, len(exam))] = exam[:n]
+        return row
 
     # -- state ----------------------------------------------------------------------------
 
@@ -577,7 +725,7 @@ class RankingLearner(Learner):
             if self._free:
                 s = self._free.pop()
             else:
-                if self._n_slots == len(self._tab):
+                if self._n_slots == self._tab.shape[1]:
                     if self._n_slots - 1 >= self.spec.max_items:
                         self._forget_items()
                         s = self._free.pop()
@@ -587,17 +735,19 @@ class RankingLearner(Learner):
                     s = self._n_slots
                     self._n_slots += 1
             self._slot[item_id] = s
-            row = self._tab[s]
-            row[:] = 0.0
-            row[_POPTS] = ts
+            tab = self._tab
+            tab[:, s] = 0.0
+            tab[_POP, s] = -math.inf
             self._cat[s] = -1
-        self._tab[s, _SEEN] = self.now if self.now > ts else ts
+        self._tab[_SEEN, s] = self.now if self.now > ts else ts
         return s
 
     def _grow(self) -> None:
-        new = min(2 * len(self._tab), self.spec.max_items + 1)
-        tab = np.zeros((new, self._tab.shape[1]))
-        tab[: len(self._tab)] = self._tab
+        old = self._tab.shape[1]
+        new = min(2 * old, self.spec.max_items + 1)
+        tab = np.zeros((self._tab.shape[0], new))
+        tab[_POP] = -math.inf
+        tab[:, :old] = self._tab
         cat = np.full(new, -1, dtype=np.intp)
         cat[: len(self._cat)] = self._cat
         self._tab, self._cat = tab, cat
@@ -606,26 +756,27 @@ class RankingLearner(Learner):
         """The catalog bound is reached: forget the least recently seen tenth."""
         n = self._n_slots
         k = max(1, (n - 1) // 10)
-        oldest = 1 + np.argsort(self._tab[1:n, _SEEN], kind="stable")[:k]
+        oldest = 1 + np.argsort(self._tab[_SEEN, 1:n], kind="stable")[:k]
         drop = set(oldest.tolist())
         for item, s in list(self._slot.items()):
             if s in drop:
                 del self._slot[item]
         self._free.extend(sorted(drop, reverse=True))
+        self._generation += 1
 
     def _observe(self, user_id: str, item_id: str, category: str | None, price: float | None, ts: int) -> None:
         """A click or purchase: the item's popularity and attributes, the user's interests."""
-        s = self._item(item_id, ts)
-        row = self._tab[s]
-        pop, pop_ts, _ = row[_POP : _PRICE + 1].tolist()
-        dt = pop_ts - ts
-        if dt < 0:
-            row[_POP] = pop * math.exp(dt / self._pop_tau_ms) + 1.0
-            row[_POPTS] = ts
+        s = self._slot.get(item_id)
+        tab = self._tab
+        if s is None:
+            s = self._item(item_id, ts)
         else:
-            row[_POP] = pop + 1.0
+            tab[_SEEN, s] = self.now if self.now > ts else ts
+        # One more unit of popularity at ts: log(exp(value) + exp(ts / tau)), stably.
+        pop, now = float(tab[_POP, s]), ts / self._pop_tau_ms
+        tab[_POP, s] = pop + math.log1p(math.exp(now - pop)) if pop > now else now + math.log1p(math.exp(pop - now))
         if price is not None:
-            row[_PRICE] = math.log(price) / 5.0
+            tab[_PRICE, s] = math.log(price) / 5.0
         k = self._category(category)
         if k >= 0:
             self._cat[s] = k
@@ -634,7 +785,7 @@ class RankingLearner(Learner):
         users = self._users
         user = users.get(user_id, ts)
         if user is None:
-            user = _User(ts, self.spec.recent_items)
+            user = _User(ts)
         elif ts - user.ts > self._user_decay_ms:
             # Decayed in steps (each exact: the whole time since the last step).
             f = math.exp((user.ts - ts) / self._user_tau_ms)
@@ -644,27 +795,27 @@ class RankingLearner(Learner):
         if k >= 0:
             user.cats[k] = user.cats.get(k, 0.0) + 1.0
             user.total += 1.0
-        if item_id in user.recent:
-            user.recent.remove(item_id)
-        user.recent.append(item_id)
+        recent = user.recent
+        if recent.pop(item_id, 0) is not None and len(recent) >= self.spec.recent_items:
+            del recent[next(iter(recent))]
+        recent[item_id] = None
         users.put(user_id, user, ts)
 
     # -- requests and their labels --------------------------------------------------------
 
-    def _open(self, event: Search, scored: _Scored) -> None:
+    def _open(self, req: _Request) -> None:
         self.n_requests += 1
-        rid = event.request_id
+        rid = req.request_id
         if rid in self._pending or rid in self._closed:
             return  # a replayed request: answered once
-        n = len(scored.ids)
-        shown = scored.order if self.spec.shown_order == "ours" else np.arange(n)
-        req = _Request(rid, event.user_id, event.ts, event.ts + self._window_ms, event.kind, scored.ids,
-                       scored.order, shown, scored.x.astype(np.float32), scored.attr, scored.bids)  # fmt: skip
         pending = self._pending
+        if not pending:
+            self._due = req.deadline
         pending[rid] = req
-        self._by_user.setdefault(event.user_id, []).append(rid)
+        self._by_user.setdefault(req.user, []).append(rid)
         if len(pending) > self.spec.max_pending:
             _, old = pending.popitem(last=False)
+            self._due = next(iter(pending.values())).deadline
             self._stats["evicted"] += 1
             self._close(old)
 
@@ -681,12 +832,12 @@ class RankingLearner(Learner):
                     if rid in self._closed:
                         stats["late"] += 1
                 return False
-            if item not in req.ids or req.ts > event.ts:
+            if item not in req.id_set or req.ts > event.ts:
                 req = None
         else:
             for r in reversed(self._by_user.get(event.user_id, ())):
                 cand = self._pending[r]
-                if cand.ts <= event.ts and item in cand.ids:
+                if cand.ts <= event.ts and item in cand.id_set:
                     req = cand
                     break
         if req is None:
@@ -706,15 +857,20 @@ class RankingLearner(Learner):
         if ts <= self.now:
             return
         self.now = ts
+        if ts <= self._due:
+            return
         pending = self._pending
         while pending:
             req = next(iter(pending.values()))
             if req.deadline >= ts:
+                self._due = req.deadline
                 return
             del pending[req.request_id]
             self._close(req)
+        self._due = math.inf
 
     def _close(self, req: _Request) -> None:
+        """The request's window closed: its statistics, its evaluation, and what it teaches."""
         rids = self._by_user.get(req.user)
         if rids is not None:
             rids.remove(req.request_id)
@@ -724,90 +880,138 @@ class RankingLearner(Learner):
         closed[req.request_id] = None
         if len(closed) > 10_000:
             closed.popitem(last=False)
-        spec = self.spec
-        depth = spec.max_positions if req.bids is None else min(spec.max_positions, spec.ad_slots)
-        d = min(depth, len(req.ids))
-        shown = req.shown[:d]
+        shown = req.shown.tolist()
+        d = min(len(shown), self.spec.max_positions)
         clicks = req.clicks
-        # Item statistics: expected examinations of every shown item, clicks of the clicked.
-        exam = self.examination[req.kind]
-        slot_of, ids = self._slot.get, req.ids
-        slots = [slot_of(ids[i]) or self._item(ids[i], req.ts) for i in shown.tolist()]
-        self._tab[slots, _SEEN] = self.now
-        self._tab[slots, _EXM] += exam[:d]
-        self._tot_exams += float(exam[:d].sum())
-        clicked_pos = [k for k, i in enumerate(shown.tolist()) if i in clicks]
-        for k in clicked_pos:
-            self._tab[slots[k], _CLK] += 1.0
-            self._tot_clicks += 1.0
-        # Examination by position.
-        self._pos_attr[req.kind][:d] += req.attr[shown]
-        pos_clicks = self._pos_clicks[req.kind]
-        for k in clicked_pos:
-            pos_clicks[k] += 1.0
-        self._update_examination(req.kind)
-        self._evaluate(req, clicked_pos)
-        if not clicked_pos:
+        clicked = [k for k in range(d) if shown[k] in clicks] if clicks else []
+        exam = self.examination[req.kind][:d]  # before this request updates it
+        ex = exam.tolist()
+        self._count_items(req, shown, d, clicked, exam, ex)
+        self._count_positions(req, d, clicked)
+        self._evaluate(req, shown, clicked)
+        if not clicked:
             self._stats["expired"] += 1
-        ads = req.bids is not None
-        if not clicked_pos and not ads:
-            return
-        # Cascade: positives at the clicks, negatives above the last click. Ads: every slot
-        # (a few), an unclicked one weighted by the probability that it was examined.
-        model = self.model
-        floor = spec.min_propensity
-        learned = 0
-        depth = d if ads else clicked_pos[-1] + 1
-        rate = spec.negative_sampling if self._weighted else 1.0
-        rng = self._rng
-        order = shown[:depth].tolist()
-        rows = req.x[order].tolist()
-        attr = req.attr[order].tolist()
-        for k in range(depth):
-            i = order[k]
-            y = i in clicks
-            if y:
-                w = clicks[i] / max(float(exam[k]), floor)
-            else:
-                w = float(exam[k]) if ads and (not clicked_pos or k > clicked_pos[-1]) else 1.0
-            p = min(max(attr[k], _EPS), 1 - _EPS)
-            self._n_examples += 1
-            if self._n_examples % spec.evaluate_every == 0:
-                self.evaluation.binary(y, p, req.deadline)
-            else:
-                self.evaluation.error(-math.log(p if y else 1 - p), req.deadline)
-            if not y and rate < 1.0:
-                if rng.random() >= rate:
-                    continue
-                w /= rate
-            x = dict(zip(FEATURES, rows[k], strict=True))
-            if self._weighted and w != 1.0:
-                model.learn_one(x, y, w=w)
-            else:
-                model.learn_one(x, y)
-            learned += 1
-        self.n_learned += learned
+            if req.bids is None:
+                return
+        self._learn(req, shown, d, clicked, ex)
         self._learned_requests += 1
+
+    def _count_items(
+        self, req: _Request, shown: list[int], d: int, clicked: list[int], exam: np.ndarray, ex: list[float]
+    ) -> None:
+        """Expected examinations of every shown item, clicks of the clicked."""
+        slots = req.slots[:d]
+        if req.generation != self._generation or not slots.all():
+            # Items unknown when the request was scored, or slots forgotten since.
+            slot_of, ids = self._slot.get, req.ids
+            slots = np.array([slot_of(ids[i]) or self._item(ids[i], req.ts) for i in shown[:d]], np.intp)
+        tab = self._tab
+        tab[_SEEN].put(slots, self.now)
+        exams = tab[_EXM]
+        exams.put(slots, exams.take(slots) + exam)
+        self._tot_exams += sum(ex)
+        if clicked:
+            clk = tab[_CLK]
+            for k in clicked:
+                clk[slots[k]] += 1.0
+            self._tot_clicks += len(clicked)
+
+    def _count_positions(self, req: _Request, d: int, clicked: list[int]) -> None:
+        """Clicks and predicted attractiveness by position: the examination estimate."""
+        kind = req.kind
+        self._pos_attr[kind][:d] += req.attr[:d]
+        pos_clicks = self._pos_clicks[kind]
+        for k in clicked:
+            pos_clicks[k] += 1.0
+        self._update_examination(kind)
+
+    def _learn(self, req: _Request, shown: list[int], d: int, clicked: list[int], ex: list[float]) -> None:
+        """Cascade: positives at the clicks (weighted by the inverse examination of their
+        position), negatives above the last click. Ads: every slot (a few), an unclicked one
+        below the last click weighted by the probability that it was examined."""
+        spec = self.spec
+        ads = req.bids is not None
+        last = clicked[-1] if clicked else -1
+        depth = d if ads else last + 1
+        clicks, floor = req.clicks, spec.min_propensity
+        y: list[bool] = []
+        w: list[float] = []
+        for k in range(depth):
+            c = clicks.get(shown[k])
+            y.append(c is not None)
+            if c is not None:
+                w.append(c / max(ex[k], floor))
+            else:
+                w.append(ex[k] if ads and k > last else 1.0)
+        self._evaluate_examples(y, req.attr[:depth].tolist(), req.deadline)
+        rows = req.x[:depth]
+        rate = spec.negative_sampling if self._weighted else 1.0
+        if rate < 1.0:
+            rng = self._rng
+            keep = [k for k in range(depth) if y[k] or rng.random() < rate]
+            y = [y[k] for k in keep]
+            w = [w[k] if y[j] else w[k] / rate for j, k in enumerate(keep)]
+            rows = rows[keep]
+        if not y:
+            return
+        fast = self._fast_learn
+        if not fast:
+            fast = self._fast_learn = _steppable(self.model)
+        if fast:
+            _sgd_step(self.model, rows, y, w)  # type: ignore[arg-type]
+        else:
+            model, weighted = self.model, self._weighted
+            for row, yk, wk in zip(rows.tolist(), y, w, strict=True):
+                xk = dict(zip(FEATURES, row, strict=True))
+                if weighted and wk != 1.0:
+                    model.learn_one(xk, yk, w=wk)
+                else:
+                    model.learn_one(xk, yk)
+        self.n_learned += len(y)
+
+    def _evaluate_examples(self, y: list[bool], attr: list[float], ts: int) -> None:
+        """The click model's metrics on one example in ``evaluate_every``; every example's
+        error to the drift monitor."""
+        ev, every, n = self.evaluation, self.spec.evaluate_every, self._n_examples
+        drift = ev.drift
+        for yk, a in zip(y, attr, strict=True):
+            p = min(max(a, _EPS), 1 - _EPS)
+            n += 1
+            if n % every == 0:
+                ev.binary(yk, p, ts)
+            elif drift is not None:
+                # What ``ev.error`` passes on (its other bookkeeping is for outcomes held back
+                # to prediction order, which this learner does not ask for): a request's
+                # examples are several, and the layers were most of their evaluation's cost.
+                drift.update(-math.log(p if yk else 1 - p), ts)
+        self._n_examples = n
+        if type(drift) is _BrierFeed:  # (validation swaps in an accumulator of its own)
+            drift.flush(ts)
 
     def _update_examination(self, kind: str) -> None:
         ratio = self._pos_clicks[kind] / self._pos_attr[kind]
-        exam = np.clip(ratio / ratio[0], self.spec.min_propensity, 1.0)
-        self.examination[kind] = np.minimum.accumulate(exam)
+        ratio /= ratio[0]
+        # Non-increasing, at most 1 (the top position), at least min_propensity.
+        exam = np.maximum(np.minimum.accumulate(ratio), self.spec.min_propensity)
+        self.examination[kind] = exam
+        row = self._exam_row[kind]
+        row[: len(exam)] = exam
+        row[len(exam) :] = exam[-1]
 
-    def _evaluate(self, req: _Request, clicked_pos: list[int]) -> None:
+    def _evaluate(self, req: _Request, shown: list[int], clicked: list[int]) -> None:
         ev = self.ranking
-        clicked = bool(clicked_pos)
-        ev.score("ctr", float(clicked))
+        ev.score("ctr", 1.0 if clicked else 0.0)
+        clicks = req.clicks
         if req.bids is not None:
-            slots = min(self.spec.ad_slots, len(req.ids))
-            shown = req.shown[:slots].tolist()
-            ev.score("revenue_per_request", sum(float(req.bids[i]) for i in shown if i in req.clicks))
+            bids = req.bids
+            ev.score("revenue_per_request", sum(float(bids[i]) for i in shown[: self.spec.ad_slots] if i in clicks))
         if not clicked:
             return
-        gains = {i: (2.0 if w > 1.0 else 1.0) for i, w in req.clicks.items()}
-        ours = {r: gains[i] for r, i in enumerate(req.order.tolist()) if i in gains}
-        original = {i: g for i, g in gains.items()}
+        # Gains: 1 a click, 2 a click and a purchase; ranks in our order and in the engine's.
+        gains = {i: (2.0 if w > 1.0 else 1.0) for i, w in clicks.items()}
+        order = req.order.tolist()
+        ours = {order.index(i): g for i, g in gains.items()}
         ev.score("ndcg_at_10", ndcg(ours))
-        ev.score("ndcg_at_10_original", ndcg(original))
+        ev.score("ndcg_at_10_original", ndcg(gains))
         ev.score("mrr", 1.0 / (1 + min(ours)))
-        ev.score("mrr_original", 1.0 / (1 + min(original)))
+        ev.score("mrr_original", 1.0 / (1 + min(gains)))

@@ -28,14 +28,20 @@ back (``p = q / (q + w (1 - q))``), so it stays a calibrated probability and
 the thresholds keep their meaning.
 
 Cold start: until the model has learned ``min_labels`` outcomes of which
-``min_fraud_labels`` frauds, the probability comes from an unsupervised
-anomaly detector (``river.anomaly.HalfSpaceTrees``, seeded, on the features
-scaled to [0, 1]) and ``source`` is ``anomaly``. Its score is turned into
+``min_fraud_labels`` frauds, the probability comes from a cold-start score
+and ``source`` is ``anomaly``. By default (``anomaly = "profile"``) that is a
+``FraudProfile``: how rare the order's (binned) feature values are among all
+orders, turned, label by label, into how much likelier they are among the
+labelled frauds (naive Bayes under a uniform prior). It needs no legitimate
+labels, which arrive only when an order's window closes, hours later.
+``anomaly = "half_space_trees"`` uses ``river.anomaly.HalfSpaceTrees`` (seeded,
+on the features scaled to [0, 1]) instead. The score is turned into
 its quantile ``u`` among the last ``anomaly_reference`` orders' scores, and
 ``fraud_probability = u ** (1 / expected_fraud_rate - 1)``: the mean
 probability is then ``expected_fraud_rate`` and only the most anomalous
 orders get high probabilities, so the same thresholds apply. After that the
 source is ``model`` for good, and the detector stops learning.
+Ground-truth ROC AUC on the quality bench: ``docs/learners-pricing-risk.md``.
 
 >>> from stream.events import FraudLabel, Purchase
 >>> learner = RiskSpec(min_labels=1, min_fraud_labels=1, label_window_s=60).build(
@@ -77,6 +83,7 @@ from stream.labels import LabelJoin
 from stream.learners.base import Learner
 from stream.learners.configured import accepts_sample_weight
 from stream.models import build_model, with_seed
+from stream.sync import HSTWindow, Params, assign_count_params, assign_hst_params, count_params, hst_params
 
 __all__ = ["RiskLearner", "RiskScore", "RiskSpec"]
 
@@ -125,6 +132,9 @@ class RiskSpec(msgspec.Struct, tag="risk", tag_field="kind", forbid_unknown_fiel
     min_fraud_labels: NonNegativeInt = 10
     #: The fraud rate the anomaly-based probability is scaled to (its mean).
     expected_fraud_rate: Probability = 0.01
+    #: The cold-start score: ``profile`` (``FraudProfile``: rare feature values, then what
+    #: the labelled frauds look like) or ``half_space_trees`` (river.anomaly.HalfSpaceTrees).
+    anomaly: Literal["profile", "half_space_trees"] = "profile"
     #: HalfSpaceTrees: trees, height, window (orders) of its mass profiles ...
     anomaly_trees: PositiveInt = 10
     anomaly_height: Annotated[int, msgspec.Meta(ge=1, le=20)] = 8
@@ -218,12 +228,149 @@ def as_dict(f: Features) -> dict[str, float]:
     return x
 
 
+def _unit(nums: tuple[float | None, ...]) -> tuple[float | None, ...]:
+    """Every numeric feature in [0, 1] (None: unknown)."""
+    return tuple(
+        None if v is None else min(max((v - lo) / (hi - lo), 0.0), 1.0)
+        for v, (lo, hi) in zip(nums, _RANGES, strict=True)
+    )
+
+
+def _profiled(f: Features) -> tuple[tuple[float | None, ...], tuple[str | None, ...]]:
+    """An order as ``FraudProfile`` sees it: the numbers in [0, 1], payment method and category."""
+    return _unit(f[0]), (f[1], f[2])
+
+
 def _scaled(nums: tuple[float | None, ...]) -> dict[str, float]:
     """The anomaly detector's features: every numeric one, in [0, 1] (unknown: the middle)."""
     out = {}
     for name, v, (lo, hi) in zip(NUMERIC, nums, _RANGES, strict=True):
         out[name] = 0.5 if v is None else min(max((v - lo) / (hi - lo), 0.0), 1.0)
     return out
+
+
+class FraudProfile:
+    """How much more likely an order's features are among frauds than among all orders.
+
+    A naive-Bayes log-likelihood ratio over binned features: each numeric feature
+    (scaled to [0, 1]) falls in one of ``bins`` bins, each categorical one is its
+    value. ``score = sum_f log P(bin_f | fraud) - log P(bin_f | any order)``.
+    ``P(. | any order)`` is counted on every order (Laplace-smoothed);
+    ``P(. | fraud)`` on the labelled frauds, under a Dirichlet prior of
+    ``prior_frauds`` pseudo-frauds spread *uniformly* over the bins. With no fraud
+    label yet the score is therefore ``-sum_f log P(bin_f)`` plus a constant: a
+    histogram-based outlier score (rare values anywhere are suspicious), and each
+    labelled fraud moves it towards what frauds actually look like. A few labels
+    suffice (each feature's histogram is learned on its own), which is what a
+    stream of ~1 % frauds with late labels offers early on.
+
+    Counts halve once ``halving`` orders (and ``halving_frauds`` frauds) were
+    added since the last halving, so both follow a changing world; a new fraud
+    pattern is learned from its first labels.
+
+    >>> p = FraudProfile(n_numeric=1, bins=4)
+    >>> for v in [0.1] * 50 + [0.9] * 2:
+    ...     p.add(((v,), ()))
+    >>> p.score(((0.9,), ())) > p.score(((0.1,), ()))      # rare values first
+    True
+    >>> for _ in range(20):
+    ...     p.add_fraud(((0.1,), ()))
+    >>> p.score(((0.1,), ())) > p.score(((0.9,), ()))      # then what the labelled frauds look like
+    True
+    """
+
+    def __init__(
+        self,
+        n_numeric: int,
+        bins: int = 4,
+        *,
+        n_categorical: int = 0,
+        prior_frauds: float = 4.0,
+        halving: int = 20_000,
+        halving_frauds: int = 200,
+        max_values: int = 256,
+    ) -> None:
+        self.bins = bins
+        self.prior = prior_frauds
+        self.halving = halving
+        self.halving_frauds = halving_frauds
+        self.max_values = max_values
+        self.all = np.zeros((n_numeric, bins))
+        self.fraud = np.zeros((n_numeric, bins))
+        self.n_all = np.zeros(n_numeric)
+        self.n_fraud = np.zeros(n_numeric)
+        self.cat_all: list[dict[str, float]] = [{} for _ in range(n_categorical)]
+        self.cat_fraud: list[dict[str, float]] = [{} for _ in range(n_categorical)]
+        self.cat_n_all = [0.0] * n_categorical
+        self.cat_n_fraud = [0.0] * n_categorical
+        self._added = 0
+        self._added_frauds = 0
+
+    def bin_of(self, scaled: tuple[float | None, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(feature rows, their bins) of the known numeric features."""
+        rows = [i for i, v in enumerate(scaled) if v is not None]
+        bins = [min(int(scaled[i] * self.bins), self.bins - 1) for i in rows]  # type: ignore[operator]
+        return np.array(rows, dtype=np.intp), np.array(bins, dtype=np.intp)
+
+    def score(self, x: tuple[tuple[float | None, ...], tuple[str | None, ...]]) -> float:
+        rows, bins = self.bin_of(x[0])
+        b = self.bins
+        p_all = (self.all[rows, bins] + 1.0) / (self.n_all[rows] + b)
+        p_fraud = (self.fraud[rows, bins] + self.prior / b) / (self.n_fraud[rows] + self.prior)
+        s = float(np.log(p_fraud / p_all).sum())
+        for k, value in enumerate(x[1]):
+            if value is None:
+                continue
+            seen = self.cat_all[k]
+            n_values = len(seen) + 1  # the values seen and "a new one"
+            p_a = (seen.get(value, 0.0) + 1.0) / (self.cat_n_all[k] + n_values)
+            p_f = (self.cat_fraud[k].get(value, 0.0) + self.prior / n_values) / (self.cat_n_fraud[k] + self.prior)
+            s += math.log(p_f / p_a)
+        return s
+
+    def add(self, x: tuple[tuple[float | None, ...], tuple[str | None, ...]]) -> None:
+        """Count an order (every order, fraud or not: the reference distribution)."""
+        rows, bins = self.bin_of(x[0])
+        self.all[rows, bins] += 1.0
+        self.n_all[rows] += 1.0
+        _count(self.cat_all, self.cat_n_all, x[1], self.max_values)
+        self._added += 1
+        if self._added >= self.halving:
+            self._added = 0
+            self.all *= 0.5
+            self.n_all *= 0.5
+            _halve(self.cat_all, self.cat_n_all)
+
+    def add_fraud(self, x: tuple[tuple[float | None, ...], tuple[str | None, ...]]) -> None:
+        rows, bins = self.bin_of(x[0])
+        self.fraud[rows, bins] += 1.0
+        self.n_fraud[rows] += 1.0
+        _count(self.cat_fraud, self.cat_n_fraud, x[1], self.max_values)
+        self._added_frauds += 1
+        if self._added_frauds >= self.halving_frauds:
+            self._added_frauds = 0
+            self.fraud *= 0.5
+            self.n_fraud *= 0.5
+            _halve(self.cat_fraud, self.cat_n_fraud)
+
+
+def _count(tables: list[dict[str, float]], totals: list[float], values: tuple[str | None, ...], cap: int) -> None:
+    for k, (table, value) in enumerate(zip(tables, values, strict=True)):
+        if value is None:
+            continue
+        if value not in table and len(table) >= cap:
+            # Bounded vocabulary: the rarest value makes room (it scores as unseen then).
+            rarest = min(table, key=table.__getitem__)
+            totals[k] -= table.pop(rarest)
+        table[value] = table.get(value, 0.0) + 1.0
+        totals[k] += 1.0
+
+
+def _halve(tables: list[dict[str, float]], totals: list[float]) -> None:
+    for k, table in enumerate(tables):
+        for key in table:
+            table[key] *= 0.5
+        totals[k] *= 0.5
 
 
 class _User:
@@ -274,9 +421,14 @@ class RiskLearner(Learner):
         self._weighted = accepts_sample_weight(model)
         hold_ms = int(spec.label_window_s * 1000)
         self.evaluation = Evaluation.for_binary(spec.evaluation_window, drift=monitor).order_outcomes(hold_ms)
-        self.detector: Any = anomaly.HalfSpaceTrees(
-            n_trees=spec.anomaly_trees, height=spec.anomaly_height, window_size=spec.anomaly_window, seed=spec.seed
+        self.detector: Any = (
+            anomaly.HalfSpaceTrees(
+                n_trees=spec.anomaly_trees, height=spec.anomaly_height, window_size=spec.anomaly_window, seed=spec.seed
+            )
+            if spec.anomaly == "half_space_trees"
+            else None
         )
+        self.profile = FraudProfile(len(NUMERIC), n_categorical=2)
         self._reference = np.zeros(spec.anomaly_reference)
         self._n_reference = 0
         self._exponent = 1.0 / spec.expected_fraud_rate - 1.0
@@ -326,8 +478,9 @@ class RiskLearner(Learner):
         else:
             f = self._features(event)
             p = self._score(f)
-        if self.source == "anomaly":
+        if self.source == "anomaly" and self.detector is not None:
             self.detector.learn_one(_scaled(f[0]))
+        self.profile.add(_profiled(f))
         self._remember(event)
         self.joins.add(event.order_id, _Order(f, p, event.ts), event.ts)
         self._swept += 1
@@ -355,7 +508,7 @@ class RiskLearner(Learner):
             # Counted when predicted too: a scaler in the model keeps statistics of what it transforms.
             self._touch_one_hot(f)
             return self._calibrated(self.model, x)
-        return self._anomaly_probability(f[0])
+        return self._anomaly_probability(f)
 
     def _calibrated(self, model: Any, x: dict[str, float]) -> float:
         """The model's probability with the fraud weight's odds taken back out."""
@@ -365,8 +518,11 @@ class RiskLearner(Learner):
         denominator = q + w * (1.0 - q)
         return q / denominator if denominator > 0 else 0.0
 
-    def _anomaly_probability(self, nums: tuple[float | None, ...]) -> float:
-        score = self.detector.score_one(_scaled(nums))
+    def _anomaly_probability(self, f: Features) -> float:
+        if self.spec.anomaly == "profile":
+            score = self.profile.score(_profiled(f))
+        else:
+            score = self.detector.score_one(_scaled(f[0]))
         ref = self._reference
         n = min(self._n_reference, len(ref))
         u = 0.5
@@ -491,6 +647,7 @@ class RiskLearner(Learner):
                 for _ in range(max(1, round(w))):
                     model.learn_one(x, True)
             self.n_frauds += 1
+            self.profile.add_fraud(_profiled(order.features))
         else:
             model.learn_one(x, False)
         self.n_labels += 1
@@ -513,6 +670,12 @@ class RiskLearner(Learner):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if "profile" not in state:
+            # A checkpoint from before the fraud profile: it starts empty (it learns from every order),
+            # and a learner still scoring with its HalfSpaceTrees goes on with them.
+            self.profile = FraudProfile(len(NUMERIC), n_categorical=2)
+            if self.detector is not None:
+                self.spec = msgspec.structs.replace(self.spec, anomaly="half_space_trees")
         if "_one_hot" not in state:
             # A checkpoint from before the bound: its model's data-named features are adopted.
             self._one_hot = FeatureBound(self.spec.max_one_hot, self._serving)
@@ -535,5 +698,33 @@ class RiskLearner(Learner):
             "pending": len(self.joins),
             "payments": len(self._payments),
             "one_hot": len(self._one_hot),
+            "profile_values": max((len(t) for t in self.profile.cat_all), default=0),
             "model_table": max(model_table_sizes(self.model).values(), default=0),
         }
+
+    # -- model sync (stream.sync): what every task's copy should know ---------------------------
+
+    def global_params(self) -> Params:
+        """The linear model's weights, the outcome counters (they decide the switch from the anomaly
+        detector to the model, which one task alone would reach P times later) and, until then, the
+        detector's masses (one task's window would take P times longer to fill)."""
+        params = super().global_params()
+        params.update(count_params({"labels": self.n_labels, "frauds": self.n_frauds}))
+        if self.detector is not None:
+            params.update(hst_params(self.detector, getattr(self, "_hst_window", None)))
+        return params
+
+    def set_global_params(self, params: Params) -> None:
+        super().set_global_params(params)
+        if self.detector is not None:
+            window: HSTWindow | None = getattr(self, "_hst_window", None)
+            self._hst_window = assign_hst_params(self.detector, params, window)
+        counts = assign_count_params(params, ("labels", "frauds"))
+        self.n_labels = round(counts.get("labels", self.n_labels))
+        self.n_frauds = round(counts.get("frauds", self.n_frauds))
+        spec = self.spec
+        if self.source == "anomaly" and self.n_labels >= spec.min_labels and self.n_frauds >= spec.min_fraud_labels:
+            self.source = "model"
+            self.detector = None
+            self._reference = np.zeros(0)
+            self._hst_window = None
