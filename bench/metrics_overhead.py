@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from stream.config import parse_config
 from stream.learners import build_learner
 from stream.metrics import LATENCY_BUCKETS, PipelineMetrics, new_registry
-from stream.pipeline import Pipeline
+from stream.pipeline import BaseObserver, Pipeline
 from stream.recording import RecordedMessage
 
 
@@ -37,7 +37,7 @@ class ListSink:
         self.n += 1
 
 
-class NaiveObserver:
+class NaiveObserver(BaseObserver):
     """What a straightforward prometheus_client observer costs: locked children."""
 
     def __init__(self) -> None:
