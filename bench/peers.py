@@ -223,7 +223,7 @@ def stream_config(bootstrap: str, topic: str, out: str, group: str, prefix: str,
     return cfg
 
 
-def _cpu_s(pid: int) -> float:
+def process_cpu_s(pid: int) -> float:
     """User + system CPU time of the process (all its threads), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -283,7 +283,7 @@ def run_one(
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{system} exited with {proc.returncode}; see {tmp / f'{prefix}.log'}")
-            samples.append((time.perf_counter(), _cpu_s(proc.pid), outputs()))
+            samples.append((time.perf_counter(), process_cpu_s(proc.pid), outputs()))
             if samples[-1][2] >= n:
                 break
             if time.monotonic() > deadline:

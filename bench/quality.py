@@ -201,11 +201,12 @@ def auc(y: np.ndarray, s: np.ndarray) -> float | None:
 
 
 def one_run(
-    seed: int, events: int, reaction: str = "report", drifts: bool = True, tap: FeatureTap | None = None
+    seed: int, events: int, reaction: str = "report", drifts: bool = True, tap: FeatureTap | None = None,
+    base: Config | None = None,
 ) -> dict[str, Any]:
     """One backtest of the simulator's stream, scored; returns the figures of the run.
-    ``tap``: also collects the input features (data drift)."""
-    config = quality_config(reaction)
+    ``tap``: also collects the input features (data drift); ``base``: the config (default: the packaged one)."""
+    config = quality_config(reaction, base)
     sim = Simulation(SimConfig(seed=seed, events=events, drifts=drifts))
     learners = build_learners(config)
     recorders: dict[str, Recorder] = {}
@@ -695,20 +696,42 @@ def plot(runs: Sequence[dict[str, Any]], path: Path) -> str | None:
     return None
 
 
+def save_run(runs_dir: Path, run: dict[str, Any]) -> None:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    name = f"run-{run['seed']}-{run['events']}-{run['reaction']}-{'drifts' if run['drifts'] else 'stationary'}.json"
+    (runs_dir / name).write_text(json.dumps(run, default=float) + "\n")
+
+
+def load_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Runs from saved ``--json`` outputs and ``--runs-dir`` directories (a directory's runs override)."""
+    runs: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for path in paths:
+        found = ([json.loads(f.read_text()) for f in sorted(path.glob("run-*.json"))] if path.is_dir()
+                 else json.loads(path.read_text())["quality"]["runs"])  # fmt: skip
+        for r in found:
+            runs[(r["seed"], r["events"], r["reaction"], r["drifts"])] = r
+    return list(runs.values())
+
+
 def bench_quality(seeds: Sequence[int], lengths: Sequence[int], *, reactions: Sequence[str] = ("report", "switch"),
                   stationary: bool = True, plot_path: Path | None = None,
-                  warm_start: bool = True) -> dict[str, Any]:  # fmt: skip
+                  warm_start: bool = True, runs_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Every run of the plan (``runs_dir``: each also saved there as it completes, so a
+    long bench that stops keeps what it measured; ``--table-from`` reads them back)."""
     runs = []
-    metrics = load_config(None).metrics
+    base = load_config(None)  # once: a config file edited during a long bench must not change its runs
+    metrics = base.metrics
     for n in lengths:
         for s in seeds:
             plan = [(r, True) for r in reactions] + ([("report", False)] if stationary else [])
             taps: dict[bool, FeatureTap] = {}
             for reaction, drifts in plan:
                 tap = FeatureTap(metrics.feature_sample_every) if reaction == "report" else None
-                r = one_run(s, n, reaction, drifts, tap=tap)
+                r = one_run(s, n, reaction, drifts, tap=tap, base=base)
                 log(f"quality: seed {s}, {n:,} events, {reaction}{'' if drifts else ', no drifts'}: {r['elapsed_s']} s")
                 runs.append(r)
+                if runs_dir is not None:
+                    save_run(runs_dir, r)
                 if tap is not None:
                     taps[drifts] = tap
                     if drifts:
@@ -721,6 +744,10 @@ def bench_quality(seeds: Sequence[int], lengths: Sequence[int], *, reactions: Se
                 if False in taps:
                     twin = next(x for x in runs if (x["seed"], x["events"], x["drifts"]) == (s, n, False))
                     twin["data_drift"] = data_drift_rows(taps[False], None, points, end, metrics.feature_window)
+                if runs_dir is not None:
+                    save_run(runs_dir, drifting)
+                    if False in taps:
+                        save_run(runs_dir, twin)
     lines, summary = table(runs)
     warm_rows: list[dict[str, Any]] = []
     if warm_start:
@@ -753,19 +780,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-warm-start", action="store_true", help="skip the warm-start rows")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
-    p.add_argument("--table-from", type=Path, help="print the table of a saved --json output (no runs)")
+    p.add_argument("--runs-dir", type=Path, help="also save each run there as it completes")
+    p.add_argument("--table-from", type=Path, nargs="+",
+                   help="print the table of saved --json outputs and --runs-dir directories (no runs)")  # fmt: skip
     args = p.parse_args(argv)
     if args.table_from:
-        saved = json.loads(args.table_from.read_text())["quality"]
-        lines, saved["summary"] = table(saved["runs"])
-        saved["table"] = lines
+        runs = load_runs(args.table_from)
+        lines, summary = table(runs)
         print("\n".join(lines))
         if args.json:
+            saved = {"seeds": sorted({r["seed"] for r in runs}), "lengths": sorted({r["events"] for r in runs}),
+                     "table": lines, "summary": summary, "runs": runs}  # fmt: skip
             args.json.write_text(json.dumps({"quality": saved}, indent=1, default=float) + "\n")
         return 0
     fig = bench_quality([int(x) for x in args.seeds.split(",")], [int(x) for x in args.lengths.split(",")],
                         reactions=args.reactions.split(","), stationary=not args.no_stationary,
-                        plot_path=args.plot, warm_start=not args.no_warm_start)  # fmt: skip
+                        plot_path=args.plot, warm_start=not args.no_warm_start, runs_dir=args.runs_dir)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(fig, indent=1, default=float) + "\n")
     return 0

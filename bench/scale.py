@@ -5,7 +5,7 @@ their key (the user), prices to every task (a global table: every task needs eve
 to the task of the purchase they answer (an order -> task table, what a repartition topic does). Each task
 runs its own learners through its own ``Pipeline``; one ground-truth scorer sees every task's outputs.
 
-    .venv/bin/python bench/scale.py [--lengths 30000,100000] [--seeds 0,1,2] [--tasks 4] [--sync-every 500]
+    .venv/bin/python bench/scale.py [--lengths 30000,100000] [--seeds 0,1,2] [--tasks 4] [--sync-every 100]
 
 Prints, per learner, seed and length, the ground-truth quality of one model that sees everything, of P
 tasks without sync, and of P tasks whose global parameters are merged (``stream.sync_topic.LocalSync``)
@@ -85,13 +85,14 @@ def run(
     # Event-time order across tasks: what P instances running side by side do.
     merged = sorted(((r.timestamp()[1], n, k, r) for k, s in enumerate(streams) for n, r in enumerate(s)),
                     key=lambda x: (x[0], x[2], x[1]))  # fmt: skip
-    sent = 0
+    sent, merge_cpu = 0, 0.0
     for _, _, k, r in merged:
         pipes[k].process(r)
         if sync is not None:
-            before = sync.merges
+            before, cpu = sync.merges, time.process_time()
             sync.tick(sets, 1)
             if sync.merges != before:
+                merge_cpu += time.process_time() - cpu
                 # What a TopicSync would publish: every task's contribution, per learner.
                 sent += sum(len(encode_params(m.contribution(t))) for m in sync.mergers.values() for t in sets)
     results = scorer.results()
@@ -99,6 +100,7 @@ def run(
     if sync is not None and sync.merges:
         out["merges"] = sync.merges
         out["ms_per_merge"] = 1000 * sync.merge_seconds / sync.merges
+        out["cpu_ms_per_merge"] = 1000 * merge_cpu / sync.merges  # the machine's load left out
         out["bytes_per_merge"] = sent / sync.merges
     return out
 
@@ -133,6 +135,7 @@ def throughput(config: Config, records: list[RecordedMessage], tasks: int) -> di
     out["cpu_s_1_process"] = cpu[1][0]
     out["cpu_s_2_processes"] = cpu[2]  # type: ignore[assignment]
     out["ratio_2_vs_1_on_free_cores"] = cpu[1][0] / max(cpu[2])
+    out["events_per_cpu_s_1_process"] = events / cpu[1][0]
     return out
 
 
@@ -189,11 +192,11 @@ def bench_scale(seeds: Sequence[int], lengths: Sequence[int], tasks: int, sync_e
     speed = throughput(config, records, tasks)
     log(f"scale throughput: {json.dumps(speed)}")
     syncs = [r["variants"]["sync"] for r in runs if r["events"] == lengths[0]]
-    ms = statistics.median(v["ms_per_merge"] for v in syncs)
+    ms = statistics.median(v["cpu_ms_per_merge"] for v in syncs)
     size = statistics.median(v["bytes_per_merge"] for v in syncs)
     return {"scale_tasks": tasks, "scale_sync_every_events_per_task": sync_every, "scale_runs": runs,
-            "scale_ms_per_merge": ms, "scale_bytes_per_merge": size, "scale_throughput": speed,
-            "scale_projection": projection(speed["events_per_s_1_process"], tasks, ms, size,
+            "scale_cpu_ms_per_merge": ms, "scale_bytes_per_merge": size, "scale_throughput": speed,
+            "scale_projection": projection(speed["events_per_cpu_s_1_process"], tasks, ms, size,
                                            config.sync.every_events)}  # fmt: skip
 
 
@@ -217,7 +220,7 @@ def main() -> None:
     p.add_argument("--lengths", default="30000", help="stream lengths, comma-separated")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--tasks", type=int, default=4)
-    p.add_argument("--sync-every", type=int, default=500, help="events per task between merges")
+    p.add_argument("--sync-every", type=int, default=100, help="events per task between merges")
     p.add_argument("--json", help="also write the figures as JSON here")
     args = p.parse_args()
     fig = bench_scale([int(s) for s in args.seeds.split(",")], [int(n) for n in args.lengths.split(",")],

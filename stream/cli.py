@@ -73,12 +73,15 @@ def _add_kafka_args(p: argparse.ArgumentParser, *, config_required: bool = False
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stream.app import Application
+    from stream.app import Application, instance_id
     from stream.metrics import serve_metrics
+    from stream.sync_topic import make_sync
 
     config = _config(args, learners=True)
     observer = serve_metrics(config)
-    app = Application(config, observer=observer)
+    me = instance_id(config)
+    # Model sync across tasks: made once the task count (the inputs' partitions) is known.
+    app = Application(config, observer=observer, sync_for=lambda n_tasks: make_sync(config, me, n_tasks))
     app.install_signal_handlers()
     return app.run()
 

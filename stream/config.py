@@ -266,7 +266,7 @@ class CheckpointsConfig(_Section):
     chunk_bytes: Annotated[int, msgspec.Meta(ge=16 * 1024, le=8 * 1024 * 1024)] = 512 * 1024
     #: A checkpoint is written at the first commit after this many events ...
     every_events: PositiveInt = 100_000
-    #: ... or this many seconds (whichever comes first), and always on lease hand-over and shutdown.
+    #: ... or this many seconds (whichever comes first), and always on task hand-over and shutdown.
     every_seconds: PositiveFloat = 60.0
     #: At-least-once periodic checkpoints are written by a forked child from a copy-on-write
     #: snapshot (as Redis' BGSAVE): the loop pauses for the fork, not for pickling the model.
@@ -291,17 +291,22 @@ class CheckpointsConfig(_Section):
 
 
 class CoordinationConfig(_Section):
-    """Single active instance: the holder of the lease partition runs the (global) model."""
+    """How instances share the work: the group assigns tasks (partitions of the tasks topic) to them."""
 
-    #: Stable per instance (static group membership: a restarted instance takes its lease
+    #: Stable per instance (static group membership: a restarted instance takes its tasks
     #: back at once). Empty: the STREAM_INSTANCE_ID environment variable, else the host name.
     instance_id: str = ""
-    #: One-partition topic whose owner in the consumer group is the active instance
-    #: (created if missing). Empty: ``<group_id>.lease``.
-    lease_topic: str = ""
-    #: Exactly-once producer id; shared by all instances so the new active one fences
-    #: the old at once. ``{group_id}`` and ``{instance_id}`` are substituted.
-    transactional_id: str = "{group_id}-active"
+    #: Topic whose partitions the group assigns as tasks, one per partition number of the
+    #: inputs (created if missing, no records). Empty: ``<group_id>.tasks``.
+    tasks_topic: str = ""
+    #: Streams (``prices``, ...) or topic names read as a global table: every task reads all
+    #: their partitions and learns every record; the task ``partition mod P`` publishes and
+    #: commits it. Not keyed by user (prices by item, fraud labels by order), so not split.
+    global_topics: list[str] = msgspec.field(default_factory=lambda: ["prices", "fraud_labels"])
+    #: Exactly-once producer id, one per instance: a restarted instance fences its own
+    #: predecessor (zombie); other instances' stale commits are fenced by their group
+    #: generation. ``{group_id}`` and ``{instance_id}`` are substituted.
+    transactional_id: str = "{group_id}-{instance_id}"
     transaction_timeout_ms: Annotated[int, msgspec.Meta(ge=1000)] = 60_000
 
 
@@ -312,8 +317,9 @@ class SyncConfig(_Section):
 
     #: Off: each task learns alone (one task never syncs).
     enabled: bool = True
-    #: A merge after this many events processed by the instance ...
-    every_events: PositiveInt = 2_000
+    #: A merge after this many events processed by the instance (what one task learns between merges
+    #: must stay small: measured, 500 events per task let summed item-vector updates diverge once) ...
+    every_events: PositiveInt = 500
     #: ... or this many seconds with events (whichever comes first).
     every_s: PositiveFloat = 5.0
     #: Linear weights: "sum" of the tasks' updates (as one model learning them all) or "average".

@@ -31,7 +31,7 @@ import msgspec
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from stream.app import Application, lease_topic
+from stream.app import Application, tasks_topic
 from stream.backtest import BacktestResult, DriftTracker, run_backtest
 from stream.config import Config, ConfigError, build_learners, load_config
 from stream.kafka import KafkaWriter, admin_config, consumer_config, create_topics
@@ -41,6 +41,7 @@ from stream.progress import Progress
 from stream.recording import RecordedMessage
 from stream.scoring import TruthScorer, score_against_truth
 from stream.simulate import SimConfig, Simulation
+from stream.tasks import global_topics
 
 __all__ = [
     "isolated_config",
@@ -175,6 +176,7 @@ def isolated_config(config: Config, *, prefix: str, group_id: str, checkpoint_di
         purchases=prefix + t.purchases,
         prices=prefix + t.prices,
         fraud_labels=prefix + t.fraud_labels,
+        searches=prefix + t.searches,
         dead_letters=prefix + t.dead_letters,
     )
     learners = {
@@ -223,6 +225,8 @@ def _demo_kafka(
     app = Application(cfg, learners, observer=counter, metrics=metrics)
     # The application reads only the topics its learners read.
     read = {t for learner in app.learners for t in learner.reads}
+    # A record of a global table (prices, fraud labels) is processed by every task: one per partition.
+    shared = global_topics(cfg, read) if cfg.topics.partitions > 1 else set()
     thread = threading.Thread(target=app.run, name="stream-demo-app", daemon=True)
 
     names = cfg.input_topics()
@@ -253,7 +257,7 @@ def _demo_kafka(
             per_topic[topic] = per_topic.get(topic, 0) + 1
             stamps.append(ts)
             if topic in read:
-                expected += 1
+                expected += cfg.topics.partitions if topic in shared else 1
             if stream in ("clicks", "purchases", "prices"):
                 try:
                     ev = decode(value)
@@ -299,7 +303,7 @@ def _demo_kafka(
     shutil.rmtree(workdir, ignore_errors=True)
     if not keep_topics:
         admin = AdminClient(admin_config(cfg))
-        doomed = sorted({*created, lease_topic(cfg)})
+        doomed = sorted({*created, tasks_topic(cfg)})
         for future in admin.delete_topics(doomed, operation_timeout=30).values():
             try:
                 future.result(30)

@@ -41,6 +41,7 @@ True
 from __future__ import annotations
 
 import math
+import operator
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ __all__ = [
     "Merger",
     "Mode",
     "Params",
+    "Table",
     "Value",
     "assign_count_params",
     "assign_hst_params",
@@ -63,11 +65,76 @@ __all__ = [
     "hst_params",
     "linear_parts",
     "model_params",
+    "scalar",
     "scaler_parts",
 ]
 
-#: A parameter: a number or a vector (float64, one dimension).
-Value = float | np.ndarray
+
+
+@dataclass(slots=True)
+class Table:
+    """Vectors keyed by id held as one matrix (item latent factors): merged row by row as if each
+    id were a key of its own, in array operations instead of thousands of small ones.
+
+    >>> t = Table(["a", "b"], np.array([[1.0, 2.0], [3.0, 4.0]]))
+    >>> _table_add(t, Table(["b", "c"], np.ones((2, 2))), 1.0).ids
+    ['a', 'b', 'c']
+    """
+
+    ids: list[str]
+    #: One row per id.
+    matrix: np.ndarray
+
+    def index(self) -> dict[str, int]:
+        return {i: r for r, i in enumerate(self.ids)}
+
+    def __sub__(self, other: Any) -> Table:
+        return _table_minus(self, other) if isinstance(other, Table) else self
+
+    def __rsub__(self, other: Any) -> Table:  # 0 - table (a key the reference lacks)
+        return Table(list(self.ids), -self.matrix)
+
+
+#: A parameter: a number, a vector (float64, one dimension) or a table of vectors.
+Value = float | np.ndarray | Table
+
+
+def scalar(value: Value) -> float:
+    """A parameter that must be a number (a counter, a weight)."""
+    if isinstance(value, Table):
+        raise TypeError("a table where a number was expected")
+    return float(value)
+
+
+def _table_minus(current: Table, reference: Table) -> Table:
+    """Row by row ``current - reference`` over the ids ``current`` holds (new ids: from zero)."""
+    ref = reference.index()
+    rows = np.fromiter((ref.get(i, -1) for i in current.ids), dtype=np.intp, count=len(current.ids))
+    out = current.matrix.copy()
+    known = rows >= 0
+    if known.any():
+        out[known] -= reference.matrix[rows[known]]
+    return Table(list(current.ids), out)
+
+
+def _table_add(into: Table | None, delta: Table, scale: float) -> Table:
+    """``into + scale * delta`` row by row, appending the ids ``into`` lacks (a new table)."""
+    step = delta.matrix * scale if scale != 1.0 else delta.matrix
+    if into is None:
+        return Table(list(delta.ids), step.copy())
+    index = into.index()
+    ids = list(into.ids)
+    rows = []
+    for i in delta.ids:
+        r = index.get(i)
+        if r is None:
+            r = index[i] = len(ids)
+            ids.append(i)
+        rows.append(r)
+    matrix = np.zeros((len(ids), into.matrix.shape[1]))
+    matrix[: len(into.ids)] = into.matrix
+    np.add.at(matrix, rows, step)
+    return Table(ids, matrix)
 Mode = Literal["sum", "average"]
 Fresh = Literal["zero", "own"]
 
@@ -115,7 +182,11 @@ def rescaled(values: Mapping[str, float], ref_ms: float, to_ms: float, tau_ms: f
 
 def _add(into: dict[str, Value], delta: Mapping[str, Value], scale: float = 1.0) -> None:
     for k, d in delta.items():
-        into[k] = into.get(k, 0.0) + (d * scale if scale != 1.0 else d)
+        if isinstance(d, Table):
+            before = into.get(k)
+            into[k] = _table_add(before if isinstance(before, Table) else None, d, scale)
+        else:
+            into[k] = into.get(k, 0.0) + (d * scale if scale != 1.0 else d)  # type: ignore[operator]
 
 
 def _minus(current: Mapping[str, Value], reference: Mapping[str, Value]) -> dict[str, Value]:
@@ -124,7 +195,7 @@ def _minus(current: Mapping[str, Value], reference: Mapping[str, Value]) -> dict
     out: dict[str, Value] = {}
     for k, v in current.items():
         r = reference.get(k)
-        out[k] = v if r is None else v - r
+        out[k] = v if r is None else v - r  # type: ignore[operator]
     return out
 
 
@@ -278,15 +349,15 @@ def assign_model_params(model: Any, params: Params) -> None:
         weights = part._weights
         for feature, value in values.items():
             if feature:
-                weights[feature] = float(value)
+                weights[feature] = scalar(value)
             else:
-                part.intercept = float(value)
+                part.intercept = scalar(value)
     moments: dict[str, dict[str, list[float]]] = {}
     for key, value in params.counts.items():
         head, sep, feature = key.partition("|")
         if sep and head[:1] == "s" and len(head) >= 3:
             slot = moments.setdefault(head[:-1], {}).setdefault(feature, [0.0, 0.0, 0.0])
-            slot["nsq".index(head[-1])] = float(value)
+            slot["nsq".index(head[-1])] = scalar(value)
     for j, scaler in enumerate(scaler_parts(model)):
         for feature, (n, s, q) in moments.get(f"s{j}", {}).items():
             if n < 0.5:
@@ -312,11 +383,13 @@ def assign_count_params(params: Params, names: Iterator[str] | tuple[str, ...]) 
     for name in names:
         v = params.counts.get(f"c|{name}")
         if v is not None:
-            out[name] = float(v)
+            out[name] = scalar(v)
     return out
 
 
 # -- Half-Space Trees ---------------------------------------------------------------------------
+
+_L_MASS, _R_MASS = operator.attrgetter("l_mass"), operator.attrgetter("r_mass")
 
 #: The counter of a detector whose windows the sync closes: River's own pivot (at
 #: ``counter == window_size``) never comes.
@@ -354,11 +427,11 @@ def hst_params(detector: Any, window: HSTWindow | None) -> Params:
     if not nodes:
         return Params()
     key = window.key if window is not None else _hst_key(nodes)
-    current = np.fromiter((n.l_mass for n in nodes), dtype=np.float64, count=len(nodes))
+    current = np.fromiter(map(_L_MASS, nodes), dtype=np.float64, count=len(nodes))
     if window is None:
         first = detector._first_window
         if not first:
-            current += np.fromiter((n.r_mass for n in nodes), dtype=np.float64, count=len(nodes))
+            current += np.fromiter(map(_R_MASS, nodes), dtype=np.float64, count=len(nodes))
         count = float(detector.counter + (0 if first else detector.window_size))
         return Params(counts={key: current, key + "|n": count})
     return Params(counts={key: window.masses + current, key + "|n": window.count + float(detector.counter - _NEVER)})
@@ -377,7 +450,7 @@ def assign_hst_params(detector: Any, params: Params, window: HSTWindow | None) -
     if not isinstance(total, np.ndarray) or total.shape != (len(nodes),) or count is None:
         return window
     start = window if window is not None else HSTWindow(np.zeros(len(nodes)), 0.0, key, nodes)
-    masses, n = total - start.masses, float(count) - start.count
+    masses, n = total - start.masses, scalar(count) - start.count
     size = detector.window_size
     if n >= size:
         reference = masses * (size / n)
@@ -385,7 +458,7 @@ def assign_hst_params(detector: Any, params: Params, window: HSTWindow | None) -
             node.r_mass = r
             node.l_mass = 0.0
         detector._first_window = False
-        start, n = HSTWindow(np.array(total, dtype=np.float64), float(count), key, nodes), 0.0
+        start, n = HSTWindow(np.array(total, dtype=np.float64), scalar(count), key, nodes), 0.0
     else:
         for node, m in zip(nodes, masses.tolist(), strict=True):
             node.l_mass = m

@@ -45,7 +45,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from stream.config import Config
 from stream.kafka import admin_config, consumer_config, producer_config
 from stream.learners.base import Learner
-from stream.sync import Merger, Mode, Params
+from stream.sync import Merger, Mode, Params, Table, Value, scalar
 from stream.task_sync import NoSync, TaskSync
 
 __all__ = ["LocalSync", "TopicSync", "decode_params", "encode_params", "make_sync", "sync_topic"]
@@ -70,10 +70,18 @@ def make_sync(config: Config, instance_id: str, n_tasks: int) -> TaskSync:
 # -- the wire format ----------------------------------------------------------------------------
 
 
+class _Table(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
+    ids: list[str]
+    dim: int
+    #: The matrix, row by row, as little-endian float64 bytes.
+    data: bytes
+
+
 class _Family(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
     scalars: dict[str, float] = {}
     #: Vectors as little-endian float64 bytes.
     vectors: dict[str, bytes] = {}
+    tables: dict[str, _Table] = {}
 
 
 class _Wire(msgspec.Struct, forbid_unknown_fields=True, array_like=True):
@@ -99,18 +107,30 @@ class _Marker(msgspec.Struct, forbid_unknown_fields=True):
     tasks: list[int]
 
 
-def _family(values: Mapping[str, float | np.ndarray]) -> _Family:
-    out = _Family({}, {})
+def _family(values: Mapping[str, Value]) -> _Family:
+    out = _Family({}, {}, {})
     for k, v in values.items():
-        if isinstance(v, np.ndarray):
+        if isinstance(v, Table):
+            dim = v.matrix.shape[1] if v.matrix.ndim == 2 else 0
+            out.tables[k] = _Table(v.ids, dim, np.ascontiguousarray(v.matrix, dtype="<f8").tobytes())
+        elif isinstance(v, np.ndarray):
             out.vectors[k] = np.ascontiguousarray(v, dtype="<f8").tobytes()
         else:
             out.scalars[k] = float(v)
     return out
 
 
-def _values(family: _Family, where: str) -> dict[str, float | np.ndarray]:
-    out: dict[str, float | np.ndarray] = {}
+def _table(t: _Table, key: str, where: str) -> Table:
+    if t.dim < 1 or len(t.data) != 8 * t.dim * len(t.ids) or len(set(t.ids)) != len(t.ids):
+        raise ValueError(f"{where}: table {key[:100]!r}: {len(t.ids)} ids x {t.dim} do not match {len(t.data)} bytes")
+    matrix = np.frombuffer(t.data, dtype="<f8").astype(np.float64).reshape(len(t.ids), t.dim)
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{where}: table {key[:100]!r} is not finite")
+    return Table(list(t.ids), matrix)
+
+
+def _values(family: _Family, where: str) -> dict[str, Value]:
+    out: dict[str, Value] = {k: _table(t, k, where) for k, t in family.tables.items()}
     for k, x in family.scalars.items():
         if not math.isfinite(x):
             raise ValueError(f"{where}: parameter {k[:100]!r} is not finite")
@@ -142,13 +162,13 @@ def decode_params(data: bytes, where: str = "model sync") -> Params:
         wire = msgspec.msgpack.decode(data, type=_Wire)
     except msgspec.DecodeError as exc:
         raise ValueError(f"{where}: not a model-sync record: {exc}") from None
-    decayed = _values(_Family(wire.decayed, {}), where)
+    decayed = _values(_Family(wire.decayed, {}, {}), where)
     if not (math.isfinite(wire.ref_ms) and math.isfinite(wire.tau_ms)) or (decayed and wire.tau_ms <= 0):
         raise ValueError(f"{where}: bad decay reference {wire.ref_ms!r} / {wire.tau_ms!r}")
     return Params(
         weights=_values(wire.weights, where),
         counts=_values(wire.counts, where),
-        decayed={k: float(v) for k, v in decayed.items()},
+        decayed={k: scalar(v) for k, v in decayed.items()},
         ref_ms=wire.ref_ms,
         tau_ms=wire.tau_ms,
     )

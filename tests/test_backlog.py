@@ -11,12 +11,18 @@ the supervised model serving by the end as it does there, and going on over late
 same shop with a ROC AUC (against the simulator's truth) within 0.02 of that run's learner. So does
 a catch-up after downtime: a service that learned the first half of the history, stopped, and started
 again once the second half is in the topics (a backlog, learned from its checkpoint on).
+
+Three partitions make three tasks (``stream.tasks``), each with its own risk learner over the purchases
+of its partition and every fraud label (a global table). Each is compared with a broker-less run over
+the same events its task reads: the records are produced to explicit partitions, so the test knows
+which purchases each task reads.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -31,6 +37,7 @@ from stream.events import Decoder, FraudLabel, Purchase
 from stream.learners.risk import RiskLearner
 from stream.simulate import SimConfig, Simulation
 from stream.state import CheckpointStore, LocalStorage
+from stream.task_state import ScopedStorage
 
 pytestmark = pytest.mark.kafka
 
@@ -41,6 +48,11 @@ EVENTS = 20_000
 def shop(start_ts: int, seed: int = 5, events: int = EVENTS) -> SimConfig:
     # Frauds far more often than in a real shop, so a short stream labels a few hundred orders.
     return SimConfig(seed=seed, events=events, n_users=2_000, n_items=300, fraud_rate=0.3, start_ts=start_ts)
+
+
+def partition(key: bytes | None) -> int:
+    """Where the test puts a record (the tasks' split of the purchases is then known)."""
+    return zlib.crc32(key or b"") % PARTITIONS
 
 
 def later_auc(learner: RiskLearner, start_ts: int) -> float:
@@ -75,6 +87,9 @@ port = 0
 [checkpoints]
 dir = "{checkpoints}"
 
+[sync]
+enabled = false  # each task learns alone, as the broker-less run of its events does
+
 [learners.risk]
 kind = "risk"
 output_topic = "{prefix}-risk-scores"
@@ -86,8 +101,9 @@ model = {{ class = "linear_model.LogisticRegression" }}
 """
 
 
-def learned(prefix: str, bootstrap: str, tmp: Path, align: bool, name: str) -> RiskLearner:
-    """The risk learner a ``stream run`` left after reading everything in the topics (its last checkpoint)."""
+def learned(prefix: str, bootstrap: str, tmp: Path, align: bool, name: str) -> list[RiskLearner]:
+    """The risk learner of each task a ``stream run`` left after reading everything in the topics
+    (each task's last checkpoint)."""
     group = f"{prefix}-{name}"
     cfg = tmp / f"{name}.toml"
     cfg.write_text(config_text(prefix, bootstrap, group, tmp / name, align))
@@ -99,12 +115,14 @@ def learned(prefix: str, bootstrap: str, tmp: Path, align: bool, name: str) -> R
         wait_for(lambda: committed(bootstrap, group, topics) == end, timeout=180, what=f"{name} to learn the backlog")
     finally:
         assert stop(proc, timeout=60) == 0, log.read_text()[-3000:]
-    store = CheckpointStore(LocalStorage(tmp / name / group))
-    latest = store.latest()
-    assert latest is not None
-    learner = latest.learner("risk")
-    assert isinstance(learner, RiskLearner)
-    return learner
+    out: list[RiskLearner] = []
+    for task in range(PARTITIONS):
+        latest = CheckpointStore(ScopedStorage(LocalStorage(tmp / name / group), task)).latest()
+        assert latest is not None, f"task {task}: no checkpoint"
+        learner = latest.learner("risk")
+        assert isinstance(learner, RiskLearner)
+        out.append(learner)
+    return out
 
 
 def summary(learner: RiskLearner, later_ts: int) -> dict[str, object]:
@@ -121,11 +139,15 @@ def test_a_backlog_learns_the_labels_a_live_stream_does(
                                                  "label_window_s": 14400, "fraud_weight": 20.0,
                                                  "min_labels": 200, "min_fraud_labels": 10,
                                                  "model": {"class": "linear_model.LogisticRegression"}}}})  # fmt: skip
-    _, run = run_backtest(simulated_records(Simulation(shop(start_ts)), config.input_topics()), config,
-                                  progress=False)  # fmt: skip
     later_ts = start_ts + 2 * 86_400_000
-    want = summary(run.learners[0], later_ts)
-    assert want["joined"] >= 100 and want["source"] == "model", want  # type: ignore[operator]
+    purchases = config.input_topics()["purchases"]
+    want = []
+    for task in range(PARTITIONS):  # what each task reads: its purchases, every label
+        records = (r for r in simulated_records(Simulation(shop(start_ts)), config.input_topics())
+                   if r.topic() != purchases or partition(r.key()) == task)  # fmt: skip
+        _, run = run_backtest(records, config, progress=False)
+        want.append(summary(run.learners[0], later_ts))
+    assert sum(w["joined"] for w in want) >= 100, want  # type: ignore[misc]
 
     names = {s: f"{prefix}-{t}" for s, t in config.input_topics().items()}
     cfg = tmp_path / "topics.toml"
@@ -136,18 +158,19 @@ def test_a_backlog_learns_the_labels_a_live_stream_does(
     half = len(history) // 2
     for part in (history[:half], history[half:]):
         for stream, key, value, ts in part:
-            producer.produce(names[stream], value, key, timestamp=ts)
+            producer.produce(names[stream], value, key, timestamp=ts, partition=partition(key))
             producer.poll(0)
         assert producer.flush(60) == 0
         # The catch-up service learns the first half, is down while the second is produced, then catches up.
-        catch_up = summary(learned(prefix, kafka_bootstrap, tmp_path, True, "catch-up"), later_ts)
+        catch_up = [summary(lr, later_ts) for lr in learned(prefix, kafka_bootstrap, tmp_path, True, "catch-up")]
 
-    aligned = summary(learned(prefix, kafka_bootstrap, tmp_path, True, "aligned"), later_ts)
-    fetch_order = summary(learned(prefix, kafka_bootstrap, tmp_path, False, "fetch-order"), later_ts)
+    aligned = [summary(lr, later_ts) for lr in learned(prefix, kafka_bootstrap, tmp_path, True, "aligned")]
+    fetch_order = [summary(lr, later_ts) for lr in learned(prefix, kafka_bootstrap, tmp_path, False, "fetch-order")]
     report = f"broker-less {want}, aligned {aligned}, fetch order {fetch_order}, catch-up {catch_up}"
-    for got in (aligned, catch_up):
-        assert got["received"] == want["received"], report
-        for count in ("joined", "n_labels", "n_frauds"):
-            assert got[count] >= 0.98 * want[count], report  # type: ignore[operator]
-        assert got["source"] == "model", report
-        assert got["later_auc"] >= want["later_auc"] - 0.02, report  # type: ignore[operator]
+    for tasks in (aligned, catch_up):
+        for got, ref in zip(tasks, want, strict=True):
+            assert got["received"] == ref["received"], report
+            for count in ("joined", "n_labels", "n_frauds"):
+                assert got[count] >= 0.98 * ref[count], report  # type: ignore[operator]
+            assert got["source"] == ref["source"], report
+            assert got["later_auc"] >= ref["later_auc"] - 0.02, report  # type: ignore[operator]

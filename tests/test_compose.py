@@ -94,6 +94,12 @@ def test_stream_commands_are_the_documented_ones_and_parse() -> None:
     for name in ("stream", "stream-2"):
         assert command(s[name])[-2:] == ["--checkpoint-storage", "kafka"] and "volumes:" not in s[name], name
     assert "STREAM_INSTANCE_ID: stream-1" in s["stream"] and "STREAM_INSTANCE_ID: stream-2" in s["stream-2"]
+    # Both learn: one group (the same configuration), and at least as many tasks as instances.
+    assert command(s["stream"])[:4] == command(s["stream-2"])[:4] and "--group-id" not in command(s["stream-2"])
+    from stream.config import load_config
+
+    config = load_config(ROOT / command(s["stream"])[command(s["stream"]).index("--config") + 1])
+    assert config.topics.partitions >= 2, "one partition makes one task: the second instance would only wait"
     subcommands: Any = next(a for a in parser._actions if a.dest == "command").choices
     if "simulate" in subcommands:
         parser.parse_args([arg.replace("${SIM_EVENTS:-500000}", "500000") for arg in simulate])

@@ -88,3 +88,54 @@ def test_pickled_mid_stream_it_continues_identically() -> None:
     a = [_feed(learner, e) for e in events[150:]]
     b = [_feed(copy, e) for e in events[150:]]
     assert a == b and learner.n_learned == copy.n_learned > 0
+
+
+def test_the_forecast_served_is_the_candidate_with_the_lowest_running_error() -> None:
+    learner = _learner()
+    for k in range(120):
+        _feed(learner, _buy(k, k * 60_000))  # a unit a minute for two hours
+    learner.errors[0] = [5.0, 1.0, 2.0]  # the model worse than the rate forecast
+    f = _feed(learner, _price(0, 120 * 60_000 + 1, 1_000)).forecasts[0]
+    assert f.source == "rate"
+    learner.errors[0] = [1.0, 3.0, 2.0]
+    g = _feed(learner, _price(1, 120 * 60_000 + 2, 1_000)).forecasts[0]
+    assert g.source == "model"
+
+
+def _restocked_item(counted: int) -> DemandLearner:
+    """i1 sells 10 units an hour, is restocked at day 4 and day 8 (its cadence: 4 days), and
+    an hour later a stock count finds ``counted`` units."""
+    learner = _learner(lead_time_s=86_400.0, min_outcomes=10**6)
+    _feed(learner, _price(0, 0, 5_000))
+    n = 0
+    for day in (4, 8):
+        for h in range(day * 24 - 96, day * 24):
+            for m in range(10):
+                _feed(learner, _buy(n, h * H + m * 6 * 60_000 + 1))
+                n += 1
+        _feed(learner, _price(day, day * 24 * H, 5_000))
+    _feed(learner, _price(9, 8 * 24 * H + 1, counted))
+    return learner
+
+
+def test_the_stockout_risk_runs_to_the_next_expected_restock() -> None:
+    # 10 units an hour, the next restock expected 4 days on (~960 units needed) ...
+    short, ample = _restocked_item(400), _restocked_item(3_000)
+    assert short.restock_gap == ample.restock_gap == 4 * 24 * H
+    a = _feed(short, _price(10, 8 * 24 * H + 2, None)).forecasts[0]
+    b = _feed(ample, _price(10, 8 * 24 * H + 2, None)).forecasts[0]
+    # ... 400 units last 40 hours: more than the lead time (a day), less than the cycle.
+    assert a.stockout_probability is not None and a.stockout_probability < 0.5
+    assert a.stockout_risk is not None and a.stockout_risk > 0.9 and a.warning
+    assert b.stockout_risk is not None and b.stockout_risk < 0.1 and not b.warning
+    quality = {m: v for m, _, v in short.quality()}
+    assert quality["items_at_risk"] == 1.0 == quality["items_with_traffic"]
+
+
+def test_without_a_restock_seen_the_risk_is_over_the_lead_time() -> None:
+    learner = _learner(lead_time_s=86_400.0, min_outcomes=10**6)
+    _feed(learner, _price(0, 0, 400))
+    for k in range(48 * 10):  # 10 units an hour for two days: ~80 hours of stock left at most
+        _feed(learner, _buy(k, k * 6 * 60_000 + 1))
+    f = _feed(learner, _price(1, 48 * H + 1, 300)).forecasts[0]  # a stock count: not a restock
+    assert f.stockout_risk == f.stockout_probability and not f.warning

@@ -135,6 +135,8 @@ def test_drift_config_is_part_of_a_learner_spec() -> None:
         ({"min_samples": 500, "max_trial": 100}, "min_samples"),
         ({"window": 0}, "Expected `int` >= 1"),
         ({"reactions": "switch"}, "unknown field"),
+        ({"detector": "block_cusum", "params": {"blocks": 100}}, "drift.params"),
+        ({"detector": "block_cusum", "params": {"block": 1000, "arl": 1500}}, "arl"),
     ],
 )
 def test_bad_drift_config_is_reported_with_its_path(drift: dict[str, Any], message: str) -> None:

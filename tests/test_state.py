@@ -433,18 +433,18 @@ def test_a_learner_whose_class_gained_state_is_refused(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """A checkpoint from before a learner class gained an attribute would fail at the
     first use of it: the start and the model commands refuse it with the reason."""
-    from stream.app import Application
     from stream.state import StateError, missing_state
+    from stream.task_state import adopt
 
     cfg_path, cfg, store = deployed
     old = trained(cfg, 10)
     for learner in old:
         del learner.__dict__["evaluation"]  # as if pickled by a version without it
     assert missing_state(old[0], build_learners(cfg)[0]) == ["evaluation"]
-    app = Application(cfg)
+    templates = build_learners(cfg)
     with pytest.raises(StateError, match=r"learner `reg` in the checkpoint lacks state.*evaluation.*__setstate__"):
-        app._adopt(old)
-    assert [lr.name for lr in app._adopt(trained(cfg, 10))] == ["reg", "clf"]
+        adopt(old, templates)
+    assert [lr.name for lr in adopt(trained(cfg, 10), templates)] == ["reg", "clf"]
 
     store.write(old, {("a", 0): 700, ("b", 0): 700}, reason="periodic")
     fresh = tmp_path / "fresh.pkl"
@@ -602,7 +602,7 @@ def test_selection_passes_over_planted_checkpoints_with_higher_sequence_numbers(
 
 
 def test_the_forked_background_writer_signs(tmp_path: Path) -> None:
-    from stream.app import _checkpoint_child
+    from stream.task_state import _checkpoint_child
 
     cfg = config(tmp_path)
     keys = _keys(KEY)
@@ -757,3 +757,51 @@ def test_holdout_scores_a_learner_that_holds_outcomes_for_drift_detection() -> N
     score = holdout_error(risk, records, cfg)
     assert score is not None and score.failed == 0
     assert score.n > 0, score
+
+
+# --------------------------------------------------------------------------- per-task stores (scale-out)
+
+
+def test_task_stores_are_scoped_and_one_task_reads_the_checkpoints_from_before_scale_out(tmp_path: Path) -> None:
+    """Each task keeps its own checkpoints (``task-<p>.`` names in the shared storage, each
+    task selecting among its own); one task is unscoped, so a checkpoint written before
+    scale-out restores as task 0 of one task."""
+    from stream.state import StateError
+    from stream.task_state import TaskState, task_store
+
+    cfg = config(tmp_path)
+    shared = LocalStorage(tmp_path / "shared")
+    old = CheckpointStore(shared).write(trained(cfg, 50), {("a", 0): 50, ("b", 0): 50}, reason="before")
+    one = task_store(cfg, shared, "i", 0, 1)
+    assert one.names() == [old.name]
+    t0, t1 = task_store(cfg, shared, "i", 0, 2), task_store(cfg, shared, "i", 1, 2)
+    assert t0.names() == [] and t1.names() == []
+    w1 = t1.write(trained(cfg, 20), {("a", 1): 20, ("b", 1): 20}, reason="t1")
+    assert t1.names() == [w1.name] and t0.names() == []
+    assert f"task-1.{w1.name}" in shared.names()
+    # Restoring task 1 at its committed offsets: its own checkpoint, the rest relearned silently.
+    ts = TaskState(1, cfg, t1, [("a", 1), ("b", 1)], (), None, None, lambda *a, **k: None)
+    start = ts.restore({("a", 1): 25, ("b", 1): 20}, {("a", 1): 0, ("b", 1): 0}, build_learners(cfg), None)
+    assert start == {("a", 1): 20, ("b", 1): 20} and ts.catchup == {("a", 1): 25} and ts.relearn == 5
+    assert ts.restored is not None and ts.restored.name == w1.name
+    assert [lr.n_learned for lr in ts.learners] == [20, 20]
+    # Task 0 has committed offsets but no checkpoint of its own: refused, never a fresh model there.
+    with pytest.raises(StateError, match="no checkpoint"):
+        TaskState(0, cfg, t0, [("a", 0)], (), None, None, lambda *a, **k: None).restore(
+            {("a", 0): 7}, {("a", 0): 0}, build_learners(cfg), None)
+
+
+def test_a_global_partition_another_task_publishes_bounds_nothing_and_is_never_committed(tmp_path: Path) -> None:
+    """A task learns the global partitions other tasks publish silently: their positions live
+    in its checkpoints only, so any checkpoint position there is consistent, and they are
+    left out of the offsets it commits."""
+    from stream.task_state import TaskState, task_store
+
+    cfg = config(tmp_path)
+    store = task_store(cfg, LocalStorage(tmp_path / "s"), "i", 1, 2)
+    info = store.write(trained(cfg, 10), {("a", 1): 10, ("prices", 0): 400}, reason="t")
+    ts = TaskState(1, cfg, store, [("a", 1), ("prices", 0)], {("prices", 0)}, None, None, lambda *a, **k: None)
+    start = ts.restore({("a", 1): 10}, {("a", 1): 0, ("prices", 0): 0}, build_learners(cfg), None)
+    assert ts.restored is not None and ts.restored.name == info.name
+    assert start == {("a", 1): 10, ("prices", 0): 400} and not ts.catchup
+    assert ts.to_commit({("a", 1): 12, ("prices", 0): 450}) == {("a", 1): 12}

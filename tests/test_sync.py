@@ -10,7 +10,7 @@ from river import linear_model, optim, preprocessing
 
 from stream.config import build_learners, load_config
 from stream.drift import AdaptiveModel
-from stream.sync import Merger, Params, assign_model_params, linear_parts, model_params, scaler_parts
+from stream.sync import Merger, Params, Table, assign_model_params, linear_parts, model_params, scaler_parts
 
 
 def lr() -> linear_model.LinearRegression:
@@ -82,6 +82,25 @@ def test_counts_are_summed_even_in_average_mode_and_vectors_merge_like_numbers()
     merged = merger.merged()
     assert merged.weights["w"] == 2.0 and merged.counts == {"n": 6.0}
     assert merged.weights["v"].tolist() == [2.0, 4.0]
+
+
+def test_a_table_merges_row_by_row_like_one_key_per_id() -> None:
+    rows = {"a": np.array([1.0, 2.0]), "b": np.array([0.5, 0.5]), "c": np.array([3.0, 1.0])}
+    by_key, by_table = Merger(), Merger()
+    parts = [("a", "b"), ("b", "c")]
+    for task, ids in enumerate(parts):
+        by_key.update(task, Params(weights={i: rows[i] * (task + 1) for i in ids}))
+        by_table.update(task, Params(weights={"t": Table(list(ids), np.stack([rows[i] * (task + 1) for i in ids]))}))
+    keyed, table = by_key.merged().weights, by_table.merged().weights["t"]
+    assert isinstance(table, Table) and sorted(table.ids) == ["a", "b", "c"]
+    for i, r in table.index().items():
+        assert table.matrix[r].tolist() == keyed[i].tolist()  # type: ignore[union-attr]
+    # A delta is taken row by row against what the task held: only what it learned since counts.
+    held = Params(weights={"t": Table(["a", "b"], np.stack([rows["a"], rows["b"]]))})
+    by_table.applied(0, held)
+    by_table.update(0, Params(weights={"t": Table(["b", "a"], np.stack([rows["b"] + 1.0, rows["a"]]))}))
+    merged = by_table.merged().weights["t"]
+    assert merged.matrix[merged.index()["b"]].tolist() == (keyed["b"] + 1.0).tolist()  # type: ignore[union-attr]
 
 
 def test_decayed_counts_are_brought_to_the_newest_reference() -> None:
@@ -189,8 +208,12 @@ def test_recommendation_item_vectors_and_popularity_merge_across_tasks() -> None
         c.set_global_params(merged)
         merger.applied(i, c.global_params())
     held = [c.global_params() for c in copies]
+    tables = [h.weights["i"] for h in held]
+    assert all(isinstance(t, Table) for t in tables)
+    index = [t.index() for t in tables]  # type: ignore[union-attr]
     for item in ("i0", "i1", "i2", "i3", "i4"):
-        assert held[0].weights["i|" + item] == pytest.approx(held[1].weights["i|" + item])
+        a, b = (t.matrix[i[item]] for t, i in zip(tables, index, strict=True))  # type: ignore[union-attr]
+        assert a.tolist() == pytest.approx(b.tolist())
     alone = next(lr for lr in build_learners(config) if lr.name == "recommendation")
     for i in range(40):
         alone.learn(Click(event_id=f"e{i}", ts=1_000 * i, user_id=f"u{i % 4}", item_id=f"i{i % 5}"))

@@ -14,7 +14,7 @@ from river import linear_model, optim
 
 from stream.config import parse_config
 from stream.learners.base import Learner
-from stream.sync import Params, count_params
+from stream.sync import Params, Table, count_params
 from stream.sync_topic import LocalSync, TopicSync, decode_params, encode_params, make_sync
 from stream.task_sync import NoSync
 
@@ -105,10 +105,13 @@ def test_sync_config_is_validated_at_start_up() -> None:
 
 
 def test_the_wire_format_round_trips_and_refuses_what_it_did_not_write() -> None:
-    params = Params(weights={"l0|x": 0.5, "l0|": -1.0, "i|a": np.arange(3.0)}, counts={"c|n": 3.0},
+    params = Params(weights={"l0|x": 0.5, "l0|": -1.0, "i|a": np.arange(3.0),
+                             "t": Table(["x", "y"], np.arange(6.0).reshape(2, 3))}, counts={"c|n": 3.0},
                     decayed={"a": 2.5}, ref_ms=1e12, tau_ms=5e6)  # fmt: skip
     back = decode_params(encode_params(params))
     assert back.weights.pop("i|a").tolist() == [0.0, 1.0, 2.0]  # type: ignore[union-attr]
+    table = back.weights.pop("t")
+    assert isinstance(table, Table) and table.ids == ["x", "y"] and table.matrix.tolist()[1] == [3.0, 4.0, 5.0]
     assert back.weights == {"l0|x": 0.5, "l0|": -1.0} and back.counts == params.counts
     assert back.decayed == params.decayed and (back.ref_ms, back.tau_ms) == (1e12, 5e6)
     with pytest.raises(ValueError, match="where-it-was"):
@@ -116,6 +119,9 @@ def test_the_wire_format_round_trips_and_refuses_what_it_did_not_write() -> None
     bad = Params(weights={"i|a": np.array([np.nan])})
     with pytest.raises(ValueError, match="not finite"):
         decode_params(encode_params(bad))
+    torn = encode_params(Params(weights={"t": Table(["x", "y"], np.ones((2, 3)))})).replace(b"\xa1y", b"\xa1x")
+    with pytest.raises(ValueError, match="table"):
+        decode_params(torn)  # the same id twice
 
 
 class _Msg:

@@ -19,8 +19,9 @@ item's *rate forecast* (its in-stock sales rate at the middle half-life,
 1 day, times the horizon): it learns ``log((1 + units) / (1 + rate
 forecast))`` (``target = "log_ratio"``), so a model that has learned nothing
 forecasts the rate. Its features: the other rates and the seasonal naive
-forecast relative to the rate forecast, its level, time of day and the
-weekday of the window and of the recent sales, the price relative to the
+forecast relative to the rate forecast, its level, the window's factor of the
+shop's daily profile (horizons under a day; the rates are deseasonalised by
+that profile, learned online from all sales), the price relative to the
 item's reference price (time-weighted average) and to the competitor, a
 promotion flag (price 5 % or more below the reference), the category and the
 stock level. Each window is weighted by its expected volume so the fit weighs
@@ -213,8 +214,6 @@ class DemandSpec(msgspec.Struct, tag="demand", tag_field="kind", forbid_unknown_
 
 
 _DAY_MS = 86_400_000
-_WEEK_MS = 7 * _DAY_MS
-_TWO_PI = 2 * math.pi
 _LOG_SCALE = 10.0
 #: Scores a horizon needs before its own conformal quantiles are used.
 _MIN_SCORES = 50
@@ -502,6 +501,7 @@ class DemandLearner(Learner):
             self.evaluations[label] = Evaluation.for_means(
                 spec.evaluation_window, names, drift=monitor if k == longest else None
             )
+        self._evaluations = list(self.evaluations.values())
         #: The longest horizon's evaluation: its drift monitor is the learner's.
         self.evaluation = self.evaluations[self.labels[longest]]
         lo_q = (1 - spec.interval_level) / 2
@@ -563,7 +563,8 @@ class DemandLearner(Learner):
     def predict(self, event: Any) -> DemandForecasts | None:
         pending: list[_Pending] = []
         out: list[Forecast] = []
-        self._boundary(event.ts, out, pending)
+        if event.ts // self.bucket_ms > self._bucket:
+            self._boundary(event.ts, out, pending)
         if type(event) is Price:
             it = self._apply(event)
             self._forecast_item(event.item_id, it, event.ts, out, pending)
@@ -584,9 +585,10 @@ class DemandLearner(Learner):
         if ts > self._now:
             self._now = ts
             self.season.advance(ts)
-        for k, queue in enumerate(waiting):
-            if queue:
-                self._close(queue, self.horizons_ms[k])
+        now = self._now
+        for queue, h_ms in zip(waiting, self.horizons_ms, strict=True):
+            if queue and queue[0].ts + h_ms < now:  # a window closed (else: one comparison per event)
+                self._close(queue, h_ms)
         if type(event) is Purchase:
             self._sold(event)
         self._events += 1
@@ -613,10 +615,6 @@ class DemandLearner(Learner):
         since = self._now - self.season_ms
         yield "items_at_risk", "rolling", float(_count_since(self.at_risk, since))
         yield "items_with_traffic", "rolling", float(_count_since(self.forecast_at, since))
-
-    def items_at_risk(self) -> int:
-        """Items whose last forecast, within the last ``season_s`` of event time, warned."""
-        return _count_since(self.at_risk, self._now - self.season_ms)
 
     def replace_model(self, model: Any) -> None:
         k = self._longest
@@ -750,8 +748,11 @@ class DemandLearner(Learner):
         if now <= 0:
             return [0.0, 0.0, 0.0]
         dt = max(now - it.rate_ts, 0)
-        return [r * math.exp(-dt / tau) / (1.0 - math.exp(-now / tau)) / 1000.0
-                for r, tau in zip(it.rates, self._taus, strict=True)]  # fmt: skip
+        exp = math.exp
+        (r0, r1, r2), (t0, t1, t2) = it.rates, self._taus
+        return [r0 * exp(-dt / t0) / (1000.0 - 1000.0 * exp(-now / t0)),
+                r1 * exp(-dt / t1) / (1000.0 - 1000.0 * exp(-now / t1)),
+                r2 * exp(-dt / t2) / (1000.0 - 1000.0 * exp(-now / t2))]  # fmt: skip
 
     def _baseline(self, it: _Item, ts: int, h_ms: int, slow_rate: float) -> float:
         """Seasonal naive: units sold in ``[ts - season, ts - season + h)``."""
@@ -765,18 +766,12 @@ class DemandLearner(Learner):
         return slow_rate * h_ms
 
     def _time_features(self, ts: int) -> list[dict[str, float]]:
-        """Time of day and day of week of each horizon's window (shared by a moment's items)."""
+        """Per horizon under a day, the log of the window's mean factor of the shop's daily
+        profile (the rate forecast is scaled by it; the model learns how far to trust it).
+        Shared by a moment's items."""
         if ts != self._time_ts:
-            xs = []
-            for h_ms in self.horizons_ms:
-                mid = ts + h_ms // 2
-                x: dict[str, float] = {}
-                if h_ms < _DAY_MS:
-                    day = _TWO_PI * (mid % _DAY_MS) / _DAY_MS
-                    x["day_sin"], x["day_cos"] = math.sin(day), math.cos(day)
-                    x["day2_sin"], x["day2_cos"] = math.sin(2 * day), math.cos(2 * day)
-                x["season"] = math.log(self.season.window(ts, h_ms))
-                xs.append(x)
+            window = self.season.window
+            xs = [{"season": math.log(window(ts, h))} if h < _DAY_MS else {} for h in self.horizons_ms]
             self._time_ts, self._time_x = ts, xs
         return self._time_x
 
@@ -796,36 +791,46 @@ class DemandLearner(Learner):
         return x
 
     def _forecast_item(self, item_id: str, it: _Item, ts: int, out: list[Forecast], pending: list[_Pending]) -> None:
-        spec = self.spec
         rates = self._rates(it, ts)
+        r_fast, r_mid, r_slow = rates
         common = self._item_features(it)
         times = self._time_features(ts)
+        window = self.season.window
+        log, cum_units = math.log, it.cum_units
+        warm = self.outcomes
+        min_outcomes = self.spec.min_outcomes
         made: list[_Pending] = []
         for k, h_ms in enumerate(self.horizons_ms):
-            baseline = self._baseline(it, ts, h_ms, rates[2])
-            anchor = rates[1] * h_ms * self.season.window(ts, h_ms)
-            la = math.log(anchor + 1.0)
-            x = {
-                "naive": math.log(baseline + 1.0) - la,
-                "rate_fast": math.log(rates[0] * h_ms + 1.0) - la,
-                "rate_slow": math.log(rates[2] * h_ms + 1.0) - la,
-                "level": la / 5.0,
-                **times[k],
-                **common,
-            }
+            baseline = self._baseline(it, ts, h_ms, r_slow)
+            anchor = r_mid * h_ms * window(ts, h_ms)
+            la = log(anchor + 1.0)
+            x = {"naive": log(baseline + 1.0) - la, "rate_fast": log(r_fast * h_ms + 1.0) - la,
+                 "rate_slow": log(r_slow * h_ms + 1.0) - la, "level": la / 5.0}  # fmt: skip
+            x.update(times[k])
+            x.update(common)
             f = self.models[k].predict_one(x)
             f = float(f) if f is not None and math.isfinite(f) else 0.0
             mu_model = (anchor + 1.0) * math.exp(min(f, 20.0)) - 1.0 if self._log_target else f
             mu_model = min(max(mu_model, 0.0), 1e9)
-            if self.outcomes[k] < spec.min_outcomes:
-                source = 2
+            if warm[k] < min_outcomes:
+                source, mu = 2, baseline
             else:
                 # Serve the candidate with the lowest running error (the model, unless it is worse).
-                errors = self.errors[k]
-                source = 0 if errors[0] <= min(errors[1], errors[2]) else 1 if errors[1] <= errors[2] else 2
-            mu = mu_model if source == 0 else anchor if source == 1 else baseline
-            made.append(_Pending(item_id, k, ts, source, mu, mu_model, anchor, baseline, x, it.cum_units))
-        # Lead-time figures, from the horizon closest to the lead time.
+                e_model, e_rate, e_base = self.errors[k]
+                if e_model <= e_rate and e_model <= e_base:
+                    source, mu = 0, mu_model
+                elif e_rate <= e_base:
+                    source, mu = 1, anchor
+                else:
+                    source, mu = 2, baseline
+            made.append(_Pending(item_id, k, ts, source, mu, mu_model, anchor, baseline, x, cum_units))
+        self._publish(item_id, it, ts, made, out)
+        pending += made
+
+    def _publish(self, item_id: str, it: _Item, ts: int, made: list[_Pending], out: list[Forecast]) -> None:
+        """The stock figures (from the horizon closest to the lead time) and the published
+        forecasts, with their intervals (kept on the pending forecasts for scoring)."""
+        spec = self.spec
         kl = self._lead_h
         h_l = self.horizons_ms[kl]
         rate = made[kl].mu / h_l  # units per ms
@@ -850,26 +855,21 @@ class DemandLearner(Learner):
         q_service = scores.q[2] * widen
         out_ms = it.out_total(ts)
         level = spec.interval_level
+        have = stock or 0
         for p in made:
             k, mu = p.h, p.mu
             h_ms = self.horizons_ms[k]
-            cal, wide = self._calibration(k, mu)
+            cal, wide = (scores, widen) if k == kl else self._calibration(k, mu)
             spread = wide * math.sqrt(mu + 1.0)
-            low = max(mu + cal.q[0] * spread, 0.0)
-            high = max(mu + cal.q[1] * spread, low)
+            q = cal.q
+            low = max(mu + q[0] * spread, 0.0)
+            high = max(mu + q[1] * spread, low)
             p.low, p.high, p.out_ms = low, high, out_ms
             mu_c = rate * (self.lead_ms + h_ms)
-            need = mu_c + q_service * math.sqrt(mu_c + 1.0)
-            reorder = max(math.ceil(need - (stock or 0)), 0)
-            cover = stock / (mu / h_ms) / 3_600_000 if stock is not None and mu > 0 else None
-            out.append(
-                Forecast(
-                    item_id, h_ms / 1000.0, ts, round(mu, 4), Interval(round(low, 4), round(high, 4), level), stock,
-                    None if cover is None else round(cover, 3), None if p_out is None else round(p_out, 4), reorder,
-                    _SOURCES[p.source], None if risk is None else round(risk, 4), warn,
-                )
-            )  # fmt: skip
-            pending.append(p)
+            reorder = max(math.ceil(mu_c + q_service * math.sqrt(mu_c + 1.0) - have), 0)
+            cover = stock * h_ms / mu / 3_600_000 if stock is not None and mu > 0 else None
+            out.append(Forecast(item_id, h_ms / 1000.0, ts, mu, Interval(low, high, level), stock, cover, p_out,
+                                reorder, _SOURCES[p.source], risk, warn))  # fmt: skip
 
     def _calibration(self, k: int, mu: float) -> tuple[_Scores, float]:
         """The residuals for a forecast ``mu`` of horizon ``k`` and a factor to widen them by:
@@ -927,7 +927,7 @@ class DemandLearner(Learner):
             self.forgotten += 1
             return
         k = p.h
-        ev = self.evaluations[self.labels[k]]
+        ev = self._evaluations[k]
         if it.out_total(deadline) > p.out_ms:
             # Out of stock during the window: the sales are censored, not the demand.
             self.censored[k] += 1
@@ -943,8 +943,9 @@ class DemandLearner(Learner):
         n = self.outcomes[k] = self.outcomes[k] + 1
         a = 1.0 / min(n, _CHOICE_SPAN)
         errors = self.errors[k]
-        for j, f in enumerate((p.mu_model, p.anchor, p.baseline)):
-            errors[j] += (abs(y - f) - errors[j]) * a
+        errors[0] += (abs(y - p.mu_model) - errors[0]) * a
+        errors[1] += (abs(y - p.anchor) - errors[1]) * a
+        errors[2] += (abs(y - p.baseline) - errors[2]) * a
         ev.score("abs_error", abs(y - p.mu))
         ev.score("baseline_abs_error", abs(y - p.baseline))
         ev.score("units", float(y))
