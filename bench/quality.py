@@ -426,7 +426,7 @@ def warm_start_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], dict[st
     summary: dict[str, Any] = {}
     figures = (("recommendation", "hit", "taste hit-rate", 3), ("recommendation", "popularity", "popularity", 3),
                ("pricing", "regret", "regret", 4), ("pricing", "regret_current", "current price regret", 4),
-               ("risk", "auc", "fraud AUC", 3))  # fmt: skip
+               ("risk", "auc", "fraud AUC", 3), ("risk", "frauds", "frauds scored", 0))  # fmt: skip
     for history in sorted({r["history"] for r in rows}):
         runs = sorted((r for r in rows if r["history"] == history), key=lambda r: r["seed"])
         for learner, key, label, digits in figures:
