@@ -11,9 +11,10 @@ three times:
   40 %, elasticity change at 60 %, fraud pattern at 75 % of the stream);
 * ``switch``: the same with ``reaction = "switch"`` (recovery compared with ``report``);
 * ``stationary``: the same seed without drifts (false alarms per 100,000 events);
-* ``warm start``: the first 10,000 live events after a history of that length
-  (drift-free), by learners restored from the checkpoint a backtest of the history
-  wrote (``stream backtest --checkpoint-out``) and by fresh learners.
+* ``warm start``: the first 10,000 live events after a history of the shortest
+  length (``--warm-lengths``), drift-free, by learners restored from the checkpoint
+  a backtest of the history wrote (``stream backtest --checkpoint-out``) and by
+  fresh learners.
 
 Per goal of the quality issue it prints one row: the measured values (per
 seed), the target and met / missed. Everything is scored on the ground truth
@@ -425,7 +426,7 @@ def warm_start_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], dict[st
     summary: dict[str, Any] = {}
     figures = (("recommendation", "hit", "taste hit-rate", 3), ("recommendation", "popularity", "popularity", 3),
                ("pricing", "regret", "regret", 4), ("pricing", "regret_current", "current price regret", 4),
-               ("risk", "auc", "fraud AUC", 3))  # fmt: skip
+               ("risk", "auc", "fraud AUC", 3), ("risk", "frauds", "frauds scored", 0))  # fmt: skip
     for history in sorted({r["history"] for r in rows}):
         runs = sorted((r for r in rows if r["history"] == history), key=lambda r: r["seed"])
         for learner, key, label, digits in figures:
@@ -715,9 +716,11 @@ def load_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
 
 def bench_quality(seeds: Sequence[int], lengths: Sequence[int], *, reactions: Sequence[str] = ("report", "switch"),
                   stationary: bool = True, plot_path: Path | None = None,
-                  warm_start: bool = True, runs_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
+                  warm_start: bool = True, runs_dir: Path | None = None,
+                  warm_lengths: Sequence[int] | None = None) -> dict[str, Any]:  # fmt: skip
     """Every run of the plan (``runs_dir``: each also saved there as it completes, so a
-    long bench that stops keeps what it measured; ``--table-from`` reads them back)."""
+    long bench that stops keeps what it measured; ``--table-from`` reads them back).
+    The warm-start rows use histories of ``warm_lengths`` (default: the shortest length)."""
     runs = []
     base = load_config(None)  # once: a config file edited during a long bench must not change its runs
     metrics = base.metrics
@@ -754,7 +757,7 @@ def bench_quality(seeds: Sequence[int], lengths: Sequence[int], *, reactions: Se
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            for n in lengths:
+            for n in warm_lengths if warm_lengths is not None else [min(lengths)]:
                 for s in seeds:
                     t0 = time.perf_counter()
                     warm_rows.append(warm_start_run(s, n, Path(tmp)))
@@ -778,6 +781,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reactions", default="report,switch")
     p.add_argument("--no-stationary", action="store_true", help="skip the drift-free runs (false alarms)")
     p.add_argument("--no-warm-start", action="store_true", help="skip the warm-start rows")
+    p.add_argument("--warm-lengths", metavar="N,N",
+                   help="histories of the warm-start rows (default: the shortest of --lengths)")  # fmt: skip
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     p.add_argument("--runs-dir", type=Path, help="also save each run there as it completes")
@@ -793,9 +798,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "table": lines, "summary": summary, "runs": runs}  # fmt: skip
             args.json.write_text(json.dumps({"quality": saved}, indent=1, default=float) + "\n")
         return 0
+    warm = [int(x) for x in args.warm_lengths.split(",")] if args.warm_lengths else None
     fig = bench_quality([int(x) for x in args.seeds.split(",")], [int(x) for x in args.lengths.split(",")],
                         reactions=args.reactions.split(","), stationary=not args.no_stationary,
-                        plot_path=args.plot, warm_start=not args.no_warm_start, runs_dir=args.runs_dir)  # fmt: skip
+                        plot_path=args.plot, warm_start=not args.no_warm_start, runs_dir=args.runs_dir,
+                        warm_lengths=warm)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(fig, indent=1, default=float) + "\n")
     return 0

@@ -105,3 +105,25 @@ def test_whole_import_refuses_a_bare_model_and_a_learner_of_another_kind(
     assert main(["model", "import", str(other), "--config", str(cfg), "--offline", "--whole"]) == 4
     assert not CheckpointStore.for_config(config, keys=None).names()
     assert main(["model", "import", str(ckpt), "--config", str(cfg), "--offline", "--whole"]) == 0
+
+
+def test_a_signed_backtest_checkpoint_is_served_only_by_its_own_deployment(
+    tmp_path: Path, stream_records: list[RecordedMessage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a checkpoint key, the backtest's checkpoint is signed with it: the deployment holding the
+    key imports it, another one (another key) refuses it before unpickling anything."""
+    cfg = _config_file(tmp_path)
+    recording = tmp_path / "history"
+    with RecordingWriter(recording, source={"kind": "test"}) as writer:
+        for m in stream_records[:500]:
+            writer.write(m)
+    ckpt = tmp_path / "warm.ckpt"
+    monkeypatch.setenv("STREAM_CHECKPOINT_KEY", "k" * 40)
+    assert main(["backtest", str(recording), "--config", str(cfg), "--checkpoint-out", str(ckpt),
+                 "--no-progress", "--no-chart"]) == 0  # fmt: skip
+    monkeypatch.setenv("STREAM_CHECKPOINT_KEY", "o" * 40)
+    assert main(["model", "import", str(ckpt), "--config", str(cfg), "--offline", "--whole"]) == 4
+    monkeypatch.setenv("STREAM_CHECKPOINT_KEY", "k" * 40)
+    assert main(["model", "import", str(ckpt), "--config", str(cfg), "--offline", "--whole"]) == 0
+    served = CheckpointStore.for_config(load_config(cfg)).latest()
+    assert served is not None and served.info.key_id
