@@ -100,6 +100,9 @@ def test_the_forecast_served_is_the_candidate_with_the_lowest_running_error() ->
     learner.errors[0] = [1.0, 3.0, 2.0]
     g = _feed(learner, _price(1, 120 * 60_000 + 2, 1_000)).forecasts[0]
     assert g.source == "model"
+    learner.errors[0] = [1.0, 1.01, 1.02]  # none clearly best: combined
+    h = _feed(learner, _price(2, 120 * 60_000 + 3, 1_000)).forecasts[0]
+    assert h.source == "combined"
 
 
 def _restocked_item(counted: int) -> DemandLearner:

@@ -83,7 +83,7 @@ class DemandForecast(msgspec.Struct):
     hours_of_cover: float | None
     stockout_probability: float | None
     reorder_suggestion: int
-    source: Literal["model", "rate", "baseline"]
+    source: Literal["model", "rate", "baseline", "combined"]
     stockout_risk: float | None
     warning: bool
 

@@ -137,8 +137,9 @@ class Forecast(msgspec.Struct, gc=False):
     #: Units to order now to cover lead time plus horizon at the service level (stock unknown: as if 0).
     reorder_suggestion: int
     #: ``model``; ``rate`` (the item's sales rate, served while it beats the model on the running
-    #: error); ``baseline`` (the seasonal naive forecast: until ``min_outcomes``, or while it is best).
-    source: Literal["model", "rate", "baseline"]
+    #: error); ``baseline`` (the seasonal naive forecast: until ``min_outcomes``, or while it is best);
+    #: ``combined`` (the three weighted by inverse squared running error, while none is clearly best).
+    source: Literal["model", "rate", "baseline", "combined"]
     #: Probability of selling out before the item's next expected restock (None: stock unknown).
     stockout_risk: float | None = None
     #: ``stockout_risk >= warn_probability`` with the item in stock: order now.
@@ -222,7 +223,9 @@ _RESORT_EVERY = 100
 _CHOICE_SPAN = 1_000
 #: Volume bins of the conformal residuals (``_volume_bin``).
 _VOLUME_BINS = 5
-_SOURCES: tuple[Literal["model", "rate", "baseline"], ...] = ("model", "rate", "baseline")
+_SOURCES: tuple[Literal["model", "rate", "baseline", "combined"], ...] = ("model", "rate", "baseline", "combined")
+#: Running errors within this fraction of each other: the candidates are combined, not chosen.
+_COMBINE_WITHIN = 0.03
 
 
 class _Item:
@@ -815,14 +818,7 @@ class DemandLearner(Learner):
             if warm[k] < min_outcomes:
                 source, mu = 2, baseline
             else:
-                # Serve the candidate with the lowest running error (the model, unless it is worse).
-                e_model, e_rate, e_base = self.errors[k]
-                if e_model <= e_rate and e_model <= e_base:
-                    source, mu = 0, mu_model
-                elif e_rate <= e_base:
-                    source, mu = 1, anchor
-                else:
-                    source, mu = 2, baseline
+                source, mu = _serve(self.errors[k], mu_model, anchor, baseline)
             made.append(_Pending(item_id, k, ts, source, mu, mu_model, anchor, baseline, x, cum_units))
         self._publish(item_id, it, ts, made, out)
         pending += made
@@ -973,6 +969,28 @@ class DemandLearner(Learner):
 
     def _model_switched(self, switch: Any) -> None:
         self.model_version += 1
+
+
+def _serve(errors: list[float], model: float, rate: float, baseline: float) -> tuple[int, float]:
+    """The source and forecast served from the candidates' running errors: the best one when
+    its error is clearly the lowest, else their combination weighted by inverse squared error
+    (candidates within ``_COMBINE_WITHIN`` of each other are not told apart by a running mean
+    over correlated windows, and switching between them chases noise; averaging does not).
+
+    >>> _serve([1.0, 2.0, 3.0], 10.0, 20.0, 30.0)
+    (0, 10.0)
+    >>> source, mu = _serve([1.0, 1.01, 3.0], 10.0, 20.0, 30.0)
+    >>> source, round(mu, 2)  # weights 1, 0.98, 0.11
+    (3, 15.75)
+    """
+    e_model, e_rate, e_base = errors
+    best, second = sorted(errors)[:2]
+    if best <= 0.0 or second > best * (1.0 + _COMBINE_WITHIN):
+        if e_model <= e_rate and e_model <= e_base:
+            return 0, model
+        return (1, rate) if e_rate <= e_base else (2, baseline)
+    w_model, w_rate, w_base = 1.0 / (e_model * e_model), 1.0 / (e_rate * e_rate), 1.0 / (e_base * e_base)
+    return 3, (w_model * model + w_rate * rate + w_base * baseline) / (w_model + w_rate + w_base)
 
 
 def _volume_bin(mu: float) -> int:
