@@ -457,6 +457,19 @@ class KafkaWriter:
             raise DeliveryFailed(f"{remaining} records still undelivered after {timeout_s:.0f}s")
 
 
+def _listed(admin: AdminClient, topics: Mapping[str, int], timeout_s: float) -> Any:
+    """Cluster metadata once it lists every one of ``topics`` with its partitions: a topic just
+    created reaches the metadata of the broker we ask a moment later, not with the create's answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        meta = admin.list_topics(timeout=timeout_s)
+        if all(t in meta.topics and len(meta.topics[t].partitions) >= n for t, n in topics.items()):
+            return meta
+        if time.monotonic() > deadline:
+            raise TopicError(f"topic(s) created but not listed after {timeout_s:.0f} s: {', '.join(sorted(topics))}")
+        time.sleep(0.1)
+
+
 def ensure_topics(config: Config, partitions: Mapping[str, int], *, create: bool, timeout_s: float = 30.0) -> None:
     """Check that each topic exists with at least the given partition count;
     create missing ones when ``create`` (replication factor from config)."""
@@ -475,8 +488,8 @@ def ensure_topics(config: Config, partitions: Mapping[str, int], *, create: bool
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise
             log.info("topic created", extra={"topic": topic, "partitions": missing[topic]})
+        meta = _listed(admin, missing, timeout_s)
         missing = {}
-        meta = admin.list_topics(timeout=timeout_s)
     if missing:
         need = ", ".join(f"{t} ({n} partition{'s' if n > 1 else ''})" for t, n in sorted(missing.items()))
         raise TopicError(
