@@ -367,6 +367,27 @@ class TopicSync(LocalSync):
                         extra={"topic": self.topic, "error": str(exc)})  # fmt: skip
         return self._position
 
+    def drain(self) -> int:
+        """Index what the consumer has already fetched, without waiting: the merge in the loop's
+        path must not wait for the broker (waiting for the topic's end there cost the loop most of
+        its time); what is not fetched yet is merged at the next merge."""
+        consumer = self._consumer
+        if consumer is None:
+            return self._position
+        try:
+            while msgs := consumer.consume(1000, 0):
+                for msg in msgs:
+                    if msg.error() is not None:
+                        log.warning("model sync: read error",
+                                    extra={"topic": self.topic, "error": msg.error().str()})  # type: ignore[union-attr]
+                        continue
+                    self._index(msg)
+                    self._position = max(self._position, (msg.offset() or 0) + 1)
+        except KafkaException as exc:
+            log.warning("model sync: read failed, merging what was read",
+                        extra={"topic": self.topic, "error": str(exc)})  # fmt: skip
+        return self._position
+
     def _index(self, msg: Message) -> None:
         key = (msg.key() or b"").decode("utf-8", "replace")
         value = msg.value()
@@ -444,7 +465,7 @@ class TopicSync(LocalSync):
         owned = {task for copies in by_name.values() for task in copies}
         self._mine &= owned  # revoked tasks: their new owner's records are the newest from now on
         if self._connect():
-            self.read(timeout_s=self.timeout_s)
+            self.drain()
         self._mine = owned
 
     def _between(self, name: str, merger: Merger, copies: Mapping[int, Learner]) -> None:

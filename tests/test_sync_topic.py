@@ -192,9 +192,11 @@ def test_two_instances_converge_through_the_topic(two_instances: tuple[TopicSync
     for task, (learner,) in {**tasks_a, **tasks_b}.items():
         # 2,000 features: a contribution of ~40 KiB, written as chunks of 16 KiB.
         learn(learner, task, 400, features=2000)  # type: ignore[arg-type]
-    # Each merge reads what the topic holds up to its end, so after A, B, A, B (each flushing, so the
-    # other's read reaches its records) both hold every task's contribution.
+    # A merge takes what its consumer has fetched, never waiting in the loop; read() catches up to the
+    # topic's end, so after A, B, A, B (each flushing, then the other reading up to its records) both
+    # hold every task's contribution.
     for sync, tasks in ((a, tasks_a), (b, tasks_b), (a, tasks_a), (b, tasks_b)):
+        sync.read()
         sync.tick(tasks, 1)
         assert sync.flush() == 0
     assert a.bytes_sent > 2 * 16 * 1024  # chunked
@@ -228,10 +230,12 @@ def test_a_task_taken_over_adopts_the_merged_model(two_instances: tuple[TopicSyn
     moved = Lin()
     learn(moved, 1, 30)
     learn(moved, 11, 10)
+    b.read()
     b.tick({1: [moved]}, 1)
     assert b.flush() == 0
     # Its 30 first events are counted once (in the contribution A published), its 10 new ones are not.
     assert moved.seen == 80
+    a.read()
     a.tick({0: tasks_a[0]}, 1)
     assert tasks_a[0][0].seen == 80  # type: ignore[attr-defined]
     # Its learning since the take-over reaches the merge at B's next merge.
