@@ -353,29 +353,24 @@ class TopicSync(LocalSync):
             log.warning("model sync: cannot read the topic end", extra={"topic": self.topic, "error": str(exc)})
             return self._position
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        try:
-            while self._position < high and time.monotonic() < deadline:
-                for msg in consumer.consume(1000, 0.2):
-                    if msg.error() is not None:
-                        log.warning("model sync: read error",
-                                    extra={"topic": self.topic, "error": msg.error().str()})  # type: ignore[union-attr]
-                        continue
-                    self._index(msg)
-                    self._position = max(self._position, (msg.offset() or 0) + 1)
-        except KafkaException as exc:
-            log.warning("model sync: read failed, merging what was read",
-                        extra={"topic": self.topic, "error": str(exc)})  # fmt: skip
+        self._pull(consumer, 0.2, lambda: self._position < high and time.monotonic() < deadline)
         return self._position
 
     def drain(self) -> int:
         """Index what the consumer has already fetched, without waiting: the merge in the loop's
         path must not wait for the broker (waiting for the topic's end there cost the loop most of
         its time); what is not fetched yet is merged at the next merge."""
-        consumer = self._consumer
-        if consumer is None:
-            return self._position
+        if self._consumer is not None:
+            self._pull(self._consumer, 0.0, lambda: True)
+        return self._position
+
+    def _pull(self, consumer: Consumer, wait_s: float, more: Callable[[], bool]) -> None:
+        """Index batches while ``more()``; without a wait, until nothing fetched is left."""
         try:
-            while msgs := consumer.consume(1000, 0):
+            while more():
+                msgs = consumer.consume(1000, wait_s)
+                if not msgs and not wait_s:
+                    return
                 for msg in msgs:
                     if msg.error() is not None:
                         log.warning("model sync: read error",
@@ -386,7 +381,6 @@ class TopicSync(LocalSync):
         except KafkaException as exc:
             log.warning("model sync: read failed, merging what was read",
                         extra={"topic": self.topic, "error": str(exc)})  # fmt: skip
-        return self._position
 
     def _index(self, msg: Message) -> None:
         key = (msg.key() or b"").decode("utf-8", "replace")
