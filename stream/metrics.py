@@ -343,6 +343,11 @@ class PipelineMetrics:
         if self._tasks.get(label) is pipeline:
             self._tasks = {k: v for k, v in self._tasks.items() if k != label}
 
+    @property
+    def learners(self) -> Sequence[Any]:
+        """Every attached pipeline's learners (each task's copies)."""
+        return [learner for _, pipeline in self.attached() for learner in list(pipeline.learners)]
+
     def attached(self) -> list[tuple[str, Any]]:
         """(task label, pipeline) of every pipeline whose learners are exported; a task's wins
         over the untasked pipeline with the same label."""
