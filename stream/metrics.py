@@ -18,9 +18,11 @@ one and costs ~8x more). Everything else is computed off the hot path:
   quality, drift and model state, and the data-drift scores (PSI, KS) of the
   sampled input features.
 
-Label values come from bounded sets (topics, partitions, learners, stages,
-quality metric names, a capped set of feature names), never from user or
-item ids. Every family is listed in ``docs/observability.md``.
+Label values come from bounded sets (topics, partitions, learners, tasks,
+stages, quality metric names, a capped set of feature names), never from user
+or item ids. With several tasks per instance (``stream.tasks``) each task has
+its own copy of every learner: the learner families computed at scrape time
+carry a ``task`` label, so a query sums or maxes over tasks. Every family is listed in ``docs/observability.md``.
 
 >>> from prometheus_client import CollectorRegistry, generate_latest
 >>> registry = CollectorRegistry()
@@ -70,6 +72,8 @@ OWN_LATENCY_BUCKETS = (
 _NOT_FEATURES = frozenset({"ts", "id", "event_id"})
 #: Feature names are label values: bound their length.
 _MAX_FEATURE_NAME = 64
+#: The ``task`` label of a pipeline attached without a task (a backtest, the demo): the one task there is.
+UNTASKED = "0"
 
 
 # -- lock-free children ------------------------------------------------------------
@@ -231,7 +235,8 @@ class PipelineMetrics:
     """The pipeline's observer and a Prometheus collector.
 
     Hooks (all optional for the caller; ``stream.pipeline`` and ``stream.app``
-    call the ones they know): ``attach(pipeline)``, ``processed``,
+    call the ones they know): ``attach(pipeline)``, ``attach_task`` and
+    ``detach_task`` (``stream.task_state``), ``processed``,
     ``published``, ``dead_lettered``, ``batch_processed``,
     ``consumer_properties`` (librdkafka ``stats_cb`` for lag) and
     ``checkpoint_saved`` (for the checkpoint writer).
@@ -247,7 +252,10 @@ class PipelineMetrics:
         self.config = cfg
         self.clock = clock
         self.http_server: Any = None
+        #: The pipeline attached without a task (``attach``), exported as task ``UNTASKED``.
         self._pipeline: Any = None
+        #: Task label value -> that task's pipeline; replaced wholesale (a scrape reads it from another thread).
+        self._tasks: dict[str, Any] = {}
         self.events = _Family(
             "counter",
             "stream_events_consumed",
@@ -320,10 +328,34 @@ class PipelineMetrics:
         for learner in pipeline.learners:
             self._published_children(learner.name)
 
+    def attach_task(self, task: int, pipeline: Any) -> None:
+        """``pipeline`` runs ``task``: its learners are exported with ``task="<task>"`` until
+        ``detach_task``. Replaces the task's earlier pipeline, and takes ``pipeline`` over from
+        ``attach`` (which the pipeline's constructor called, without a task)."""
+        if self._pipeline is pipeline:
+            self._pipeline = None
+        self._tasks = {**self._tasks, str(task): pipeline}
+
+    def detach_task(self, task: int, pipeline: Any) -> None:
+        """``task`` was revoked (or dropped): its learners' series disappear from the next
+        scrape. Only while ``pipeline`` is the task's (a restarted task may already run another)."""
+        label = str(task)
+        if self._tasks.get(label) is pipeline:
+            self._tasks = {k: v for k, v in self._tasks.items() if k != label}
+
     @property
     def learners(self) -> Sequence[Any]:
+        """Every attached pipeline's learners (each task's copies)."""
+        return [learner for _, pipeline in self.attached() for learner in list(pipeline.learners)]
+
+    def attached(self) -> list[tuple[str, Any]]:
+        """(task label, pipeline) of every pipeline whose learners are exported; a task's wins
+        over the untasked pipeline with the same label."""
+        tasks = self._tasks
         pipeline = self._pipeline
-        return list(pipeline.learners) if pipeline is not None else []
+        if pipeline is not None and UNTASKED not in tasks:
+            return [(UNTASKED, pipeline), *tasks.items()]
+        return list(tasks.items())
 
     def consumer_properties(self) -> dict[str, Any]:
         """librdkafka properties that make the consumer report its lag to us."""
@@ -461,8 +493,9 @@ class PipelineMetrics:
         for family in self._families:
             yield family.collect()
         out = {name: _new_family(kind, name, doc, labels) for kind, name, doc, labels in _SCRAPE_FAMILIES}
-        for learner in self.learners:
-            self._collect_learner(learner, out)
+        for task, pipeline in self.attached():
+            for learner in list(pipeline.learners):
+                self._collect_learner(learner, task, out)
         for (topic, partition), lag in list(self._lag.items()):
             out["stream_consumer_lag_records"].add_metric([topic, partition], lag)
         for topic, features in list(self._features.items()):
@@ -479,10 +512,10 @@ class PipelineMetrics:
         )
         yield from out.values()
 
-    def _collect_learner(self, learner: Any, out: dict[str, Any]) -> None:
+    def _collect_learner(self, learner: Any, task: str, out: dict[str, Any]) -> None:
         name = learner.name
-        out["stream_model_version"].add_metric([name], getattr(learner, "model_version", 0))
-        out["stream_model_events_learned"].add_metric([name], getattr(learner, "n_learned", 0))
+        out["stream_model_version"].add_metric([name, task], getattr(learner, "model_version", 0))
+        out["stream_model_events_learned"].add_metric([name, task], getattr(learner, "n_learned", 0))
         # The loop thread keeps learning while we read: a River metric can be
         # caught mid-update (a dict resized under us). Retry, then skip this scrape.
         for attempt in range(3):
@@ -496,28 +529,28 @@ class PipelineMetrics:
                     quality, stats = [], {}
         for metric, window, value in quality:
             if value == value:  # NaN: undefined so far (ROC AUC with one class), nothing exported
-                out["stream_model_quality"].add_metric([name, metric, window], value)
+                out["stream_model_quality"].add_metric([name, task, metric, window], value)
         for outcome, count in sorted(stats.items())[:16]:
-            out["stream_labels"].add_metric([name, str(outcome)], count)
+            out["stream_labels"].add_metric([name, task, str(outcome)], count)
         monitor = getattr(getattr(learner, "evaluation", None), "drift", None)
         if monitor is None:
             return
         worse = getattr(monitor, "worse", None)
         if worse is None:
-            out["stream_concept_drift_detections"].add_metric([name, "unknown"], monitor.detections)
+            out["stream_concept_drift_detections"].add_metric([name, task, "unknown"], monitor.detections)
         else:
-            out["stream_concept_drift_detections"].add_metric([name, "worse"], worse)
-            out["stream_concept_drift_detections"].add_metric([name, "better"], monitor.better)
+            out["stream_concept_drift_detections"].add_metric([name, task, "worse"], worse)
+            out["stream_concept_drift_detections"].add_metric([name, task, "better"], monitor.better)
         if monitor.last_detection_ts is not None:
             out["stream_concept_drift_last_detection_timestamp_seconds"].add_metric(
-                [name], monitor.last_detection_ts / 1000.0
+                [name, task], monitor.last_detection_ts / 1000.0
             )
         switches = getattr(monitor, "switches", None)
         if switches is not None:
             rollbacks = getattr(monitor, "rollbacks", 0)
-            out["stream_model_switches"].add_metric([name, "drift"], switches - rollbacks)
-            out["stream_model_switches"].add_metric([name, "rollback"], rollbacks)
-            out["stream_model_candidate_active"].add_metric([name], 1.0 if monitor.in_trial else 0.0)
+            out["stream_model_switches"].add_metric([name, task, "drift"], switches - rollbacks)
+            out["stream_model_switches"].add_metric([name, task, "rollback"], rollbacks)
+            out["stream_model_candidate_active"].add_metric([name, task], 1.0 if monitor.in_trial else 0.0)
 
 
 #: Families computed at scrape time: (kind, name, help, labels).
@@ -527,45 +560,45 @@ _SCRAPE_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "stream_model_quality",
         "Prequential quality of each learner's predictions (metric: roc_auc, "
         "log_loss, accuracy, mae, ...; window: cumulative since start or rolling over the last outcomes)",
-        ("learner", "metric", "window"),
+        ("learner", "task", "metric", "window"),
     ),
     (
         "gauge",
         "stream_model_version",
         "Version of the model each learner serves (bumped on import, rollback or drift switch)",
-        ("learner",),
+        ("learner", "task"),
     ),
-    ("counter", "stream_model_events_learned", "Events each learner's model has learned from", ("learner",)),
+    ("counter", "stream_model_events_learned", "Events each learner's model has learned from", ("learner", "task")),
     (
         "counter",
         "stream_labels",
         "Label joins by learner and outcome (received, joined, expired, ... as reported by Learner.label_stats())",
-        ("learner", "outcome"),
+        ("learner", "task", "outcome"),
     ),
     (
         "counter",
         "stream_concept_drift_detections",
         "Concept drifts detected on each learner's error stream, by "
         "direction of the error (worse: the concept changed; better: the model improved)",
-        ("learner", "direction"),
+        ("learner", "task", "direction"),
     ),
     (
         "gauge",
         "stream_concept_drift_last_detection_timestamp_seconds",
         "Event time of the last concept drift detected, per learner",
-        ("learner",),
+        ("learner", "task"),
     ),
     (
         "counter",
         "stream_model_switches",
         "Serving model replaced by a candidate after a drift, or rolled back",
-        ("learner", "reason"),
+        ("learner", "task", "reason"),
     ),
     (
         "gauge",
         "stream_model_candidate_active",
         "1 while a candidate model trains after a confirmed drift",
-        ("learner",),
+        ("learner", "task"),
     ),
     (
         "gauge",

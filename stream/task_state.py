@@ -293,6 +293,9 @@ class TaskState:
             # The client failing is the service failing: never contained to a record.
             service_errors=(KafkaException,),
         )
+        if self.metrics is not None:
+            # Its learners are exported with this task's label (each task has its own copies).
+            self.metrics.attach_task(self.task, self.pipeline)
         if lagging is not None:
             self.aligner = Aligner(cfg.processing.align_wait_ms / 1000.0, lagging)
             self.aligner.assign(self.partitions)
@@ -596,6 +599,8 @@ class TaskState:
     def close(self) -> None:
         """Dropped (revoked, lost, aborted, shut down): wait for a background writer, forget
         buffers, close the consumer."""
+        if self.metrics is not None and self.pipeline is not None:
+            self.metrics.detach_task(self.task, self.pipeline)
         self.reap(wait=True)
         if self.consumer is not None:
             try:

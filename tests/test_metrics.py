@@ -95,7 +95,19 @@ def samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str,
     }
 
 
+#: Families that carry a ``task`` label (one pipeline attached without a task: task "0").
+TASKED = frozenset(
+    {
+        "stream_model_quality", "stream_model_version", "stream_model_events_learned_total", "stream_labels_total",
+        "stream_concept_drift_detections_total", "stream_concept_drift_last_detection_timestamp_seconds",
+        "stream_model_switches_total", "stream_model_candidate_active",
+    }
+)  # fmt: skip
+
+
 def value(got: Mapping[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    if name in TASKED:
+        labels.setdefault("task", "0")
     return got[(name, frozenset(labels.items()))]
 
 
@@ -571,3 +583,75 @@ def test_serve_metrics_registers_once_per_registry_and_only_when_served() -> Non
     second = serve_metrics(parse_config({"metrics": {"port": 0}}), registry)  # replaces, no duplicate error
     assert registry.get_sample_value("stream_checkpoints_total") == 0
     assert second is not first
+
+
+# -- tasks: each task's copies of the learners, under its own label ----------------------------------------
+
+
+def feed(pipeline: Pipeline, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    for i in range(n):
+        x = rng.gauss(0, 1.5)
+        doc = {"event_id": f"{seed}-{i}", "ts": 1_000_000 + i, "x": x, "y": rng.random() < 1 / (1 + math.exp(-x))}
+        pipeline.process(rec(TOPIC, json.dumps(doc).encode(), i))
+
+
+def tasks_of(got: Mapping[tuple[str, frozenset[tuple[str, str]]], float], name: str) -> set[str]:
+    return {dict(labels)["task"] for n, labels in got if n == name}
+
+
+def test_two_tasks_export_their_own_learners_and_a_revoked_task_disappears() -> None:
+    """Two tasks of one instance, each with its own copy of the learner: one series per task
+    (not whichever was attached last), so a query can sum or max over tasks; revoking a
+    task removes its series, and a stale pipeline cannot remove its successor's."""
+    registry = new_registry()
+    metrics = PipelineMetrics(registry, clock=lambda: NOW)
+    pipelines = {}
+    for task, n in ((1, 120), (3, 70)):
+        # The constructor attaches without a task (as in a backtest); attach_task takes the pipeline over.
+        pipelines[task] = Pipeline([FixedLearner("fixed", TOPIC)], ListSink(), contract_topics={},
+                                   dead_letter_topic="dl", observer=metrics)  # fmt: skip
+        metrics.attach_task(task, pipelines[task])
+        feed(pipelines[task], n, seed=task)
+    got = samples(registry)
+    assert tasks_of(got, "stream_model_events_learned_total") == {"1", "3"}
+    assert value(got, "stream_model_events_learned_total", learner="fixed", task="1") == 120
+    assert value(got, "stream_model_events_learned_total", learner="fixed", task="3") == 70
+    assert value(got, "stream_labels_total", learner="fixed", task="1", outcome="received") == 120
+    assert value(got, "stream_labels_total", learner="fixed", task="3", outcome="received") == 70
+    q1 = value(got, "stream_model_quality", learner="fixed", task="1", metric="log_loss", window="cumulative")
+    q3 = value(got, "stream_model_quality", learner="fixed", task="3", metric="log_loss", window="cumulative")
+    assert q1 != q3  # different records: each task's own evaluation
+    for name in TASKED - {"stream_concept_drift_last_detection_timestamp_seconds", "stream_model_switches_total",
+                          "stream_model_candidate_active"}:  # fmt: skip
+        assert tasks_of(got, name) == {"1", "3"}, name
+    # Prediction counters stay per learner (summed over the tasks: the hot path knows no task).
+    assert value(got, "stream_predictions_published_total", learner="fixed") == 190
+
+    metrics.detach_task(3, pipelines[1])  # not task 3's pipeline: nothing removed
+    assert tasks_of(samples(registry), "stream_model_version") == {"1", "3"}
+    metrics.detach_task(3, pipelines[3])
+    got = samples(registry)
+    assert all(tasks_of(got, name) <= {"1"} for name in TASKED)
+    assert value(got, "stream_model_events_learned_total", learner="fixed", task="1") == 120
+    metrics.detach_task(1, pipelines[1])
+    assert not any(name in TASKED for name, _ in samples(registry))
+
+
+def test_a_task_state_attaches_its_pipeline_on_start_and_detaches_it_on_close(tmp_path: Any) -> None:
+    from stream.pipeline import DeadLetterBudget
+    from stream.state import CheckpointStore, LocalStorage
+    from stream.task_state import TaskState
+
+    registry = new_registry()
+    metrics = PipelineMetrics(registry, clock=lambda: NOW)
+    config = parse_config({"learners": {}})
+    store = CheckpointStore(LocalStorage(tmp_path))
+    ts = TaskState(2, config, store, [(TOPIC, 2)], (), metrics, None, lambda *a, **k: None)
+    ts.learners = [FixedLearner("fixed", TOPIC)]
+    ts.start(ListSink(), metrics, DeadLetterBudget(), None)
+    assert ts.pipeline is not None
+    feed(ts.pipeline, 30, seed=2)
+    assert value(samples(registry), "stream_model_events_learned_total", learner="fixed", task="2") == 30
+    ts.close()
+    assert not any(name in TASKED for name, _ in samples(registry))
