@@ -144,6 +144,22 @@ class TaskSink:
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> None:
         self.sink.produce(topic, key, value, [*headers, self._task] if headers else self.headers)
 
+    # The pipeline's own latency share (``stream.metrics`` hooks ``consumed``/``on_acknowledged`` on a
+    # pipeline's sink): every task's batches go through the shared sink, which counts the acknowledgements.
+    def consumed(self, consumed_at: float, records: int) -> None:
+        report = getattr(self.sink, "consumed", None)
+        if report is not None:
+            report(consumed_at, records)
+
+    @property
+    def on_acknowledged(self) -> Callable[[float, int], None] | None:
+        return getattr(self.sink, "on_acknowledged", None)
+
+    @on_acknowledged.setter
+    def on_acknowledged(self, report: Callable[[float, int], None] | None) -> None:
+        if hasattr(self.sink, "on_acknowledged"):
+            self.sink.on_acknowledged = report  # type: ignore[attr-defined]
+
 
 class _Background(NamedTuple):
     """A checkpoint being written by a forked child."""

@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 from stream.kafka import KafkaSink
 from stream.metrics import OWN_LATENCY_BUCKETS, PipelineMetrics, new_registry
 from stream.pipeline import Pipeline
+from stream.task_state import TaskSink
 
 
 class _Delivered:
@@ -95,9 +96,13 @@ def test_without_a_listener_nothing_is_kept() -> None:
     assert not sink._batches and sink.settled == sink.produced == 1
 
 
-def test_metrics_export_the_pipelines_own_latency_per_record() -> None:
+@pytest.mark.parametrize("tasked", [False, True], ids=["sink", "task-sink"])
+def test_metrics_export_the_pipelines_own_latency_per_record(tasked: bool) -> None:
+    # A task's pipeline writes through a TaskSink (its headers) over the shared KafkaSink: the
+    # latency is measured all the same.
     producer = FakeProducer()
-    sink = KafkaSink(producer)  # type: ignore[arg-type]
+    shared = KafkaSink(producer)  # type: ignore[arg-type]
+    sink: KafkaSink | TaskSink = TaskSink(shared, 0) if tasked else shared
     registry = new_registry()
     metrics = PipelineMetrics(registry)
     Pipeline([], sink, contract_topics={}, dead_letter_topic="dl", observer=metrics)
