@@ -302,8 +302,9 @@ class PipelineMetrics:
         self._sample_every = cfg.feature_sample_every
         self._countdown = cfg.feature_sample_every
         self._features: dict[str, _TopicFeatures] = {}
-        # Consumer lag, replaced wholesale on every statistics callback.
-        self._lag: dict[tuple[str, str], int] = {}
+        # Consumer lag per client (each task has its own consumer), each replaced wholesale on
+        # its statistics callback, with when it came: a closed client's stops coming and expires.
+        self._lag: dict[str, tuple[float, dict[tuple[str, str], int]]] = {}
         self.checkpoints = 0
         self._checkpoint_ts: float | None = None
         if registry is not None:
@@ -472,7 +473,19 @@ class PipelineMetrics:
                 if position < 0:
                     position = max(p.get("lo_offset", 0), 0)
                 lag[(topic, pid)] = max(end - position, 0)
-        self._lag = lag
+        now = time.monotonic()
+        horizon = now - 3 * max(self.config.stats_interval_s, 1.0)
+        self._lag = {k: v for k, v in self._lag.items() if v[0] >= horizon}
+        self._lag[str(stats.get("name", ""))] = (now, lag)
+
+    def consumer_lag(self) -> dict[tuple[str, str], int]:
+        """Lag per (topic, partition) over the clients reporting: a partition every task reads (a
+        global table) counts with its largest lag, the slowest task's."""
+        out: dict[tuple[str, str], int] = {}
+        for _, lag in list(self._lag.values()):
+            for tp, n in lag.items():
+                out[tp] = max(n, out.get(tp, 0))
+        return out
 
     def checkpoint_saved(self, ts: float | None = None) -> None:
         """For the checkpoint writer: a checkpoint (model state + offsets) was
@@ -496,7 +509,7 @@ class PipelineMetrics:
         for task, pipeline in self.attached():
             for learner in list(pipeline.learners):
                 self._collect_learner(learner, task, out)
-        for (topic, partition), lag in list(self._lag.items()):
+        for (topic, partition), lag in self.consumer_lag().items():
             out["stream_consumer_lag_records"].add_metric([topic, partition], lag)
         for topic, features in list(self._features.items()):
             for feature, window in list(features.windows.items()):

@@ -371,10 +371,42 @@ def test_consumer_lag_from_librdkafka_statistics(scraped: Any) -> None:
     assert lag == {"t-clicks/0": 30, "t-clicks/1": 8, "scores/0": 20}
 
 
+def _client_stats(client: str, **lags: tuple[int, int]) -> str:
+    """Statistics of consumer ``client``: per ``topic_partition``, (log end, position)."""
+    topics: dict[str, Any] = {}
+    for tp, (end, position) in lags.items():
+        topic, partition = tp.rsplit("_", 1)
+        part = {"desired": True, "ls_offset": end, "hi_offset": end, "app_offset": position}
+        topics.setdefault(topic, {"partitions": {}})["partitions"][partition] = part
+    return json.dumps({"name": client, "type": "consumer", "topics": topics})
+
+
+def test_lag_of_every_task_consumer_is_exported(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each task has its own consumer: one's statistics must not replace another's. A partition
+    # both read (a global table) shows the slowest; a closed consumer's lag expires.
+    registry, metrics, _ = build()
+    now = [1000.0]
+    monkeypatch.setattr("stream.metrics.time.monotonic", lambda: now[0])
+
+    def lag() -> dict[str, float]:
+        got = samples(registry).items()
+        return {f"{dict(labels)['topic']}/{dict(labels)['partition']}": v
+                for (name, labels), v in got if name == "stream_consumer_lag_records"}  # fmt: skip
+
+    metrics.kafka_stats(_client_stats("task-0", clicks_0=(100, 90), prices_0=(50, 45)))
+    metrics.kafka_stats(_client_stats("task-1", clicks_1=(100, 60), prices_0=(50, 20)))
+    assert lag() == {"clicks/0": 10, "clicks/1": 40, "prices/0": 30}
+    metrics.kafka_stats(_client_stats("task-1", clicks_1=(100, 70)))  # replaces task-1's own report only
+    assert lag() == {"clicks/0": 10, "clicks/1": 30, "prices/0": 5}
+    now[0] += 3600  # task-0 closed long ago; task-1 reports on
+    metrics.kafka_stats(_client_stats("task-1", clicks_1=(100, 80)))
+    assert lag() == {"clicks/1": 20}
+
+
 def test_lag_of_revoked_partitions_disappears() -> None:
     registry, metrics, _ = build()
     metrics.kafka_stats(json.dumps(LIBRDKAFKA_STATS))
-    metrics.kafka_stats(json.dumps({"type": "consumer", "topics": {}}))
+    metrics.kafka_stats(json.dumps({"name": LIBRDKAFKA_STATS["name"], "type": "consumer", "topics": {}}))
     assert not any(name == "stream_consumer_lag_records" for name, _ in samples(registry))
     metrics.kafka_stats("not json")
     metrics.kafka_stats(json.dumps({"type": "producer", "topics": {}}))
