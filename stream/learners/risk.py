@@ -330,28 +330,36 @@ class FraudProfile:
 
     def add(self, x: tuple[tuple[float | None, ...], tuple[str | None, ...]]) -> None:
         """Count an order (every order, fraud or not: the reference distribution)."""
-        rows, bins = self.bin_of(x[0])
-        self.all[rows, bins] += 1.0
-        self.n_all[rows] += 1.0
-        _count(self.cat_all, self.cat_n_all, x[1], self.max_values)
-        self._added += 1
-        if self._added >= self.halving:
-            self._added = 0
-            self.all *= 0.5
-            self.n_all *= 0.5
-            _halve(self.cat_all, self.cat_n_all)
+        self._added = self._tally(x, self.all, self.n_all, self.cat_all, self.cat_n_all, self._added, self.halving)
 
     def add_fraud(self, x: tuple[tuple[float | None, ...], tuple[str | None, ...]]) -> None:
+        self._added_frauds = self._tally(
+            x, self.fraud, self.n_fraud, self.cat_fraud, self.cat_n_fraud, self._added_frauds, self.halving_frauds
+        )
+
+    def _tally(
+        self,
+        x: tuple[tuple[float | None, ...], tuple[str | None, ...]],
+        table: np.ndarray,
+        totals: np.ndarray,
+        cat: list[dict[str, float]],
+        cat_totals: list[float],
+        added: int,
+        halving: int,
+    ) -> int:
+        """Count ``x`` into one side's tables (in place), halving them every ``halving`` counts;
+        returns the side's count since its last halving."""
         rows, bins = self.bin_of(x[0])
-        self.fraud[rows, bins] += 1.0
-        self.n_fraud[rows] += 1.0
-        _count(self.cat_fraud, self.cat_n_fraud, x[1], self.max_values)
-        self._added_frauds += 1
-        if self._added_frauds >= self.halving_frauds:
-            self._added_frauds = 0
-            self.fraud *= 0.5
-            self.n_fraud *= 0.5
-            _halve(self.cat_fraud, self.cat_n_fraud)
+        table[rows, bins] += 1.0
+        totals[rows] += 1.0
+        _count(cat, cat_totals, x[1], self.max_values)
+        added += 1
+        if added < halving:
+            return added
+        table *= 0.5
+        totals *= 0.5
+        _halve(cat, cat_totals)
+        return 0
 
 
 def _count(tables: list[dict[str, float]], totals: list[float], values: tuple[str | None, ...], cap: int) -> None:
