@@ -59,6 +59,7 @@ from stream.committer import (
 from stream.config import Config, build_learners
 from stream.errors import FatalError
 from stream.kafka import (
+    TP,
     DeliveryFailed,
     admin_config,
     batch_size_for,
@@ -82,7 +83,6 @@ __all__ = ["Application", "FatalError", "instance_id", "tasks_topic", "transacti
 
 log = logging.getLogger(__name__)
 
-TP = tuple[str, int]
 
 #: Exit codes of ``run``: refusing the state found (missing or incompatible checkpoints,
 #: inputs not co-partitioned), fatal Kafka error.

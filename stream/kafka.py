@@ -22,6 +22,9 @@ from stream.config import Config, all_topics, redact
 from stream.errors import DeliveryFailed, TopicError
 from stream.pipeline import DeadLetterBudget, Headers, RecordTooLarge, fit_dead_letter, record_size
 
+# A topic partition as a plain, hashable, ordered pair: the key of every per-partition table.
+TP = tuple[str, int]
+
 __all__ = [
     "DeliveryFailed",
     "KafkaSink",

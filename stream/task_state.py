@@ -47,6 +47,7 @@ from stream import faults
 from stream.alignment import Aligner
 from stream.config import Config
 from stream.errors import CheckpointError, StateError
+from stream.kafka import TP
 from stream.learners import Learner
 from stream.metrics import PipelineMetrics
 from stream.pipeline import DeadLetterBudget, Headers, Observer, Pipeline, Sink
@@ -68,7 +69,6 @@ __all__ = ["ScopedStorage", "TaskSink", "TaskState", "adopt", "task_store"]
 
 log = logging.getLogger(__name__)
 
-TP = tuple[str, int]
 Warn = Callable[..., None]
 
 #: Records the aligner may hold for one partition before the consumer pauses it.

@@ -39,13 +39,12 @@ from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from stream.config import Config
 from stream.errors import StateError
-from stream.kafka import admin_config
+from stream.kafka import TP, admin_config
 
 __all__ = ["TaskAssignment", "ensure_tasks_topic", "global_topics", "task_count", "tasks_topic"]
 
 log = logging.getLogger(__name__)
 
-TP = tuple[str, int]
 
 
 def tasks_topic(config: Config) -> str:
