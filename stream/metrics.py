@@ -52,6 +52,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from stream import __version__
 from stream.config import Config, MetricsConfig
 from stream.drift import ks, psi
+from stream.pipeline import Pipeline, TimedSink
 
 __all__ = ["PipelineMetrics", "new_registry", "serve_metrics"]
 
@@ -253,9 +254,9 @@ class PipelineMetrics:
         self.clock = clock
         self.http_server: Any = None
         #: The pipeline attached without a task (``attach``), exported as task ``UNTASKED``.
-        self._pipeline: Any = None
+        self._pipeline: Pipeline | None = None
         #: Task label value -> that task's pipeline; replaced wholesale (a scrape reads it from another thread).
-        self._tasks: dict[str, Any] = {}
+        self._tasks: dict[str, Pipeline] = {}
         self.events = _Family(
             "counter",
             "stream_events_consumed",
@@ -312,24 +313,24 @@ class PipelineMetrics:
 
     # -- wiring ------------------------------------------------------------------
 
-    def attach(self, pipeline: Any) -> None:
+    def attach(self, pipeline: Pipeline) -> None:
         """Called by the ``Pipeline`` it observes: the learners are read from it at
         scrape time (so restored or replaced learners are seen), and every
         topic x outcome and learner child is created at zero so rates and
         alerts have series before the first record."""
         self._pipeline = pipeline
-        sink = getattr(pipeline, "sink", None)
-        if callable(getattr(sink, "consumed", None)):
-            sink.on_acknowledged = self._own_latency.observe  # type: ignore[union-attr]
+        sink = pipeline.sink
+        if isinstance(sink, TimedSink):
+            sink.on_acknowledged = self._own_latency.observe
             self._sink = sink
-        for topic in getattr(pipeline, "topics", ()):
+        for topic in pipeline.topics:
             self._ok_child(topic)
             for stage in STAGES:
                 self._dead_child(topic, stage)
         for learner in pipeline.learners:
             self._published_children(learner.name)
 
-    def attach_task(self, task: int, pipeline: Any) -> None:
+    def attach_task(self, task: int, pipeline: Pipeline) -> None:
         """``pipeline`` runs ``task``: its learners are exported with ``task="<task>"`` until
         ``detach_task``. Replaces the task's earlier pipeline, and takes ``pipeline`` over from
         ``attach`` (which the pipeline's constructor called, without a task)."""
@@ -337,7 +338,7 @@ class PipelineMetrics:
             self._pipeline = None
         self._tasks = {**self._tasks, str(task): pipeline}
 
-    def detach_task(self, task: int, pipeline: Any) -> None:
+    def detach_task(self, task: int, pipeline: Pipeline) -> None:
         """``task`` was revoked (or dropped): its learners' series disappear from the next
         scrape. Only while ``pipeline`` is the task's (a restarted task may already run another)."""
         label = str(task)
@@ -349,7 +350,7 @@ class PipelineMetrics:
         """Every attached pipeline's learners (each task's copies)."""
         return [learner for _, pipeline in self.attached() for learner in list(pipeline.learners)]
 
-    def attached(self) -> list[tuple[str, Any]]:
+    def attached(self) -> list[tuple[str, Pipeline]]:
         """(task label, pipeline) of every pipeline whose learners are exported; a task's wins
         over the untasked pipeline with the same label."""
         tasks = self._tasks

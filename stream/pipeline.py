@@ -14,7 +14,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -77,6 +77,17 @@ Headers = list[tuple[str, str | bytes | None]]
 
 class Sink(Protocol):
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None) -> None: ...
+
+
+@runtime_checkable
+class TimedSink(Sink, Protocol):
+    """A sink that times the loop's batches from consumed to acknowledged (the pipeline's own
+    latency share): ``consumed`` after a batch is produced, ``on_acknowledged(seconds, records)``
+    once all its outputs are acknowledged. ``stream.metrics`` sets ``on_acknowledged``."""
+
+    on_acknowledged: Callable[[float, int], None] | None
+
+    def consumed(self, consumed_at: float, records: int) -> None: ...
 
 
 class DeadLetterBudget:

@@ -50,7 +50,7 @@ from stream.errors import CheckpointError, StateError
 from stream.kafka import TP
 from stream.learners import Learner
 from stream.metrics import PipelineMetrics
-from stream.pipeline import DeadLetterBudget, Headers, Observer, Pipeline, Sink
+from stream.pipeline import DeadLetterBudget, Headers, Observer, Pipeline, Sink, TimedSink
 from stream.privacy import Pseudonymizer
 from stream.state import (
     CheckpointInfo,
@@ -131,6 +131,8 @@ class TaskSink:
 
     def __init__(self, sink: Sink, task: int) -> None:
         self.sink = sink
+        # Checked once: the loop reports every batch (``consumed``) to a timed sink.
+        self._timed = sink if isinstance(sink, TimedSink) else None
         self.task = task
         self._task = (H_TASK, str(task).encode())
         self.headers: Headers = [self._task, (H_MODEL_VERSION, b"0")]
@@ -147,18 +149,17 @@ class TaskSink:
     # The pipeline's own latency share (``stream.metrics`` hooks ``consumed``/``on_acknowledged`` on a
     # pipeline's sink): every task's batches go through the shared sink, which counts the acknowledgements.
     def consumed(self, consumed_at: float, records: int) -> None:
-        report = getattr(self.sink, "consumed", None)
-        if report is not None:
-            report(consumed_at, records)
+        if self._timed is not None:
+            self._timed.consumed(consumed_at, records)
 
     @property
     def on_acknowledged(self) -> Callable[[float, int], None] | None:
-        return getattr(self.sink, "on_acknowledged", None)
+        return self._timed.on_acknowledged if self._timed is not None else None
 
     @on_acknowledged.setter
     def on_acknowledged(self, report: Callable[[float, int], None] | None) -> None:
-        if hasattr(self.sink, "on_acknowledged"):
-            self.sink.on_acknowledged = report  # type: ignore[attr-defined]
+        if self._timed is not None:
+            self._timed.on_acknowledged = report
 
 
 class _Background(NamedTuple):
