@@ -236,7 +236,7 @@ class PipelineMetrics:
     """The pipeline's observer and a Prometheus collector.
 
     Hooks (all optional for the caller; ``stream.pipeline`` and ``stream.app``
-    call the ones they know): ``attach(pipeline)``, ``attach_task`` and
+    call the ones they know): ``attach(pipeline)``,
     ``detach_task`` (``stream.task_state``), ``processed``,
     ``published``, ``dead_lettered``, ``batch_processed``,
     ``consumer_properties`` (librdkafka ``stats_cb`` for lag) and
@@ -317,8 +317,13 @@ class PipelineMetrics:
         """Called by the ``Pipeline`` it observes: the learners are read from it at
         scrape time (so restored or replaced learners are seen), and every
         topic x outcome and learner child is created at zero so rates and
-        alerts have series before the first record."""
-        self._pipeline = pipeline
+        alerts have series before the first record. A pipeline that runs a task
+        (``pipeline.task``) has its learners exported with ``task="<task>"`` until
+        ``detach_task``, and replaces the task's earlier pipeline."""
+        if pipeline.task is None:
+            self._pipeline = pipeline
+        else:
+            self._tasks = {**self._tasks, str(pipeline.task): pipeline}
         sink = pipeline.sink
         if isinstance(sink, TimedSink):
             sink.on_acknowledged = self._own_latency.observe
@@ -329,14 +334,6 @@ class PipelineMetrics:
                 self._dead_child(topic, stage)
         for learner in pipeline.learners:
             self._published_children(learner.name)
-
-    def attach_task(self, task: int, pipeline: Pipeline) -> None:
-        """``pipeline`` runs ``task``: its learners are exported with ``task="<task>"`` until
-        ``detach_task``. Replaces the task's earlier pipeline, and takes ``pipeline`` over from
-        ``attach`` (which the pipeline's constructor called, without a task)."""
-        if self._pipeline is pipeline:
-            self._pipeline = None
-        self._tasks = {**self._tasks, str(task): pipeline}
 
     def detach_task(self, task: int, pipeline: Pipeline) -> None:
         """``task`` was revoked (or dropped): its learners' series disappear from the next

@@ -343,8 +343,11 @@ class Pipeline:
         privacy: Any = None,
         dead_letter_budget: DeadLetterBudget | None = None,
         service_errors: tuple[type[BaseException], ...] = (),
+        task: int | None = None,
     ) -> None:
         self.learners = list(learners)
+        #: The task this pipeline runs (``stream.tasks``), for its observers; ``None``: not a task's.
+        self.task = task
         self.sink = sink
         self.dead_letter_topic = dead_letter_topic
         self.clock = clock

@@ -309,10 +309,8 @@ class TaskState:
             dead_letter_budget=budget,
             # The client failing is the service failing: never contained to a record.
             service_errors=(KafkaException,),
+            task=self.task,
         )
-        if self.metrics is not None:
-            # Its learners are exported with this task's label (each task has its own copies).
-            self.metrics.attach_task(self.task, self.pipeline)
         if lagging is not None:
             self.aligner = Aligner(cfg.processing.align_wait_ms / 1000.0, lagging)
             self.aligner.assign(self.partitions)

@@ -640,10 +640,8 @@ def test_two_tasks_export_their_own_learners_and_a_revoked_task_disappears() -> 
     metrics = PipelineMetrics(registry, clock=lambda: NOW)
     pipelines = {}
     for task, n in ((1, 120), (3, 70)):
-        # The constructor attaches without a task (as in a backtest); attach_task takes the pipeline over.
         pipelines[task] = Pipeline([FixedLearner("fixed", TOPIC)], ListSink(), contract_topics={},
-                                   dead_letter_topic="dl", observer=metrics)  # fmt: skip
-        metrics.attach_task(task, pipelines[task])
+                                   dead_letter_topic="dl", observer=metrics, task=task)  # fmt: skip
         feed(pipelines[task], n, seed=task)
     got = samples(registry)
     assert tasks_of(got, "stream_model_events_learned_total") == {"1", "3"}
